@@ -1,0 +1,276 @@
+"""The frozen CLIP backbone: one open_clip model behind the hooks every method needs.
+
+This is the only module that knows open_clip's internals. It re-runs the two towers' block loops
+itself (never a copy of open_clip's model code) so methods can enter at three depths:
+
+* text input: ``embed_tokens`` gives the token embeddings a method edits (CoOp context vectors);
+* every layer, both towers: ``deep_prompts`` replace prompt slots before each block (IVLP, MaPLe,
+  deep VPT);
+* pixels: a method transforms the normalized image itself before calling ``encode_image`` (VP).
+
+With no prompts both encoders equal open_clip's ``encode_text`` / ``encode_image`` to fp32
+round-off, which ``tests/test_backbone.py`` pins.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from adapt.backbone_loading import BackboneConfig, load_open_clip
+
+__all__ = ["BackboneConfig", "ClipBackbone", "build_backbone"]
+
+
+class ClipBackbone(nn.Module):
+    """A frozen open_clip model with prompt hooks; always in eval mode, never trained."""
+
+    def __init__(self, model: nn.Module, tokenizer, config: BackboneConfig, preprocess_cfg: dict):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.image_size = int(_first(preprocess_cfg.get("size", 224)))
+        self.image_mean = tuple(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
+        self.image_std = tuple(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
+        self.text = _text_tower(model)
+        self.model.requires_grad_(False)
+        self.model.eval()
+
+    # -- frozen and always in eval mode: dropout / batch-norm statistics must never change -----
+    def train(self, mode: bool = True):
+        super().train(False)
+        return self
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    @property
+    def logit_bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.model, "logit_bias", None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.logit_scale.dtype
+
+    @property
+    def text_width(self) -> int:
+        return self.text.token_embedding.weight.shape[1]
+
+    @property
+    def text_depth(self) -> int:
+        return len(self.text.transformer.resblocks)
+
+    @property
+    def vision_width(self) -> int:
+        return self._vit().conv1.out_channels
+
+    @property
+    def vision_depth(self) -> int:
+        return len(self._vit().transformer.resblocks)
+
+    @property
+    def embed_dim(self) -> int:
+        proj = self.text.text_projection
+        if isinstance(proj, nn.Linear):
+            return proj.out_features
+        return proj.shape[1] if proj is not None else self.text_width
+
+    # ---------------------------------------------------------------- text tower -------------
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        device = self.model.logit_scale.device
+        return self.tokenizer(list(texts)).to(device)
+
+    def token_count(self, text: str) -> int:
+        """Number of BPE tokens of ``text`` between start- and end-of-text (CoOp's name length)."""
+        tokens = self.tokenize([text])[0]
+        return int(self.eot_positions(tokens[None])[0]) - 1
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text.token_embedding(tokens).to(self.dtype)
+
+    def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Index of the pooled (end-of-text) token of each sequence."""
+        if self.text.pool_type == "eos":
+            return (tokens == self.text.eos_id).int().argmax(dim=-1)
+        return tokens.argmax(dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Normalized text features of token ids, the hook-free path (zero-shot classifiers)."""
+        return self.encode_text_embeddings(self.embed_tokens(tokens), tokens)
+
+    def encode_text_embeddings(
+        self,
+        x: torch.Tensor,
+        tokens: torch.Tensor,
+        deep_prompts: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        prompt_start: int = 1,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Encode token embeddings ``x`` [N, L, D] whose layout matches ``tokens`` [N, L].
+
+        ``deep_prompts[i]`` ([n, D] or [N, n, D]), when given for layer ``i >= 1``, replaces the
+        ``n`` embeddings at ``prompt_start`` before block ``i`` (layer 0's prompts are already in
+        ``x``). Class-dimension chunking bounds activation memory for many classes.
+        """
+        chunk = self.config.text_chunk_size
+        if chunk and x.shape[0] > chunk:
+            feats = [
+                self.encode_text_embeddings(
+                    x[i:i + chunk], tokens[i:i + chunk],
+                    _slice_prompts(deep_prompts, i, i + chunk, x.shape[0]), prompt_start, normalize,
+                )
+                for i in range(0, x.shape[0], chunk)
+            ]
+            return torch.cat(feats)
+        text = self.text
+        eot = self.eot_positions(tokens)
+        length = x.shape[1]
+        if self._text_is_causal():
+            # Causal attention: positions after the last end-of-text token never reach a pooled
+            # feature, so cutting the batch to its longest prompt is exact and much cheaper.
+            length = int(eot.max()) + 1
+        x = x[:, :length] + text.positional_embedding[:length].to(x.dtype)
+        mask = text.attn_mask[:length, :length] if text.attn_mask is not None else None
+        for i, block in enumerate(text.transformer.resblocks):
+            prompt = deep_prompts[i] if deep_prompts is not None and i < len(deep_prompts) else None
+            if i > 0 and prompt is not None:
+                x = _replace_slots(x, prompt, prompt_start)
+            x = self._run_block(block, x, mask, text.transformer)
+        x = text.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot] if text.pool_type in ("argmax", "eos") else (
+            x[:, 0] if text.pool_type == "first" else x[:, -1])
+        x = _project(x, text.text_projection)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def _text_is_causal(self) -> bool:
+        return self.text.attn_mask is not None and self.text.pool_type in ("argmax", "eos")
+
+    # ---------------------------------------------------------------- image tower ------------
+    def _vit(self):
+        visual = self.model.visual
+        if not hasattr(visual, "conv1") or not hasattr(visual, "class_embedding"):
+            raise TypeError(
+                f"this method needs a ViT image tower; {self.config.name!r} has "
+                f"{type(visual).__name__}. Use a ViT backbone, or a text-side / feature method.")
+        return visual
+
+    def encode_image(
+        self,
+        images: torch.Tensor,
+        prompts: Optional[torch.Tensor] = None,
+        deep_prompts: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Normalized image features; ``prompts`` ([n, W] or [B, n, W]) are appended after the
+        patch tokens before ``ln_pre``; ``deep_prompts[i]`` replaces them before block ``i >= 1``.
+        Prompt tokens are dropped before pooling, so any pool type stays exact."""
+        images = images.to(self.dtype)
+        if prompts is None and not deep_prompts:
+            feats = self.model.visual(images)
+            feats = feats[0] if isinstance(feats, tuple) else feats
+            return F.normalize(feats, dim=-1) if normalize else feats
+        v = self._vit()
+        if prompts is None:
+            prompts = deep_prompts[0]
+        x = v.conv1(images)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        n_tokens = x.shape[1]
+        x = torch.cat([x, _batched(prompts, x.shape[0]).to(x.dtype)], dim=1)
+        x = v.ln_pre(x)
+        for i, block in enumerate(v.transformer.resblocks):
+            prompt = deep_prompts[i] if deep_prompts is not None and i < len(deep_prompts) else None
+            if i > 0 and prompt is not None:
+                x = _replace_slots(x, prompt, n_tokens)
+            x = self._run_block(block, x, None, v.transformer)
+        pooled, _ = v._pool(x[:, :n_tokens])
+        feats = pooled @ v.proj if v.proj is not None else pooled
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    # ---------------------------------------------------------------- shared -----------------
+    def _run_block(self, block: nn.Module, x: torch.Tensor, mask, transformer) -> torch.Tensor:
+        batch_first = getattr(transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        if self.config.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, None, None, mask, use_reentrant=False)
+        else:
+            x = block(x, attn_mask=mask)
+        return x if batch_first else x.transpose(0, 1)
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        """CLIP's logits of normalized features: ``exp(t) · f_img · f_txtᵀ (+ bias)``.
+
+        ``text_features`` may be [C, d] (shared) or [B, C, d] (per-image prompts)."""
+        scale = self.logit_scale
+        if text_features.dim() == 3:
+            logits = scale * torch.einsum("bd,bcd->bc", image_features, text_features.to(image_features.dtype))
+        else:
+            logits = scale * image_features @ text_features.to(image_features.dtype).t()
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        return logits
+
+
+def build_backbone(config: BackboneConfig, device: Optional[torch.device | str] = None) -> ClipBackbone:
+    model, tokenizer, preprocess_cfg = load_open_clip(config)
+    backbone = ClipBackbone(model, tokenizer, config, preprocess_cfg)
+    return backbone.to(device) if device is not None else backbone
+
+
+# ------------------------------------------------------------------------------- helpers -----
+class _TextTower:
+    """A view of the text-tower attributes, wherever the model keeps them (CLIP vs CustomTextCLIP)."""
+
+    def __init__(self, owner: nn.Module):
+        self.owner = owner
+
+    def __getattr__(self, name):
+        owner = self.__dict__["owner"]
+        aliases = {"pool_type": "text_pool_type", "eos_id": "text_eos_id"}
+        if hasattr(owner, name):
+            return getattr(owner, name)
+        return getattr(owner, aliases.get(name, name), None)
+
+
+def _text_tower(model: nn.Module) -> _TextTower:
+    owner = model.text if hasattr(model, "text") else model
+    if not hasattr(owner, "token_embedding") or not hasattr(owner, "transformer"):
+        raise TypeError(
+            f"text tower {type(owner).__name__} does not expose token embeddings and a transformer "
+            "block list; prompt methods need open_clip's own text transformer")
+    if getattr(owner, "cls_emb", None) is not None:
+        raise TypeError("text towers with a CLS embedding (CoCa-style) are not supported")
+    return _TextTower(owner)
+
+
+def _first(value):
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def _project(x: torch.Tensor, proj) -> torch.Tensor:
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+def _batched(prompt: torch.Tensor, batch: int) -> torch.Tensor:
+    return prompt.unsqueeze(0).expand(batch, -1, -1) if prompt.dim() == 2 else prompt
+
+
+def _replace_slots(x: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.Tensor:
+    prompt = _batched(prompt, x.shape[0]).to(x.dtype)
+    end = start + prompt.shape[1]
+    return torch.cat([x[:, :start], prompt, x[:, end:]], dim=1)
+
+
+def _slice_prompts(deep_prompts, lo: int, hi: int, n: int):
+    if deep_prompts is None:
+        return None
+    return [p[lo:hi] if p is not None and p.dim() == 3 and p.shape[0] == n else p for p in deep_prompts]

@@ -1,0 +1,39 @@
+"""Recipe section ``data``: which dataset, which setting, how many shots, how to load it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+SETTINGS = ("all", "base2novel")
+
+
+@dataclass
+class DataConfig:
+    # dataset registry key (``imagefolder``, ``csv``, ``zhou``, the generated ``world_*`` tasks, ...)
+    dataset: str = "imagefolder"
+    # dataset root folder; for ``csv`` image paths in the CSV are relative to it
+    root: Optional[str] = None
+    # optional per-dataset file (CSV file for ``csv``, split JSON for ``zhou``); relative to root
+    split_file: Optional[str] = None
+    # prompt template(s) overriding the dataset's own; "{}" is replaced by the class name
+    templates: Optional[list[str]] = None
+    # ``all``: train and test on every class; ``base2novel``: train on base, test on base and novel
+    setting: str = "all"
+    # K images per class for training (validation gets min(K, 4)); 0 or negative = all images
+    shots: int = 16
+    # a class with fewer than K training images is an error unless this is true; then all of its
+    # images are taken, as the CoOp protocol's sampler does
+    allow_fewer_shots: bool = False
+    # rerun on exactly the images of an earlier run: path to its ``manifest.json``
+    manifest: Optional[str] = None
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    num_workers: int = 2
+    # input resolution; null = the backbone's own
+    image_size: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.setting not in SETTINGS:
+            raise ValueError(f"data.setting={self.setting!r} is not one of {SETTINGS}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")

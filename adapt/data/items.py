@@ -1,0 +1,35 @@
+"""The in-memory form every dataset loader produces: relative paths, labels, class names."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Item:
+    """One labelled image. ``path`` is relative to the dataset root so manifests stay portable."""
+
+    path: str
+    label: int
+
+
+@dataclass
+class DatasetSplits:
+    """A dataset as loaded from disk: its root, class list, prompt templates and three splits.
+
+    ``templates`` holds the dataset's hand-written prompt(s); the first one is the single template
+    of the CoOp protocol, the rest (if any) form the zero-shot ensemble.
+    """
+
+    name: str
+    root: Path
+    classnames: list[str]
+    templates: list[str]
+    train: list[Item] = field(default_factory=list)
+    val: list[Item] = field(default_factory=list)
+    test: list[Item] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Item]:
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"unknown split {name!r}; expected one of train, val, test")
+        return getattr(self, name)

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny open_clip backbones (random weights, no downloads) and generated images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from adapt.backbone import BackboneConfig, build_backbone
+
+ASSETS = Path(__file__).parent / "assets"
+open_clip.add_model_config(ASSETS / "model_configs")
+
+CLASSES = ["red", "green", "blue", "yellow", "purple", "cyan"]
+_RGB = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
+        "purple": (140, 30, 160), "cyan": (30, 210, 210)}
+
+
+def make_backbone(name: str = "adapt-tiny-vit", seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    return build_backbone(BackboneConfig(name=name, pretrained=None, **kw))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone():
+    return make_backbone()
+
+
+def write_image_folder(root: Path, classes=CLASSES, per_split=None, size: int = 32, seed: int = 0) -> Path:
+    """An imagefolder dataset whose classes are colours (learnable by a linear map on pixels)."""
+    per_split = per_split or {"train": 8, "val": 4, "test": 6}
+    rng = np.random.default_rng(seed)
+    for split, n in per_split.items():
+        for c in classes:
+            folder = root / split / c
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.array(_RGB[c], dtype=np.float32) + rng.normal(0, 25, (size, size, 3))
+                Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def tiny_overrides(root: Path, out: Path, method: str = "coop", **extra) -> list[str]:
+    """Overrides that turn any recipe into a seconds-long CPU run on the generated images."""
+    items = {
+        "backbone.name": "adapt-tiny-vit", "backbone.pretrained": "null",
+        "data.dataset": "imagefolder", "data.root": str(root), "data.shots": 4,
+        "data.batch_size": 8, "data.num_workers": 0, "trainer.max_epochs": 2,
+        "trainer.progress_bar": "false", "logger.csv": "false", "output_dir": str(out),
+        "method.name": method,
+    }
+    items.update(extra)
+    return [f"{k}={v}" for k, v in items.items()]
