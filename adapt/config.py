@@ -1,0 +1,175 @@
+"""Recipes: a YAML file + ``key=value`` overrides -> one typed, validated config.
+
+OmegaConf structured configs type every section; the ``method`` section is validated against the
+chosen method's own Config dataclass. Unknown keys, wrong types and unknown method names stop
+with a message naming the key and the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from adapt.backbone_loading import BackboneConfig
+from adapt.data.config import DataConfig
+
+
+class RecipeError(ValueError):
+    """A recipe or override that cannot be used; the message says what to change."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"  # cosine | constant (per epoch, after warm-up)
+    # CoOp's warm-up: the first epochs at a constant small lr, then the schedule over max_epochs
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.name", self.name, ("sgd", "adamw"))
+        _check_choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
+        if self.lr <= 0:
+            raise RecipeError(f"optim.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 200
+    accelerator: str = "auto"
+    devices: Any = "auto"  # an int, a list of ids, or "auto"
+    strategy: str = "auto"  # "ddp" for several GPUs
+    # null: 32-true on CPU, bf16-mixed on GPUs that support it, else 16-mixed
+    precision: Optional[str] = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+    # validate every N epochs on the few-shot val split (for logging; the last epoch is evaluated)
+    check_val_every_n_epoch: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = False
+    project: str = "adapt"
+    mode: str = "offline"  # wandb mode: offline | online | disabled
+    csv: bool = True
+
+
+@dataclass
+class Recipe:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    method: Any = field(default_factory=lambda: {"name": "zeroshot"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 1
+    # runs are written to output_dir/run_name; run_name null = method/dataset/setting/shotsK_seedS
+    output_dir: str = "runs"
+    run_name: Optional[str] = None
+    resume: bool = False
+    # also evaluate the zero-shot model on the same sets and report it beside the method
+    baseline: bool = False
+
+
+def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Read a recipe (following ``_base_`` includes), apply overrides, validate everything."""
+    layers = [_read_yaml(Path(path))] if path is not None else []
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"cannot parse overrides {list(overrides)}: {err}. Use key=value.") from None
+    return resolve_recipe(*layers)
+
+
+def resolve_recipe(*layers) -> DictConfig:
+    recipe = merge_checked(OmegaConf.structured(Recipe), OmegaConf.merge(*layers) if layers else {},
+                           "recipe", Recipe)
+    recipe = OmegaConf.structured(recipe)
+    from adapt.methods import get_method, method_config
+
+    method = OmegaConf.to_container(recipe.method) if isinstance(recipe.method, DictConfig) else recipe.method
+    if not isinstance(method, dict) or "name" not in method:
+        raise RecipeError("the recipe's method section needs a name, e.g. method: {name: coop}")
+    method = dict(method)
+    name = method.pop("name")
+    try:
+        get_method(name)
+    except KeyError as err:
+        raise RecipeError(f"method.name: {err.args[0]}") from None
+    typed = method_config(name, method)
+    recipe.method = {"name": name, **dataclasses.asdict(typed)}
+    return recipe
+
+
+def method_config_of(recipe: DictConfig):
+    """The typed Config dataclass of a resolved recipe's method."""
+    from adapt.methods import method_config
+
+    section = dict(OmegaConf.to_container(recipe.method, resolve=True))
+    return method_config(section.pop("name"), section)
+
+
+def merge_checked(base: DictConfig, override, where: str, cls: type):
+    """``OmegaConf.merge`` + ``to_object`` with errors rewritten to name the key and a fix."""
+    try:
+        merged = OmegaConf.merge(base, override)
+        return OmegaConf.to_object(merged)
+    except (ConfigKeyError, ConfigAttributeError) as err:
+        raise RecipeError(_unknown_key_message(err, base, where)) from None
+    except ValidationError as err:
+        key = getattr(err, "full_key", "") or "?"
+        raise RecipeError(f"{where}: wrong type for {key!r}: {err.msg.splitlines()[0]}") from None
+    except (ValueError, TypeError) as err:  # a Config's __post_init__ check
+        raise RecipeError(f"{where}: {err}") from None
+
+
+def _unknown_key_message(err, base: DictConfig, where: str) -> str:
+    full_key = getattr(err, "full_key", None) or str(getattr(err, "key", "?"))
+    parts = str(full_key).split(".")
+    node = base
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, DictConfig) else None
+    valid = list(node.keys()) if isinstance(node, DictConfig) else []
+    close = difflib.get_close_matches(parts[-1], valid, n=1, cutoff=0.5)
+    hint = f" Did you mean {'.'.join(parts[:-1] + [close[0]])!r}?" if close else ""
+    return f"{where}: unknown key {full_key!r}.{hint} Valid keys here: {', '.join(valid)}"
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} not found")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:
+        raise RecipeError(f"cannot read recipe {str(path)!r}: {err}") from None
+    base = cfg.pop("_base_", None)
+    if base is None:
+        return cfg
+    return OmegaConf.merge(_read_yaml(path.parent / base), cfg)
+
+
+def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise RecipeError(f"{key}={value!r} is not one of {', '.join(choices)}.{hint}")
+
+
+def run_dir_of(recipe: DictConfig) -> Path:
+    name = recipe.run_name or (f"{recipe.method.name}/{recipe.data.dataset}/{recipe.data.setting}/"
+                               f"shots{recipe.data.shots}_seed{recipe.seed}")
+    return Path(recipe.output_dir) / name

@@ -1,0 +1,9 @@
+"""Adaptation methods, registered by short name. Importing this package registers them all."""
+from adapt.methods.base import Method, zero_shot_text_features
+from adapt.methods.registry import build_method, get_method, list_methods, method_config, register_method
+
+# one import per method file: registration happens at import
+from adapt.methods import zeroshot, coop  # noqa: E402,F401
+
+__all__ = ["Method", "build_method", "get_method", "list_methods", "method_config", "register_method",
+           "zero_shot_text_features"]

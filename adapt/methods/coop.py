@@ -1,0 +1,50 @@
+"""CoOp (Zhou et al., IJCV 2022): learn the prompt's context words, keep CLIP frozen."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adapt.methods.base import Method
+from adapt.methods.prompts import POSITIONS, ContextPrompts
+from adapt.methods.registry import register_method
+
+
+@dataclass
+class CoOpConfig:
+    # M context vectors; ignored when ctx_init is set (its word count sets M)
+    n_ctx: int = 16
+    # "" = random N(0, 0.02) init (the paper's main setting); e.g. "a photo of a" (M=4)
+    ctx_init: str = ""
+    # class-specific context (one set per class) instead of one shared set
+    csc: bool = False
+    class_token_position: str = "end"  # end | middle | front
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.class_token_position not in POSITIONS:
+            raise ValueError(f"class_token_position={self.class_token_position!r} is not one of {POSITIONS}")
+        if self.n_ctx < 1 and not self.ctx_init:
+            raise ValueError("n_ctx must be >= 1 (or give ctx_init)")
+
+
+@register_method("coop")
+class CoOp(Method):
+    Config = CoOpConfig
+    supports_feature_cache = True
+
+    def __init__(self, config: CoOpConfig, backbone, classnames, templates):
+        super().__init__(config, backbone, classnames, templates)
+        self.repointable = not config.csc
+        self.prompts = ContextPrompts(backbone, config.n_ctx, config.ctx_init, config.csc,
+                                      config.class_token_position, len(self.classnames), config.init_std)
+        self.rebuild_classes()
+
+    def rebuild_classes(self) -> None:
+        self.prompts.build(self.classnames)
+
+    def text_features(self) -> torch.Tensor:
+        return self.cached_text_features(self.prompts.text_features)
+
+    def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.backbone.logits(image_features, self.text_features())

@@ -1,0 +1,80 @@
+"""Learnable text context shared by the CoOp family (CoOp, CoCoOp, KgCoOp, UPL, TPT).
+
+Prompts read ``[SOS] ctx_1 … ctx_M <class name> . [EOS]``; the context vectors are parameters, the
+rest are frozen token embeddings kept as non-persistent buffers (rebuilt from the class names,
+so a trained context can be applied to any class list).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from adapt.backbone import ClipBackbone
+
+POSITIONS = ("end", "middle", "front")
+
+
+class ContextPrompts(nn.Module):
+    def __init__(self, backbone: ClipBackbone, n_ctx: int, ctx_init: str = "", csc: bool = False,
+                 position: str = "end", n_classes: int = 0, init_std: float = 0.02):
+        super().__init__()
+        if position not in POSITIONS:
+            raise ValueError(f"class_token_position={position!r}; expected one of {POSITIONS}")
+        self.backbone = [backbone]  # a list: not a submodule, the method owns the backbone
+        self.position = position
+        self.csc = csc
+        width = backbone.text_width
+        if ctx_init:
+            # initialise from the embeddings of a hand-written prompt; its words set M
+            words = ctx_init.replace("_", " ").strip()
+            n_ctx = backbone.token_count(words)
+            with torch.no_grad():
+                init = backbone.embed_tokens(backbone.tokenize([words]))[0, 1:1 + n_ctx].clone()
+            if csc:
+                init = init.unsqueeze(0).repeat(n_classes, 1, 1)
+            self.prefix_text = words
+        else:
+            shape = (n_classes, n_ctx, width) if csc else (n_ctx, width)
+            init = torch.empty(shape, dtype=backbone.dtype).normal_(std=init_std)
+            self.prefix_text = " ".join(["X"] * n_ctx)
+        self.n_ctx = n_ctx
+        self.ctx = nn.Parameter(init.to(backbone.dtype))
+
+    def build(self, classnames: Sequence[str]) -> None:
+        """Tokenize ``"<prefix> <name>."`` per class and keep the frozen embedding pieces."""
+        backbone = self.backbone[0]
+        if self.csc and self.ctx.shape[0] != len(classnames):
+            raise ValueError(f"class-specific context was learned for {self.ctx.shape[0]} classes, "
+                             f"not {len(classnames)}")
+        tokens = backbone.tokenize([f"{self.prefix_text} {name}." for name in classnames])
+        with torch.no_grad():
+            emb = backbone.embed_tokens(tokens)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("token_prefix", emb[:, :1].clone(), persistent=False)
+        self.register_buffer("token_suffix", emb[:, 1 + self.n_ctx:].clone(), persistent=False)
+        self.name_lens = [backbone.token_count(name) for name in classnames]
+
+    def embeddings(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt embeddings [C, L, D] for context ``ctx`` ([M, D] shared or [C, M, D] per class)."""
+        ctx = self.ctx if ctx is None else ctx
+        n_cls = self.token_prefix.shape[0]
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
+        prefix, suffix = self.token_prefix, self.token_suffix
+        if self.position == "end":
+            return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=1)
+        rows = []
+        half = self.n_ctx // 2
+        for i, n in enumerate(self.name_lens):
+            name, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
+            c = ctx[i:i + 1].to(prefix.dtype)
+            if self.position == "middle":
+                rows.append(torch.cat([prefix[i:i + 1], c[:, :half], name, c[:, half:], rest], dim=1))
+            else:
+                rows.append(torch.cat([prefix[i:i + 1], name, c, rest], dim=1))
+        return torch.cat(rows, dim=0)
+
+    def text_features(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        return self.backbone[0].encode_text_embeddings(self.embeddings(ctx), self.tokens)

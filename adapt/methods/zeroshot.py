@@ -1,0 +1,40 @@
+"""Zero-shot CLIP: one hand-written template, or the mean of several (prompt ensembling)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from adapt.methods.base import Method, zero_shot_text_features
+from adapt.methods.registry import register_method
+
+
+@dataclass
+class ZeroShotConfig:
+    # templates to use instead of the dataset's; several = ensemble of normalized embeddings
+    templates: Optional[list[str]] = None
+    # with the dataset's templates: use only the first (the protocol's single template) or all
+    ensemble: bool = False
+
+
+@register_method("zeroshot")
+class ZeroShot(Method):
+    Config = ZeroShotConfig
+    supports_feature_cache = True
+
+    def __init__(self, config, backbone, classnames, templates):
+        super().__init__(config, backbone, classnames, templates)
+        self.rebuild_classes()
+
+    def active_templates(self) -> list[str]:
+        if self.config.templates:
+            return list(self.config.templates)
+        return self.templates if self.config.ensemble else self.templates[:1]
+
+    def rebuild_classes(self) -> None:
+        feats = zero_shot_text_features(self.backbone, self.classnames, self.active_templates())
+        self.register_buffer("text_features", feats, persistent=False)
+
+    def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.backbone.logits(image_features, self.text_features)
