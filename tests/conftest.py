@@ -59,3 +59,14 @@ def tiny_overrides(root: Path, out: Path, method: str = "coop", **extra) -> list
     }
     items.update(extra)
     return [f"{k}={v}" for k, v in items.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_datamodule(image_folder, tiny_backbone):
+    from adapt.data import AdaptDataModule, DataConfig
+
+    dm = AdaptDataModule(DataConfig(dataset="imagefolder", root=str(image_folder), shots=4, batch_size=8,
+                                    num_workers=0), tiny_backbone.image_size, tiny_backbone.image_mean,
+                         tiny_backbone.image_std, seed=1)
+    dm.setup()
+    return dm

@@ -1,0 +1,160 @@
+"""The single LightningModule for every method, and the Trainer built from a recipe.
+
+Lightning owns the mechanics (devices, DDP, mixed precision, accumulation, checkpoints, logging);
+this module only maps batches to losses and metrics and builds the optimizer from the recipe.
+Checkpoints hold the method's trainable state only, never the frozen backbone.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from torchmetrics.classification import MulticlassAccuracy
+
+from adapt.methods.base import Method
+
+METHOD_PREFIX = "method."
+
+
+class AdaptModule(pl.LightningModule):
+    def __init__(self, method: Method, optim: DictConfig, max_epochs: int, inputs: str = "images"):
+        super().__init__()
+        self.method = method
+        self.optim_cfg = optim
+        self.max_epochs = max_epochs
+        # "images" or "features" (batches of cached frozen image features)
+        self.inputs = inputs
+        # checkpoints hold only the method's trainable state; the backbone comes from its weights
+        self.strict_loading = False
+        self.train_acc = MulticlassAccuracy(num_classes=len(method.classnames), average="micro")
+        self.eval_acc: Optional[MulticlassAccuracy] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.forward_features(x) if self.inputs == "features" else self.method(x)
+
+    # ------------------------------------------------------------------ training ---------------
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = self.method.loss(logits, y)
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=y.shape[0])
+        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.method.on_train_epoch_end(self.current_epoch, self.max_epochs)
+
+    def on_fit_end(self) -> None:
+        self.method.on_fit_end()
+
+    # ------------------------------------------------------------------ evaluation -------------
+    def start_evaluation(self) -> None:
+        """Fresh accuracy metric sized to the method's current class list."""
+        self.eval_acc = MulticlassAccuracy(num_classes=len(self.method.classnames), average="micro").to(self.device)
+
+    def on_validation_epoch_start(self) -> None:
+        self.start_evaluation()
+
+    def on_test_epoch_start(self) -> None:
+        self.start_evaluation()
+
+    def _eval_step(self, batch, stage: str):
+        x, y = batch
+        logits = self.method.predict(x, self.inputs)
+        self.eval_acc(logits, y)
+        self.log(f"{stage}/acc", self.eval_acc, on_step=False, on_epoch=True, batch_size=y.shape[0])
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    # ------------------------------------------------------------------ optimisation -----------
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        params = self.method.trainable_parameters()
+        if cfg.name == "sgd":
+            opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                    weight_decay=cfg.weight_decay)
+        factor = epoch_lr_factor(cfg.scheduler, cfg.warmup_epochs, cfg.warmup_lr / cfg.lr, self.max_epochs)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ checkpoints ------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {METHOD_PREFIX + k: v for k, v in self.method.trainable_state().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = {k[len(METHOD_PREFIX):]: v for k, v in checkpoint["state_dict"].items()
+                 if k.startswith(METHOD_PREFIX)}
+        self.method.load_trainable_state(state)
+
+
+def epoch_lr_factor(scheduler: str, warmup_epochs: int, warmup_factor: float, max_epochs: int):
+    """lr multiplier per epoch, as CoOp's trainer schedules it: ``warmup_epochs`` at a constant
+    small lr, then cosine annealing whose step count starts after warm-up, with period
+    ``max_epochs`` (so the last epoch's lr stays above zero)."""
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return warmup_factor
+        if scheduler == "constant":
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / max_epochs))
+
+    return factor
+
+
+def default_precision(accelerator: str) -> str:
+    """fp32 on CPU (bf16 matmuls are ~100x slower there); bf16 / fp16 autocast on GPUs."""
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True) -> pl.Trainer:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    # the frozen backbone is kept in eval mode on purpose; Lightning warns about that
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
+    warnings.filterwarnings("ignore", ".*defined a `validation_step` but have no `val_dataloader`.*")
+    t = recipe.trainer
+    loggers = []
+    if recipe.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
+    if recipe.logger.wandb:
+        from pytorch_lightning.loggers import WandbLogger
+
+        loggers.append(WandbLogger(project=recipe.logger.project, save_dir=str(run_dir),
+                                   mode=recipe.logger.mode, name=str(run_dir)))
+    checkpoints = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0)
+    return pl.Trainer(
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision or default_precision(t.accelerator),
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress_bar,
+        check_val_every_n_epoch=t.check_val_every_n_epoch or None,
+        limit_val_batches=1.0 if t.check_val_every_n_epoch else 0,
+        num_sanity_val_steps=0,
+        deterministic=t.deterministic,
+        default_root_dir=str(run_dir),
+        logger=loggers or False,
+        callbacks=[checkpoints],
+        enable_model_summary=False,
+        inference_mode=inference_mode,
+    )
