@@ -1,0 +1,165 @@
+"""K-shot sampling and the manifests that pin a sample down.
+
+The sample depends only on (items, K, seed): a private ``random.Random(seed)``, never the global
+RNG, so that whatever ran before (model init, other sampling) cannot change which images a run
+trains on. A manifest stores the result as relative paths plus the class list, so a run can be
+repeated on exactly the same images on another machine.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from adapt.data.items import DatasetSplits, Item
+
+MANIFEST_FORMAT = 1
+VAL_SHOTS = 4  # the protocol's validation subset: min(K, 4) per class
+
+
+def _class_name(classnames: Optional[Sequence[str]], label: int) -> str:
+    return repr(classnames[label]) if classnames and 0 <= label < len(classnames) else f"with label {label}"
+
+
+def sample_few_shot(items: Sequence[Item], k: int, seed: int, allow_fewer: bool = False,
+                    classnames: Optional[Sequence[str]] = None) -> list[Item]:
+    """K items per label, drawn without replacement; ``k <= 0`` keeps everything.
+
+    ``classnames`` (optional) names classes in errors and makes a class with no item at all count
+    as one with too few. The result keeps the input order, so manifests read like the dataset.
+    """
+    if k <= 0:
+        return list(items)
+    by_label: dict[int, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        by_label[item.label].append(i)
+    labels = sorted(set(by_label) | set(range(len(classnames or ()))))
+    rng = random.Random(seed)
+    chosen: list[int] = []
+    short: list[str] = []
+    for label in labels:  # sorted label order: the draw sequence is fixed by the seed alone
+        idx = by_label.get(label, [])
+        if len(idx) >= k:
+            chosen += rng.sample(idx, k)
+        else:
+            short.append(f"{_class_name(classnames, label)} has {len(idx)}")
+            chosen += idx
+    if short and not allow_fewer:
+        more = f" (and {len(short) - 3} more classes)" if len(short) > 3 else ""
+        raise ValueError(f"{k}-shot sampling needs {k} images per class, but class "
+                         f"{'; class '.join(short[:3])}{more}. Lower data.shots, or set "
+                         f"data.allow_fewer_shots=true to take all of them as the CoOp protocol does")
+    return [items[i] for i in sorted(chosen)]
+
+
+def sample_validation(items: Sequence[Item], k: int, seed: int,
+                      classnames: Optional[Sequence[str]] = None) -> list[Item]:
+    """The protocol's validation subset: min(K, 4) per class (fewer if a class has fewer);
+    all of it when K <= 0 (the supervised setting)."""
+    return sample_few_shot(items, min(k, VAL_SHOTS) if k > 0 else 0, seed, allow_fewer=True,
+                           classnames=classnames)
+
+
+# ------------------------------------------------------------------------------------ manifests
+@dataclass
+class Manifest:
+    dataset: str
+    classnames: list[str]
+    train: list[Item]
+    val: list[Item]
+    shots: int
+    seed: int
+    setting: str
+    extra: dict = field(default_factory=dict)
+
+
+def _items_json(items: Sequence[Item]) -> str:
+    # one item per line: diffable, and a 16-shot ImageNet manifest stays easy to skim
+    if not items:
+        return "[]"
+    return "[\n" + ",\n".join("  " + json.dumps([it.path, it.label]) for it in items) + "\n ]"
+
+
+def write_manifest(path: Union[str, Path], dataset_name: str, classnames: Sequence[str],
+                   train: Sequence[Item], val: Sequence[Item], shots: int, seed: int, setting: str,
+                   extra: Optional[dict] = None) -> Path:
+    """Write the few-shot sample as JSON (relative paths, labels, class list). Written to a
+    temporary file and renamed, so several processes (DDP ranks) never leave a torn file."""
+    path = Path(path)
+    head = {"format": MANIFEST_FORMAT, "dataset": dataset_name, "setting": setting, "shots": shots,
+            "seed": seed, "classnames": list(classnames), **(extra or {})}
+    fields = [(k, json.dumps(v)) for k, v in head.items()]
+    fields += [("train", _items_json(train)), ("val", _items_json(val))]
+    text = "{\n" + ",\n".join(f" {json.dumps(k)}: {v}" for k, v in fields) + "\n}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(path: Union[str, Path]) -> Manifest:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist (data.manifest)")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"manifest {path} is not valid JSON: {err}") from None
+    required = ("dataset", "classnames", "train", "val", "shots", "seed", "setting")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"manifest {path} lacks {', '.join(missing)}; is it an adapt manifest.json?")
+    n = len(data["classnames"])
+
+    def items(split: str) -> list[Item]:
+        out = []
+        for row in data[split]:
+            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[1], int) and 0 <= row[1] < n):
+                raise ValueError(f"manifest {path}: {split} entry {row!r} is not [path, label < {n}]")
+            out.append(Item(str(row[0]), row[1]))
+        return out
+
+    extra = {k: v for k, v in data.items() if k not in required and k != "format"}
+    return Manifest(dataset=data["dataset"], classnames=list(data["classnames"]), train=items("train"),
+                    val=items("val"), shots=int(data["shots"]), seed=int(data["seed"]),
+                    setting=str(data["setting"]), extra=extra)
+
+
+def check_manifest(manifest: Manifest, dataset: DatasetSplits, shots: int, where: str = "data.manifest") -> None:
+    """Refuse a manifest that does not describe this dataset: a different class list would
+    silently mislabel, and an image outside the split it claims (e.g. a test image in train)
+    would leak."""
+    if manifest.classnames != dataset.classnames:
+        a, b = manifest.classnames, dataset.classnames
+        diff = next((i for i in range(min(len(a), len(b))) if a[i] != b[i]), min(len(a), len(b)))
+        first = (f"first difference at label {diff}: {a[diff] if diff < len(a) else '(none)'!r} "
+                 f"vs {b[diff] if diff < len(b) else '(none)'!r}")
+        raise ValueError(f"{where}: the manifest's class list ({len(a)} classes, dataset "
+                         f"{manifest.dataset!r}) differs from the loaded dataset's ({len(b)} classes, "
+                         f"{dataset.name!r} at {dataset.root}); {first}")
+    if manifest.shots != shots:
+        raise ValueError(f"{where} holds a {manifest.shots}-shot sample but data.shots={shots}; set "
+                         f"data.shots={manifest.shots}, or drop data.manifest to sample anew")
+    for split in ("train", "val"):
+        known = set(dataset.split(split))
+        stray = [it for it in getattr(manifest, split) if it not in known]
+        if stray:
+            raise ValueError(f"{where}: {len(stray)} {split} item(s) of the manifest are not in the "
+                             f"dataset's {split} split, e.g. {stray[0].path!r} (label {stray[0].label})")
+
+
+def few_shot_splits(dataset: DatasetSplits, shots: int, seed: int, allow_fewer: bool = False,
+                    manifest: Optional[Union[str, Path]] = None) -> tuple[list[Item], list[Item]]:
+    """(train, val) few-shot subsets over all classes: from a manifest when given, else sampled."""
+    if manifest is not None:
+        m = read_manifest(manifest)
+        check_manifest(m, dataset, shots, where=f"data.manifest {manifest}")
+        return m.train, m.val
+    train = sample_few_shot(dataset.train, shots, seed, allow_fewer, dataset.classnames)
+    val = sample_validation(dataset.val, shots, seed, dataset.classnames)
+    return train, val

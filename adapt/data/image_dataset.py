@@ -1,0 +1,38 @@
+"""A torch Dataset over ``list[Item]``: reads ``root / item.path`` with PIL, returns (tensor, label)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from adapt.data.items import Item
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open and fully decode an RGB image. PIL opens lazily, so decoding is forced here, inside
+    the try, so that a truncated file fails with its name rather than deep inside a transform."""
+    if not path.is_file():
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's decoders raise all three
+        raise OSError(f"cannot read image file {path}: {err}") from err
+
+
+class ImageDataset(Dataset):
+    def __init__(self, items: Sequence[Item], root: Union[str, Path],
+                 transform: Optional[Callable] = None):
+        self.items = list(items)
+        self.root = Path(root)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        item = self.items[index]
+        image = load_image(self.root / item.path)
+        return (self.transform(image) if self.transform is not None else image), item.label
