@@ -24,6 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("methods", help="list the registered methods")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Lightning's INFO banners (device summary, tips) drown the results on a terminal
+    for name in ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning_fabric",
+                 "lightning_fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return _dispatch(args)
     except (RecipeError, FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as err:

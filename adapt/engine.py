@@ -128,6 +128,7 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
     # the frozen backbone is kept in eval mode on purpose; Lightning warns about that
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", ".*defined a `validation_step` but have no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
     t = recipe.trainer
     loggers = []
     if recipe.logger.csv:
