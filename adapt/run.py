@@ -92,13 +92,17 @@ def harmonic_mean(a: float, b: float) -> float:
 def run_fit(recipe: DictConfig) -> dict:
     torch.set_flush_denormal(True)  # denormals made CPU steps 2-6x slower
     exp = Experiment(recipe)
-    OmegaConf.save(recipe, exp.run_dir / "recipe.yaml")
+    if rank_zero_only.rank == 0:  # under DDP every rank runs this function
+        OmegaConf.save(recipe, exp.run_dir / "recipe.yaml")
     fit_s = exp.fit()
     start = time.perf_counter()
     metrics = summarize(recipe.data.setting, exp.evaluate())
     results = _results(recipe, exp, metrics, fit_s, time.perf_counter() - start)
     if exp.method.trainable_state():
-        results["adapter_dir"] = str(save_adapter(exp.method, exp.run_dir / "adapter"))
+        adapter_dir = exp.run_dir / "adapter"
+        if rank_zero_only.rank == 0:
+            save_adapter(exp.method, adapter_dir)
+        results["adapter_dir"] = str(adapter_dir)
     if recipe.baseline and exp.method.name != "zeroshot":
         results["zeroshot_metrics"] = zero_shot_metrics(exp)
     _write_results(exp, results)
