@@ -4,6 +4,10 @@ from adapt.methods.registry import build_method, get_method, list_methods, metho
 
 # one import per method file: registration happens at import
 from adapt.methods import zeroshot, coop  # noqa: E402,F401
+from adapt.methods import vpt  # noqa: E402,F401
+from adapt.methods import ivlp  # noqa: E402,F401
+from adapt.methods import maple  # noqa: E402,F401
+from adapt.methods import promptsrc  # noqa: E402,F401
 
 __all__ = ["Method", "build_method", "get_method", "list_methods", "method_config", "register_method",
            "zero_shot_text_features"]
