@@ -62,19 +62,43 @@ class ContextPrompts(nn.Module):
         n_cls = self.token_prefix.shape[0]
         if ctx.dim() == 2:
             ctx = ctx.unsqueeze(0).expand(n_cls, -1, -1)
-        prefix, suffix = self.token_prefix, self.token_suffix
+        return self._assemble(ctx.unsqueeze(0))[0]
+
+    def embeddings_per_image(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings [B, C, L, D] for a per-image context (CoCoOp): ``ctx`` is [B, M, D]
+        (image b's context, shared by all classes) or [B, C, M, D]."""
+        if ctx.dim() == 3:
+            ctx = ctx.unsqueeze(1).expand(-1, self.token_prefix.shape[0], -1, -1)
+        if ctx.dim() != 4:
+            raise ValueError(f"per-image context must be [B, M, D] or [B, C, M, D], got {tuple(ctx.shape)}")
+        return self._assemble(ctx)
+
+    def _assemble(self, ctx: torch.Tensor) -> torch.Tensor:
+        """[N, C, L, D] from context [N, C, M, D]: every class's frozen pieces around its context,
+        the class name at the end, middle or front (a loop over classes, never over N)."""
+        n = ctx.shape[0]
+        prefix = self.token_prefix.unsqueeze(0).expand(n, -1, -1, -1)
+        suffix = self.token_suffix.unsqueeze(0).expand(n, -1, -1, -1)
+        ctx = ctx.to(prefix.dtype)
         if self.position == "end":
-            return torch.cat([prefix, ctx.to(prefix.dtype), suffix], dim=1)
+            return torch.cat([prefix, ctx, suffix], dim=2)
         rows = []
         half = self.n_ctx // 2
-        for i, n in enumerate(self.name_lens):
-            name, rest = suffix[i:i + 1, :n], suffix[i:i + 1, n:]
-            c = ctx[i:i + 1].to(prefix.dtype)
+        for i, length in enumerate(self.name_lens):
+            name, rest, c = suffix[:, i, :length], suffix[:, i, length:], ctx[:, i]
             if self.position == "middle":
-                rows.append(torch.cat([prefix[i:i + 1], c[:, :half], name, c[:, half:], rest], dim=1))
+                rows.append(torch.cat([prefix[:, i], c[:, :half], name, c[:, half:], rest], dim=1))
             else:
-                rows.append(torch.cat([prefix[i:i + 1], name, c, rest], dim=1))
-        return torch.cat(rows, dim=0)
+                rows.append(torch.cat([prefix[:, i], name, c, rest], dim=1))
+        return torch.stack(rows, dim=1)
 
     def text_features(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
         return self.backbone[0].encode_text_embeddings(self.embeddings(ctx), self.tokens)
+
+    def text_features_per_image(self, ctx: torch.Tensor) -> torch.Tensor:
+        """Normalized text features [B, C, d] of the per-image prompts of ``embeddings_per_image``:
+        all B·C prompts go through the text tower in one call (the backbone chunks it)."""
+        emb = self.embeddings_per_image(ctx)
+        b, c = emb.shape[:2]
+        feats = self.backbone[0].encode_text_embeddings(emb.flatten(0, 1), self.tokens.repeat(b, 1))
+        return feats.view(b, c, -1)
