@@ -23,10 +23,12 @@ class ToRGB:
         return "ToRGB()"
 
 
-def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
+def train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
+                    scale: Sequence[float] = (0.08, 1.0)) -> T.Compose:
+    """``scale``: the crop's area range (Tip-Adapter's cache uses (0.5, 1))."""
     return T.Compose([
         ToRGB(),
-        T.RandomResizedCrop(image_size, scale=(0.08, 1.0), interpolation=BICUBIC),
+        T.RandomResizedCrop(image_size, scale=tuple(scale), interpolation=BICUBIC),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(mean, std),
