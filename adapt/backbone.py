@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from adapt.backbone_loading import BackboneConfig, load_open_clip
+from adapt.backbone_loading import BackboneConfig, load_open_clip, text_memory_plan
 
 __all__ = ["BackboneConfig", "ClipBackbone", "build_backbone"]
 
@@ -115,24 +115,37 @@ class ClipBackbone(nn.Module):
 
         ``deep_prompts[i]`` ([n, D] or [N, n, D]), when given for layer ``i >= 1``, replaces the
         ``n`` embeddings at ``prompt_start`` before block ``i`` (layer 0's prompts are already in
-        ``x``). Class-dimension chunking bounds activation memory for many classes.
+        ``x``). Class-dimension chunking and activation checkpointing bound activation memory
+        for many classes (recipe flags, or chosen by ``text_memory_plan`` when left automatic).
         """
-        chunk = self.config.text_chunk_size
-        if chunk and x.shape[0] > chunk:
-            feats = [
-                self.encode_text_embeddings(
-                    x[i:i + chunk], tokens[i:i + chunk],
-                    _slice_prompts(deep_prompts, i, i + chunk, x.shape[0]), prompt_start, normalize,
-                )
-                for i in range(0, x.shape[0], chunk)
-            ]
-            return torch.cat(feats)
+        causal, n = self._text_is_causal(), x.shape[0]
+        grad = torch.is_grad_enabled() and (x.requires_grad or any(
+            p is not None and p.requires_grad for p in deep_prompts or ()))
+        eot = self.eot_positions(tokens)
+        length = int(eot.max()) + 1 if causal else x.shape[1]
+        chunk, ckpt = text_memory_plan(self.config, n, length, self.text_width, self.text_depth,
+                                       grad, x.element_size())
+        if not (chunk and n > chunk):
+            return self._encode_text(x, tokens, deep_prompts, prompt_start, normalize, ckpt)
+        # Chunks of prompts of similar length (each chunk is cut to its own longest prompt), put
+        # back in order at the end. Split, not sliced: a slice's backward allocates all of x.
+        order = torch.argsort(eot, stable=True) if causal else torch.arange(n, device=x.device)
+        xs, ts = x[:, :length][order], tokens[order]
+        prompts = [p[order] if p is not None and p.dim() == 3 and p.shape[0] == n else p
+                   for p in deep_prompts] if deep_prompts is not None else None
+        feats = torch.cat([
+            self._encode_text(xc, tc, _slice_prompts(prompts, i * chunk, (i + 1) * chunk, n),
+                              prompt_start, normalize, ckpt)
+            for i, (xc, tc) in enumerate(zip(xs.split(chunk), ts.split(chunk)))])
+        return feats[torch.argsort(order)]
+
+    def _encode_text(self, x, tokens, deep_prompts, prompt_start, normalize, ckpt) -> torch.Tensor:
         text = self.text
         eot = self.eot_positions(tokens)
         length = x.shape[1]
         if self._text_is_causal():
             # Causal attention: positions after the last end-of-text token never reach a pooled
-            # feature, so cutting the batch to its longest prompt is exact and much cheaper.
+            # feature, so cutting the batch (or chunk) to its longest prompt is exact and cheaper.
             length = int(eot.max()) + 1
         x = x[:, :length] + text.positional_embedding[:length].to(x.dtype)
         mask = text.attn_mask[:length, :length] if text.attn_mask is not None else None
@@ -140,7 +153,7 @@ class ClipBackbone(nn.Module):
             prompt = deep_prompts[i] if deep_prompts is not None and i < len(deep_prompts) else None
             if i > 0 and prompt is not None:
                 x = _replace_slots(x, prompt, prompt_start)
-            x = self._run_block(block, x, mask, text.transformer)
+            x = self._run_block(block, x, mask, text.transformer, ckpt)
         x = text.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot] if text.pool_type in ("argmax", "eos") else (
             x[:, 0] if text.pool_type == "first" else x[:, -1])
@@ -194,11 +207,14 @@ class ClipBackbone(nn.Module):
         return F.normalize(feats, dim=-1) if normalize else feats
 
     # ---------------------------------------------------------------- shared -----------------
-    def _run_block(self, block: nn.Module, x: torch.Tensor, mask, transformer) -> torch.Tensor:
+    def _run_block(self, block: nn.Module, x: torch.Tensor, mask, transformer,
+                   ckpt: Optional[bool] = None) -> torch.Tensor:
         batch_first = getattr(transformer, "batch_first", True)
         if not batch_first:
             x = x.transpose(0, 1)
-        if self.config.grad_checkpointing and torch.is_grad_enabled():
+        if ckpt is None:  # the image tower: only when the recipe asks for it
+            ckpt = self.config.grad_checkpointing is True
+        if ckpt and torch.is_grad_enabled():
             x = checkpoint(block, x, None, None, mask, use_reentrant=False)
         else:
             x = block(x, attn_mask=mask)

@@ -38,10 +38,42 @@ class BackboneConfig:
     # force QuickGELU; null = as the weights need (OpenAI weights use it)
     quick_gelu: Optional[bool] = None
     cache_dir: Optional[str] = None
-    # encode at most this many prompts per text-tower pass (bounds memory for many classes); 0 = off
-    text_chunk_size: int = 0
-    # activation checkpointing of both towers' blocks while training (memory for compute)
-    grad_checkpointing: bool = False
+    # encode at most this many prompts per text-tower pass (bounds memory for many classes);
+    # 0 = off, null = automatic (see ``text_memory_plan``)
+    text_chunk_size: Optional[int] = None
+    # activation checkpointing while training (memory for compute): true = both towers' blocks,
+    # false = off, null = automatic: the text tower's, when a pass would exceed text_memory_mb
+    grad_checkpointing: Optional[bool] = None
+    # activation memory (MiB) one text-tower pass with gradients may hold before the automatic
+    # choices checkpoint and chunk it (1000-class CoOp on ViT-B/16 would need ~12 GB without)
+    text_memory_mb: float = 2048.0
+
+
+# fp32 vectors of the tower's width kept per token per block for the backward pass (LayerNorm
+# inputs, q/k/v, attention output, the MLP's 4x hidden, ...; measured on ViT-B/16's text tower)
+SAVED_VECTORS_PER_TOKEN = 16
+
+
+def text_memory_plan(cfg, n_prompts: int, length: int, width: int, depth: int,
+                     grad: bool, elem_bytes: int = 4) -> tuple[int, bool]:
+    """``(chunk, checkpoint)`` for one text-tower pass of ``n_prompts`` sequences of ``length``.
+
+    Explicit recipe values win. Automatic: checkpoint the blocks when the activations kept for
+    the backward pass (estimated) exceed ``text_memory_mb``; then, or without gradients, cut the
+    prompts into chunks whose one-block working set (recomputed in the backward pass) fits a
+    sixteenth of it. With gradients and no checkpointing chunks would not lower the peak (every
+    chunk's graph is kept), so none are cut.
+    """
+    budget = getattr(cfg, "text_memory_mb", 2048) * 2 ** 20
+    per_block = length * width * elem_bytes * SAVED_VECTORS_PER_TOKEN  # one prompt, one block
+    if cfg.grad_checkpointing is None:
+        checkpoint = grad and n_prompts * per_block * depth > budget
+    else:
+        checkpoint = grad and bool(cfg.grad_checkpointing)
+    if cfg.text_chunk_size is not None:
+        return int(cfg.text_chunk_size), checkpoint
+    fit = max(1, int(budget // 16 // max(1, per_block)))
+    return (fit if (checkpoint or not grad) and n_prompts > fit else 0), checkpoint
 
 
 def register_model_configs() -> None:

@@ -83,6 +83,9 @@ class Recipe:
     resume: bool = False
     # also evaluate the zero-shot model on the same sets and report it beside the method
     baseline: bool = False
+    # train and evaluate on cached frozen image features where the method allows it (its image
+    # encoder is frozen and outside the trained path); see data.cache_views / data.cache_dir
+    cache: bool = True
 
 
 def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import adapt
 from adapt.backbone import build_backbone
 from adapt.config import method_config_of, run_dir_of
 from adapt.data.datamodule import AdaptDataModule
+from adapt.data.feature_cache import FeatureData
 from adapt.engine import AdaptModule, build_trainer
 from adapt.export import WEIGHTS_FILE, save_adapter
 from adapt.methods import Method, build_method
@@ -43,7 +45,14 @@ class Experiment:
         self.data.setup()
         self.method: Method = build_method(recipe.method.name, method_config_of(recipe), self.backbone,
                                            self.data.train_classnames, self.data.templates)
-        self.module = AdaptModule(self.method, recipe.optim, recipe.trainer.max_epochs)
+        # cached frozen image features replace images where the method only reads those
+        self.features: Optional[FeatureData] = None
+        if recipe.cache and self.method.supports_feature_cache and not self.method.grad_at_test:
+            views = min(recipe.data.cache_views, max(1, recipe.trainer.max_epochs))
+            self.features = FeatureData(self.data, self.backbone, views, recipe.data.cache_dir,
+                                        device=_encode_device(recipe))
+        self.inputs = "features" if self.features is not None else "images"
+        self.module = AdaptModule(self.method, recipe.optim, recipe.trainer.max_epochs, inputs=self.inputs)
 
     def trainer(self) -> pl.Trainer:
         return build_trainer(self.recipe, self.run_dir, inference_mode=not self.method.grad_at_test)
@@ -58,8 +67,11 @@ class Experiment:
         if self.recipe.resume and not ckpt.is_file():
             raise FileNotFoundError(f"resume=true but {ckpt} does not exist; run without resume first")
         start = time.perf_counter()
-        val = self.data.val_dataloader() if self.recipe.trainer.check_val_every_n_epoch else None
-        self.trainer().fit(self.module, train_dataloaders=self.data.train_dataloader(),
+        data = self.features or self.data
+        val = data.val_dataloader() if self.recipe.trainer.check_val_every_n_epoch else None
+        train = (self.features.train_dataloader(self.recipe.seed) if self.features is not None
+                 else self.data.train_dataloader())
+        self.trainer().fit(self.module, train_dataloaders=train,
                            val_dataloaders=val or None,
                            ckpt_path=str(ckpt) if self.recipe.resume else None)
         return time.perf_counter() - start
@@ -70,12 +82,20 @@ class Experiment:
         trained_on = list(self.method.classnames)
         trainer = self.trainer()
         accs = {}
-        for (name, (classnames, _)), loader in zip(self.data.eval_sets.items(), self.data.test_dataloader()):
+        loaders = self.features.test_dataloaders() if self.features is not None else self.data.test_dataloader()
+        for (name, (classnames, _)), loader in zip(self.data.eval_sets.items(), loaders):
             self.method.set_classnames(classnames)
             out = trainer.test(self.module, dataloaders=loader, verbose=False)
             accs[name] = 100.0 * float(out[0]["test/acc"])
         self.method.set_classnames(trained_on)
         return accs
+
+
+def _encode_device(recipe: DictConfig) -> torch.device:
+    """Where cached features are computed: this process's GPU when training runs on GPUs."""
+    if recipe.trainer.accelerator != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def summarize(setting: str, accs: dict[str, float]) -> dict[str, float]:
@@ -132,7 +152,8 @@ def zero_shot_metrics(exp: Experiment) -> dict[str, float]:
     """The zero-shot model on the same evaluation sets, for a side-by-side comparison."""
     zs = build_method("zeroshot", None, exp.backbone, exp.data.train_classnames, exp.data.templates)
     saved, exp.method = exp.method, zs
-    saved_module, exp.module = exp.module, AdaptModule(zs, exp.recipe.optim, exp.recipe.trainer.max_epochs)
+    saved_module, exp.module = exp.module, AdaptModule(zs, exp.recipe.optim, exp.recipe.trainer.max_epochs,
+                                                       inputs=exp.inputs)
     try:
         return summarize(exp.recipe.data.setting, exp.evaluate())
     finally:
@@ -152,6 +173,7 @@ def _results(recipe: DictConfig, exp: Experiment, metrics: dict, fit_s: float, e
         "classes": {name: len(c) for name, (c, _) in exp.data.eval_sets.items()},
         "run_dir": str(exp.run_dir),
         "timing": {"fit_seconds": round(fit_s, 3), "eval_seconds": round(eval_s, 3)},
+        "inputs": exp.inputs,  # "features": trained/evaluated on cached frozen image features
         "versions": {"adapt": adapt.__version__, "torch": torch.__version__,
                      "open_clip": open_clip.__version__, "python": platform.python_version()},
     }

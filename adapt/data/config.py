@@ -31,9 +31,17 @@ class DataConfig:
     num_workers: int = 2
     # input resolution; null = the backbone's own
     image_size: Optional[int] = None
+    # feature cache (recipe ``cache: true``): augmented views of each training image whose frozen
+    # features are cached; every epoch trains on a different one of them (each used once per
+    # cache_views epochs; at most max_epochs are made). 0 = one view with the test transform
+    cache_views: int = 10
+    # where cached features live; null = $ADAPT_CACHE_DIR/features or ~/.cache/adapt/features
+    cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
             raise ValueError(f"data.setting={self.setting!r} is not one of {SETTINGS}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        if self.cache_views < 0:
+            raise ValueError(f"data.cache_views must be >= 0 (0 = no augmentation), got {self.cache_views}")

@@ -1,0 +1,177 @@
+"""Measuring helpers for experiments/bench_speed.py: peak resident memory, timing, the machine's
+fp32 matrix-multiply rate, and a "reference mode" switch on the backbone."""
+from __future__ import annotations
+
+import ctypes
+import gc
+import re
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Optional
+
+import torch
+
+
+class PeakMemory:
+    """Peak resident set size (MB) of this process since the last ``reset``.
+
+    Linux: ``reset`` writes 5 to /proc/self/clear_refs, which sets the kernel's high-water mark
+    (VmHWM) to the current RSS, and ``peak`` reads VmHWM: exact, however short the peak. Freed
+    heap is handed back first (``malloc_trim``) so an earlier workload's leftovers do not count.
+    Elsewhere a thread samples the RSS every millisecond."""
+
+    def __init__(self) -> None:
+        self._libc = _libc()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.exact = _status("VmHWM") is not None
+        except OSError:
+            self.exact = False
+        self._sampled = 0.0
+        self._stop: Optional[threading.Event] = None
+
+    def reset(self) -> None:
+        gc.collect()
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+        if self.exact:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            return
+        if self._stop is not None:
+            self._stop.set()
+        self._sampled = current_rss_mb()
+        self._stop = stop = threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                self._sampled = max(self._sampled, current_rss_mb())
+                time.sleep(0.001)
+
+        threading.Thread(target=sample, daemon=True).start()
+
+    def peak(self) -> float:
+        if self.exact:
+            return _status("VmHWM")
+        return max(self._sampled, current_rss_mb())
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Fix glibc's mmap threshold (normally it grows to 32 MB after the first large free), so
+    every tensor above ``threshold`` bytes gets its own mapping and goes back to the OS when
+    freed. Without it the heap keeps freed activations between long-lived ones and the RSS of a
+    checkpointed 1000-class step is ~1.5 GB above what is live. Same as starting the process with
+    MALLOC_MMAP_THRESHOLD_=1048576. Returns whether it took effect."""
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
+
+
+def load_average() -> list[float]:
+    try:
+        return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return []
+
+
+def current_rss_mb() -> float:
+    value = _status("VmRSS")
+    if value is not None:
+        return value
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _status(field: str) -> Optional[float]:
+    try:
+        text = open("/proc/self/status").read()
+    except OSError:
+        return None
+    m = re.search(rf"{field}:\s+(\d+)\s+kB", text)
+    return int(m.group(1)) / 1024.0 if m else None
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def timed(fn: Callable[[], object], steps: int, warmup: int, memory: PeakMemory) -> tuple[float, float]:
+    """(seconds per call, peak RSS MB during the timed calls) after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    memory.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    seconds = (time.perf_counter() - start) / max(1, steps)
+    return seconds, memory.peak()
+
+
+def interleaved(modes: dict, memory: PeakMemory, warmup: int = 0) -> dict[str, tuple[float, float]]:
+    """Time several modes of one workload in alternating rounds (A B A B ...), so that a change
+    in the machine's load during the run (other processes on a shared machine) hits every mode
+    alike. ``modes``: name -> (fn, calls). Returns name -> (mean seconds per call, peak RSS MB of
+    its calls), each call's peak measured on its own."""
+    for fn, _ in modes.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in modes}
+    peaks = {name: 0.0 for name in modes}
+    for r in range(max(calls for _, calls in modes.values())):
+        for name, (fn, calls) in modes.items():
+            if r >= calls:
+                continue
+            memory.reset()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            peaks[name] = max(peaks[name], memory.peak())
+    return {name: (sum(t) / len(t), peaks[name]) for name, t in times.items()}
+
+
+def in_reference_mode(backbone, fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with reference_mode(backbone):
+            return fn()
+    return run
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """The best of ``repeats`` timings of an fp32 n×n×n matrix product, in GFLOP/s."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+@contextmanager
+def reference_mode(backbone):
+    """What the original implementations do on the text side: every prompt through all of the
+    context length (no truncation to the longest prompt), no chunking, no checkpointing."""
+    saved = (backbone.config.text_chunk_size, backbone.config.grad_checkpointing)
+    backbone._text_is_causal = lambda: False  # the wrapper then keeps every position
+    backbone.config.text_chunk_size, backbone.config.grad_checkpointing = 0, False
+    try:
+        yield
+    finally:
+        del backbone._text_is_causal
+        backbone.config.text_chunk_size, backbone.config.grad_checkpointing = saved
+
+
+def linear_estimate(points: list[tuple[float, float]], x: float) -> float:
+    """Extrapolate y(x) along the line through two measured (x, y) points."""
+    (x0, y0), (x1, y1) = points
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)

@@ -1,0 +1,34 @@
+"""experiments/bench_speed.py --quick: every workload and mode runs (tiny model, toy sizes), the
+report is complete, and the run's own exactness checks hold. No timing assertions."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKLOADS = ("CoOp step", "CoCoOp step", "Tip-Adapter build+search", "TPT per image", "zero-shot eval")
+
+
+def test_bench_speed_quick_runs_and_reports(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_speed.py"), "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "bench_speed.json").read_text())
+    assert result["quick"] is True
+    modes = {}
+    for row in result["rows"]:
+        modes.setdefault(row["workload"].split(",")[0], set()).add(row["mode"].split(" ")[0])
+        assert row["seconds"] > 0 and row["peak_rss_mb"] > 0, row
+    assert set(modes) == set(WORKLOADS)
+    assert all(m == {"reference", "default"} for m in modes.values()), modes
+    assert set(result["targets"]) == {"coop_speedup", "coop_many_peak_gb", "cocoop_speedup",
+                                      "text_fraction_of_matmul"}
+    assert result["info"]["coop_many_plan"]["checkpoint"]  # the automatic plan engaged
+    checks = result["checks"]
+    assert checks["coop_truncated_vs_full_text_max_abs"] <= 1e-5
+    assert checks["cocoop_batched_vs_per_image_max_abs"] <= 1e-4
+    assert checks["tip_search_same_choice"] == 1.0 and checks["eval_same_accuracy"] == 1.0
+    table = (tmp_path / "bench_speed.md").read_text()
+    assert table.count("| reference |") == 7 and "| target | measured | goal | met |" in table
