@@ -1,0 +1,114 @@
+"""Materialise a world task to disk: PNG files plus a split JSON in the community "zhou" format
+``{"train": [[relative_path, label, classname], ...], "val": [...], "test": [...]}``.
+
+The folder is written next to its final place and renamed into it in one step, so a crashed or
+concurrent build never leaves a half-written dataset behind; an existing complete folder is
+reused as is.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional, Union
+
+from PIL import Image
+
+from adapt.data.world.tasks import SPLITS, WorldTask, get_task
+
+DEFAULT_SEED = 0
+
+
+def cache_root() -> Path:
+    """``$ADAPT_WORLD_CACHE`` if set, else ``~/.cache/adapt/world``."""
+    env = os.environ.get("ADAPT_WORLD_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "adapt" / "world"
+
+
+def split_file_name(task: WorldTask) -> str:
+    return f"split_zhou_{task.name}.json"
+
+
+def default_folder(task: WorldTask, seed: int = DEFAULT_SEED) -> Path:
+    return cache_root() / f"{task.name}-v{task.version}-seed{seed}"
+
+
+def is_complete(folder: Path, task: WorldTask, seed: Optional[int] = None) -> bool:
+    """The folder holds this very task (same fingerprint, and seed if given), fully written."""
+    split = folder / split_file_name(task)
+    if not split.is_file():
+        return False
+    try:
+        meta = json.loads((folder / "world.json").read_text())
+        data = json.loads(split.read_text())
+    except (OSError, ValueError):
+        return False
+    if meta.get("fingerprint") != task.fingerprint() or (seed is not None and meta.get("seed") != seed):
+        return False
+    return all(len(data.get(s, ())) == task.per_class[i] * len(task.classnames)
+               for i, s in enumerate(SPLITS))
+
+
+def _write(task: WorldTask, folder: Path, seed: int) -> None:
+    names = task.classnames
+    splits: dict[str, list] = {}
+    for split in SPLITS:
+        rows = []
+        counts = [0] * len(names)
+        for d in {n.replace(" ", "_") for n in names}:
+            (folder / split / d).mkdir(parents=True, exist_ok=True)
+        for image, label, _scene in task.generate(split, seed):
+            rel = f"{split}/{names[label].replace(' ', '_')}/{counts[label]:05d}.png"
+            counts[label] += 1
+            Image.fromarray(image).save(folder / rel, compress_level=1)
+            rows.append([rel, label, names[label]])
+        splits[split] = rows
+    meta = {"task": task.name, "version": task.version, "fingerprint": task.fingerprint(),
+            "seed": seed, "domain": task.domain,
+            "attributes": list(task.attributes), "classnames": names,
+            "template": task.template, "per_class": dict(zip(SPLITS, task.per_class))}
+    (folder / "world.json").write_text(json.dumps(meta, indent=1))
+    # the split file goes last: its presence marks the folder complete
+    (folder / split_file_name(task)).write_text(json.dumps(splits))
+
+
+def materialise(task: Union[str, WorldTask], root: Optional[Union[str, Path]] = None,
+                seed: int = DEFAULT_SEED) -> Path:
+    """Return the folder holding ``task``'s images and split JSON, writing it if needed.
+
+    ``root`` (a recipe's ``data.root``) names the folder itself; default
+    ``<cache_root()>/<task>-v<version>-seed<seed>``. A folder written by an older definition of
+    the task (another fingerprint) is rebuilt in place.
+    """
+    if isinstance(task, str):
+        task = get_task(task)
+    folder = Path(root).expanduser() if root else default_folder(task, seed)
+    if is_complete(folder, task, seed):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        _write(task, tmp, seed)
+        if folder.exists():
+            if is_complete(folder, task, seed):  # another process finished first
+                return folder
+            if any(folder.iterdir()):
+                # a partial or outdated build of a world task: replace it
+                if not (folder / "world.json").exists() and not (folder / "train").exists():
+                    raise FileExistsError(
+                        f"{folder} exists, is not empty and is not a world dataset; "
+                        f"choose another data.root")
+                shutil.rmtree(folder)
+            else:
+                folder.rmdir()
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not is_complete(folder, task, seed):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

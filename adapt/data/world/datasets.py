@@ -1,0 +1,35 @@
+"""Dataset-registry entries for the world tasks (``world_colour``, ``world_fill``, ...).
+
+Each loader materialises its task on first use and then hands the folder to the generic ``zhou``
+loader, so the world's datasets go through exactly the code path of a downloaded dataset.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from adapt.data.config import DataConfig
+from adapt.data.items import DatasetSplits
+from adapt.data.registry import build_dataset, register_dataset
+from adapt.data.world.build import materialise, split_file_name
+from adapt.data.world.tasks import TASKS, WorldTask
+
+
+def _loader(task: WorldTask):
+    def load(cfg: DataConfig) -> DatasetSplits:
+        folder = materialise(task, root=cfg.root)
+        splits = build_dataset(dataclasses.replace(
+            cfg, dataset="zhou", root=str(folder), split_file=split_file_name(task)))
+        splits.name = task.name
+        splits.templates = list(cfg.templates) if cfg.templates else [task.template]
+        if splits.classnames != task.classnames:
+            raise RuntimeError(f"{folder}: class names {splits.classnames} do not match the "
+                               f"world task's {task.classnames}")
+        return splits
+
+    load.__name__ = f"load_{task.name}"
+    load.__doc__ = f"World task {task.name!r}: {'+'.join(task.attributes)} in domain {task.domain!r}."
+    return load
+
+
+for _name, _task in TASKS.items():
+    register_dataset(_name)(_loader(_task))
