@@ -47,6 +47,11 @@ class AdaptModule(pl.LightningModule):
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 
+    def on_train_start(self) -> None:
+        # Lightning keeps whatever mode the module is in; a method evaluated before fitting
+        # (e.g. a baseline pass) must train in train mode (its backbone stays in eval mode)
+        self.method.train()
+
     def on_train_epoch_end(self) -> None:
         self.method.on_train_epoch_end(self.current_epoch, self.max_epochs)
 
@@ -121,7 +126,9 @@ def default_precision(accelerator: str) -> str:
     return "32-true"
 
 
-def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True) -> pl.Trainer:
+def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True, log: bool = True) -> pl.Trainer:
+    """``log=False`` for evaluation passes: their accuracies go to results.json (and to the fit's
+    loggers through ``log_final_metrics``); a logger per pass would overwrite the training log."""
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
@@ -129,11 +136,13 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
     warnings.filterwarnings("ignore", ".*defined a `validation_step` but have no `val_dataloader`.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*is deprecated.*")
+    # few-shot epochs are often shorter than the logging interval; epoch means are logged anyway
+    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     t = recipe.trainer
     loggers = []
-    if recipe.logger.csv:
+    if log and recipe.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
-    if recipe.logger.wandb:
+    if log and recipe.logger.wandb:
         from pytorch_lightning.loggers import WandbLogger
 
         loggers.append(WandbLogger(project=recipe.logger.project, save_dir=str(run_dir),
@@ -159,3 +168,10 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
         enable_model_summary=False,
         inference_mode=inference_mode,
     )
+
+
+def log_final_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """Write a run's final accuracies through the loggers its training used."""
+    for logger in trainer.loggers:
+        logger.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+        logger.save()

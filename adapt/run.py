@@ -24,7 +24,7 @@ from adapt.backbone import build_backbone
 from adapt.config import method_config_of, run_dir_of
 from adapt.data.datamodule import AdaptDataModule
 from adapt.data.feature_cache import FeatureData
-from adapt.engine import AdaptModule, build_trainer
+from adapt.engine import AdaptModule, build_trainer, log_final_metrics
 from adapt.export import WEIGHTS_FILE, save_adapter
 from adapt.methods import Method, build_method
 
@@ -43,8 +43,15 @@ class Experiment:
         self.data = AdaptDataModule(recipe.data, self.backbone.image_size, self.backbone.image_mean,
                                     self.backbone.image_std, seed=recipe.seed, run_dir=self.run_dir)
         self.data.setup()
+        self.data.use_feature_cache = bool(recipe.cache)
         self.method: Method = build_method(recipe.method.name, method_config_of(recipe), self.backbone,
                                            self.data.train_classnames, self.data.templates)
+        novel = [c for name, (c, _) in self.data.eval_sets.items() if name == "novel"]
+        if novel and not self.method.repointable:
+            raise ValueError(
+                f"{recipe.method.name} (as configured) learns one thing per training class and "
+                f"cannot classify the {len(novel[0])} novel classes of data.setting=base2novel; "
+                "use data.setting=all" + (" or method.csc=false" if recipe.method.name == "coop" else ""))
         # cached frozen image features replace images where the method only reads those
         self.features: Optional[FeatureData] = None
         if recipe.cache and self.method.supports_feature_cache and not self.method.grad_at_test:
@@ -52,15 +59,22 @@ class Experiment:
             self.features = FeatureData(self.data, self.backbone, views, recipe.data.cache_dir,
                                         device=_encode_device(recipe))
         self.inputs = "features" if self.features is not None else "images"
+        self.fit_trainer: Optional[pl.Trainer] = None  # kept for its loggers
         self.module = AdaptModule(self.method, recipe.optim, recipe.trainer.max_epochs, inputs=self.inputs)
 
-    def trainer(self) -> pl.Trainer:
-        return build_trainer(self.recipe, self.run_dir, inference_mode=not self.method.grad_at_test)
+    def trainer(self, log: bool = True) -> pl.Trainer:
+        return build_trainer(self.recipe, self.run_dir, inference_mode=not self.method.grad_at_test, log=log)
+
+    def setup_method(self) -> None:
+        """The method's own preparation (Tip-Adapter's cache, ...) on the device it will run
+        on: Lightning moves the module only when fitting or testing starts."""
+        self.method.to(_encode_device(self.recipe))
+        self.method.setup(self.data)
 
     def fit(self) -> float:
         """Train (if the method trains); returns wall seconds. Resumes from the last checkpoint
         when the recipe says ``resume: true``."""
-        self.method.setup(self.data)
+        self.setup_method()
         if not self.method.is_trainable:
             return 0.0
         ckpt = self.run_dir / "checkpoints" / "last.ckpt"
@@ -71,7 +85,8 @@ class Experiment:
         val = data.val_dataloader() if self.recipe.trainer.check_val_every_n_epoch else None
         train = (self.features.train_dataloader(self.recipe.seed) if self.features is not None
                  else self.data.train_dataloader())
-        self.trainer().fit(self.module, train_dataloaders=train,
+        self.fit_trainer = self.trainer()
+        self.fit_trainer.fit(self.module, train_dataloaders=train,
                            val_dataloaders=val or None,
                            ckpt_path=str(ckpt) if self.recipe.resume else None)
         return time.perf_counter() - start
@@ -80,7 +95,7 @@ class Experiment:
         """Accuracy (%) on every evaluation set; the method is re-pointed at each set's classes
         (novel prompts are rebuilt from the novel class names) and restored afterwards."""
         trained_on = list(self.method.classnames)
-        trainer = self.trainer()
+        trainer = self.trainer(log=False)
         accs = {}
         loaders = self.features.test_dataloaders() if self.features is not None else self.data.test_dataloader()
         for (name, (classnames, _)), loader in zip(self.data.eval_sets.items(), loaders):
@@ -125,6 +140,8 @@ def run_fit(recipe: DictConfig) -> dict:
         results["adapter_dir"] = str(adapter_dir)
     if recipe.baseline and exp.method.name != "zeroshot":
         results["zeroshot_metrics"] = zero_shot_metrics(exp)
+    if exp.fit_trainer is not None:
+        log_final_metrics(exp.fit_trainer, metrics)
     _write_results(exp, results)
     return results
 
@@ -135,7 +152,7 @@ def run_test(recipe: DictConfig, run_dir: Optional[Path] = None) -> dict:
 
     torch.set_flush_denormal(True)
     exp = Experiment(recipe, run_dir)
-    exp.method.setup(exp.data)
+    exp.setup_method()
     adapter = exp.run_dir / "adapter" / WEIGHTS_FILE
     if run_dir is not None and adapter.is_file():
         exp.method.load_trainable_state(load_file(str(adapter)))

@@ -10,6 +10,8 @@ import torchvision.transforms.functional as TF
 
 from adapt.config import load_recipe
 from adapt.data import AdaptDataModule, DataConfig
+from adapt.data.feature_cache import DEFAULT_VIEW_SEED, view_seed
+from adapt.data.image_dataset import load_image
 from adapt.data.transforms import train_transform
 from adapt.export import AdapterError, load_adapter, save_adapter
 from adapt.methods import build_method
@@ -61,20 +63,31 @@ def test_without_augmentation_keys_are_the_training_features(tiny_backbone, tiny
 def test_keys_are_the_renormalized_mean_of_augmented_passes(tiny_backbone, tiny_datamodule):
     dm = tiny_datamodule
     tip = _tip(tiny_backbone, dm, augment_epochs=3, search=False)
-    # by hand: three passes of crop scale (0.5, 1) + flip, augmentations seeded by the data seed;
-    # the unnormalized features are averaged, then normalized (as the original code does)
-    with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(dm.seed)
-        loader = dm.dataloader(dm.train_items, train_transform(dm.image_size, dm.mean, dm.std, (0.5, 1.0)), 128)
+    # by hand: three passes of crop scale (0.5, 1) + flip, view v of an image seeded by
+    # (view seed, v, path) as the feature cache draws them; the unnormalized features are
+    # averaged, then normalized (as the original code does)
+    transform = train_transform(dm.image_size, dm.mean, dm.std, (0.5, 1.0))
+    passes = []
+    for v in range(3):
+        images = []
+        for item in dm.train_items:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed(DEFAULT_VIEW_SEED, v, item.path))
+                images.append(transform(load_image(dm.dataset.root / item.path)))
         with torch.no_grad():
-            passes = [torch.cat([tiny_backbone.encode_image(x, normalize=False) for x, _ in loader])
-                      for _ in range(3)]
+            passes.append(tiny_backbone.encode_image(torch.stack(images), normalize=False))
     expected = F.normalize(torch.stack(passes).mean(0), dim=-1)
     assert torch.allclose(tip.cache_keys, expected, atol=1e-5)
     plain, _ = _features(tiny_backbone, dm, dm.train_items)
     assert (tip.cache_keys - plain).abs().max() > 1e-3  # the passes were augmented
     again = _tip(tiny_backbone, dm, augment_epochs=3, search=False)
     assert torch.equal(again.cache_keys, tip.cache_keys)  # fixed by the seed
+    dm.use_feature_cache = False  # recipe cache=false: encoded afresh, the same keys
+    try:
+        fresh = _tip(tiny_backbone, dm, augment_epochs=3, search=False)
+    finally:
+        dm.use_feature_cache = True
+    assert torch.allclose(fresh.cache_keys, tip.cache_keys, atol=1e-6)
 
 
 def _reference_search(tip, feats, labels):
@@ -104,9 +117,9 @@ def test_alpha_beta_are_searched_on_validation_only(tiny_backbone, tiny_datamodu
     # with validation images: the images read are training and validation images, never test ones
     dm = tiny_datamodule
     seen: list[str] = []
-    original = dm.dataloader
-    monkeypatch.setattr(dm, "dataloader", lambda items, *a, **k: (seen.extend(i.path for i in items),
-                                                                   original(items, *a, **k))[1])
+    original = dm.encode
+    monkeypatch.setattr(dm, "encode", lambda backbone, items, *a, **k: (seen.extend(i.path for i in items),
+                                                                         original(backbone, items, *a, **k))[1])
     tip = _tip(tiny_backbone, dm, augment_epochs=1)
     monkeypatch.undo()
     test_paths = {i.path for _, items in dm.eval_sets.values() for i in items}

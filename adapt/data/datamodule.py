@@ -52,6 +52,8 @@ class AdaptDataModule(pl.LightningDataModule):
         self.train_items: list[Item] = []
         self.val_items: list[Item] = []
         self.eval_sets: "OrderedDict[str, tuple[list[str], list[Item]]]" = OrderedDict()
+        # the recipe's ``cache``: encodings a method asks for (``encode``) go through the cache
+        self.use_feature_cache = True
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.dataset is not None:  # idempotent: Lightning calls setup once per stage
@@ -95,6 +97,19 @@ class AdaptDataModule(pl.LightningDataModule):
         return DataLoader(ImageDataset(items, self.dataset.root, transform), batch_size=batch_size,
                           shuffle=shuffle, drop_last=drop_last, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+    def encode(self, backbone, items: Sequence[Item], transform: Callable, split: str, views: int = 1,
+               normalize: bool = True):
+        """Frozen image features [views, n, d] (+ labels) of any item list, through the feature
+        cache (``data.cache_dir``): methods that build something from images (Tip-Adapter's
+        keys) pay for each encoding once across runs, seeds and hyper-parameters."""
+        from adapt.data.feature_cache import encode_items
+
+        self.setup()
+        return encode_items(backbone, items, self.dataset.root, transform, views=views,
+                            dataset=self.dataset.name, split=split, normalize=normalize,
+                            cache=self.use_feature_cache, cache_dir=self.cfg.cache_dir,
+                            batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers)
 
     def train_transform(self):
         return train_transform(self.image_size, self.mean, self.std)

@@ -127,23 +127,19 @@ class TipAdapter(Method):
             transform = train_transform(dm.image_size, dm.mean, dm.std, scale=cfg.crop_scale)
         else:
             transform = dm.test_transform()
-        passes = max(1, cfg.augment_epochs)
-        with torch.random.fork_rng(devices=[]):  # augmentations fixed by the seed, global RNG untouched
-            torch.random.default_generator.manual_seed(dm.seed)
-            loader = dm.dataloader(items, transform, dm.cfg.eval_batch_size)
-            total = None
-            for _ in range(passes):
-                # the original averages the unnormalized features, then normalizes the mean
-                feats, labels = self._encode(loader, normalize=False)
-                total = feats if total is None else total + feats
-        self._set_cache(F.normalize(total / passes, dim=-1), labels)
+        # the original averages the unnormalized features of its augmented passes, then
+        # normalizes the mean; the passes come from (and go to) the feature cache
+        views = dm.encode(self.backbone, items, transform, "train",
+                          views=max(1, cfg.augment_epochs), normalize=False)
+        self._set_cache(F.normalize(views.features.mean(0), dim=-1), views.labels)
         with torch.no_grad():
             self.alpha.fill_(cfg.alpha)
             self.beta.fill_(cfg.beta)
         self.search_result, self._val = None, None
         val = self._own_items(dm.val_items, dm.train_classnames, "validation", required=False)
         if cfg.search and val:
-            self._val = self._encode(dm.dataloader(val, dm.test_transform(), dm.cfg.eval_batch_size))
+            cached = dm.encode(self.backbone, val, dm.test_transform(), "val")
+            self._val = (cached.features[0], cached.labels)
             if not cfg.finetune:  # Tip-Adapter-F trains with the config's α/β, searches after
                 self.search_hparams()
         elif cfg.search:
@@ -162,15 +158,6 @@ class TipAdapter(Method):
                 raise ValueError(f"tipadapter needs {split} images of every class to build its "
                                  f"cache; the data has none of {len(missing)} class(es): {shown}")
         return out
-
-    def _encode(self, loader, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.cache_keys.device
-        feats, labels = [], []
-        with torch.no_grad():
-            for x, y in loader:
-                feats.append(self.backbone.encode_image(x.to(device), normalize=normalize).float())
-                labels.append(y.to(device))
-        return torch.cat(feats), torch.cat(labels)
 
     # ------------------------------------------------------------------ α / β ------------------
     def search_hparams(self) -> Optional[dict]:
