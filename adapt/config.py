@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -17,6 +18,8 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from adapt.backbone_loading import BackboneConfig
 from adapt.data.config import DataConfig
+
+log = logging.getLogger(__name__)
 
 
 class RecipeError(ValueError):
@@ -92,10 +95,35 @@ def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     """Read a recipe (following ``_base_`` includes), apply overrides, validate everything."""
     layers = [_read_yaml(Path(path))] if path is not None else []
     try:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        cli = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
         raise RecipeError(f"cannot parse overrides {list(overrides)}: {err}. Use key=value.") from None
-    return resolve_recipe(*layers)
+    if layers:
+        layers[0] = _switch_method(layers[0], OmegaConf.select(cli, "method.name"))
+    return resolve_recipe(*layers, cli)
+
+
+def _switch_method(recipe: DictConfig, new_name: Optional[str]) -> DictConfig:
+    """``method.name=other`` on the command line: keep the recipe's method settings that the other
+    method also has (n_ctx, ctx_init, ...) and drop the rest, which belong to the recipe's own
+    method. Keys given on the command line are still checked strictly."""
+    old_name = OmegaConf.select(recipe, "method.name")
+    if new_name is None or old_name is None or new_name == old_name:
+        return recipe
+    from adapt.methods import get_method
+
+    try:
+        valid = {f.name for f in dataclasses.fields(get_method(new_name).Config)}
+    except KeyError as err:
+        raise RecipeError(f"method.name: {err.args[0]}") from None
+    kept = {k: v for k, v in recipe.method.items() if k == "name" or k in valid}
+    dropped = sorted(set(recipe.method.keys()) - set(kept))
+    if dropped:
+        log.info("method.name=%s replaces the recipe's %s; not carried over: %s", new_name, old_name,
+                 ", ".join(dropped))
+    recipe = recipe.copy()
+    recipe.method = kept
+    return recipe
 
 
 def resolve_recipe(*layers) -> DictConfig:

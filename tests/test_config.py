@@ -51,3 +51,15 @@ def test_coop_recipe_matches_paper_settings():
     assert (o.name, o.lr, o.momentum, o.weight_decay, o.warmup_epochs, o.warmup_lr) == (
         "sgd", 0.002, 0.9, 0.0005, 1, 1e-5)
     assert recipe.data.batch_size == 32 and recipe.data.shots == 16
+
+
+def test_switching_method_on_the_command_line_keeps_shared_settings():
+    # coop's n_ctx/ctx_init carry over to cocoop; zeroshot has neither, so they are dropped
+    cocoop = load_recipe(RECIPES / "coop/base2novel.yaml", ["method.name=cocoop"])
+    assert cocoop.method.name == "cocoop" and cocoop.method.n_ctx == 4
+    assert cocoop.method.ctx_init == "a photo of a"
+    zs = load_recipe(RECIPES / "coop/base2novel.yaml", ["method.name=zeroshot"])
+    assert set(zs.method.keys()) == {"name", "templates", "ensemble"}
+    # keys typed on the command line are still checked against the new method
+    with pytest.raises(RecipeError, match="unknown key 'n_ctx'"):
+        load_recipe(RECIPES / "coop/base2novel.yaml", ["method.name=zeroshot", "method.n_ctx=4"])
