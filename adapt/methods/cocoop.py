@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from adapt.methods.base import Method
-from adapt.methods.prompts import POSITIONS, ContextPrompts
+from adapt.methods.prompts import ContextPrompts, check_context_config
 from adapt.methods.registry import register_method
 
 
@@ -37,10 +37,7 @@ class CoCoOpConfig:
     max_prompts_per_pass: int = 8192
 
     def __post_init__(self) -> None:
-        if self.class_token_position not in POSITIONS:
-            raise ValueError(f"class_token_position={self.class_token_position!r} is not one of {POSITIONS}")
-        if self.n_ctx < 1 and not self.ctx_init:
-            raise ValueError("n_ctx must be >= 1 (or give ctx_init)")
+        check_context_config(self.n_ctx, self.ctx_init, self.class_token_position)
         if self.reduction < 1:
             raise ValueError(f"reduction must be >= 1, got {self.reduction}")
         if self.max_prompts_per_pass < 0:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from adapt.methods.base import Method
-from adapt.methods.prompts import POSITIONS, ContextPrompts
+from adapt.methods.prompts import ContextPrompts, check_context_config
 from adapt.methods.registry import register_method
 
 
@@ -22,10 +22,7 @@ class CoOpConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.class_token_position not in POSITIONS:
-            raise ValueError(f"class_token_position={self.class_token_position!r} is not one of {POSITIONS}")
-        if self.n_ctx < 1 and not self.ctx_init:
-            raise ValueError("n_ctx must be >= 1 (or give ctx_init)")
+        check_context_config(self.n_ctx, self.ctx_init, self.class_token_position)
 
 
 @register_method("coop")

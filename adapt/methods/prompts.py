@@ -16,6 +16,14 @@ from adapt.backbone import ClipBackbone
 POSITIONS = ("end", "middle", "front")
 
 
+def check_context_config(n_ctx: int, ctx_init: str, class_token_position: str) -> None:
+    """The checks every CoOp-style Config runs in ``__post_init__``."""
+    if class_token_position not in POSITIONS:
+        raise ValueError(f"class_token_position={class_token_position!r} is not one of {POSITIONS}")
+    if n_ctx < 1 and not ctx_init:
+        raise ValueError("n_ctx must be >= 1 (or give ctx_init)")
+
+
 class ContextPrompts(nn.Module):
     def __init__(self, backbone: ClipBackbone, n_ctx: int, ctx_init: str = "", csc: bool = False,
                  position: str = "end", n_classes: int = 0, init_std: float = 0.02):
