@@ -19,6 +19,16 @@ _RGB = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "ye
         "purple": (140, 30, 160), "cyan": (30, 210, 210)}
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_feature_cache(tmp_path_factory):
+    """Tests write cached features to a temporary folder, never the user's ~/.cache (the world's
+    materialised images, deterministic and slow to make, stay shared)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ADAPT_CACHE_DIR", str(tmp_path_factory.mktemp("adapt_cache")))
+    yield
+    mp.undo()
+
+
 def make_backbone(name: str = "adapt-tiny-vit", seed: int = 0, **kw):
     torch.manual_seed(seed)
     return build_backbone(BackboneConfig(name=name, pretrained=None, **kw))
