@@ -48,9 +48,10 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from adapt.process import return_freed_memory  # noqa: E402
 from experiments.benchlib import (PeakMemory, in_reference_mode, interleaved,  # noqa: E402
                                   linear_estimate, load_average, matmul_gflops, reference_mode,
-                                  return_freed_memory, timed)
+                                  timed)
 
 FULL = dict(model="ViT-B-16", classes=100, many=1000, second=200, batch=32, steps=3, ref_steps=1,
             warmup=1, cocoop_ref_images=2, shots=16, views=10, val_shots=4, grid=(200, 20),

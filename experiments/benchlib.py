@@ -58,16 +58,6 @@ class PeakMemory:
         return max(self._sampled, current_rss_mb())
 
 
-def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """Fix glibc's mmap threshold (normally it grows to 32 MB after the first large free), so
-    every tensor above ``threshold`` bytes gets its own mapping and goes back to the OS when
-    freed. Without it the heap keeps freed activations between long-lived ones and the RSS of a
-    checkpointed 1000-class step is ~1.5 GB above what is live. Same as starting the process with
-    MALLOC_MMAP_THRESHOLD_=1048576. Returns whether it took effect."""
-    libc = _libc()
-    return bool(libc is not None and libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
-
-
 def load_average() -> list[float]:
     try:
         return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
