@@ -126,9 +126,15 @@ def default_precision(accelerator: str) -> str:
     return "32-true"
 
 
-def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True, log: bool = True) -> pl.Trainer:
-    """``log=False`` for evaluation passes: their accuracies go to results.json (and to the fit's
-    loggers through ``log_final_metrics``); a logger per pass would overwrite the training log."""
+def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True,
+                  evaluation: bool = False) -> pl.Trainer:
+    """``evaluation=True`` for the evaluation passes after fitting:
+    - no loggers: accuracies go to results.json (and through the fit's loggers, see
+      ``log_final_metrics``); a logger per pass would overwrite the training log;
+    - no distributed sampler: under DDP it pads each rank's share with repeated images, which
+      biases the accuracy; every rank evaluates the whole set instead (exact, and cheap on
+      cached features), and the synced metric is unchanged by the repetition across ranks."""
+    log = not evaluation
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
@@ -166,6 +172,7 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
         logger=loggers or False,
         callbacks=[checkpoints],
         enable_model_summary=False,
+        use_distributed_sampler=not evaluation,
         inference_mode=inference_mode,
     )
 

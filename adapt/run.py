@@ -63,8 +63,9 @@ class Experiment:
         self.fit_trainer: Optional[pl.Trainer] = None  # kept for its loggers
         self.module = AdaptModule(self.method, recipe.optim, recipe.trainer.max_epochs, inputs=self.inputs)
 
-    def trainer(self, log: bool = True) -> pl.Trainer:
-        return build_trainer(self.recipe, self.run_dir, inference_mode=not self.method.grad_at_test, log=log)
+    def trainer(self, evaluation: bool = False) -> pl.Trainer:
+        return build_trainer(self.recipe, self.run_dir, inference_mode=not self.method.grad_at_test,
+                             evaluation=evaluation)
 
     def setup_method(self) -> None:
         """The method's own preparation (Tip-Adapter's cache, ...) on the device it will run
@@ -96,7 +97,7 @@ class Experiment:
         """Accuracy (%) on every evaluation set; the method is re-pointed at each set's classes
         (novel prompts are rebuilt from the novel class names) and restored afterwards."""
         trained_on = list(self.method.classnames)
-        trainer = self.trainer(log=False)
+        trainer = self.trainer(evaluation=True)
         accs = {}
         loaders = self.features.test_dataloaders() if self.features is not None else self.data.test_dataloader()
         for (name, (classnames, _)), loader in zip(self.data.eval_sets.items(), loaders):

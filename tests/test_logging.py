@@ -50,3 +50,12 @@ def test_method_that_cannot_see_novel_classes_is_refused_early(image_folder, tmp
         image_folder, tmp_path, **{"data.setting": "base2novel", "method.csc": "true"}))
     with pytest.raises(ValueError, match="novel classes.*data.setting=all or method.csc=false"):
         Experiment(recipe)
+
+
+def test_evaluation_trainers_neither_log_nor_shard_the_test_set(tmp_path):
+    recipe = load_recipe(RECIPES / "coop/tiny.yaml", ["logger.wandb=false"])
+    fit, evaluation = build_trainer(recipe, tmp_path), build_trainer(recipe, tmp_path, evaluation=True)
+    assert fit.loggers and not evaluation.loggers
+    # a DistributedSampler pads each rank's share with repeats; evaluation reads whole sets
+    assert fit._accelerator_connector.use_distributed_sampler
+    assert not evaluation._accelerator_connector.use_distributed_sampler
