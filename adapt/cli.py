@@ -64,6 +64,10 @@ def _dispatch(args) -> int:
 
 
 def _report(results: dict) -> None:
+    from pytorch_lightning.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:  # under DDP every process runs the CLI; one report is enough
+        return
     m = results["metrics"]
     zs = results.get("zeroshot_metrics")
     print(f"\n{results['method']} on {results['dataset']} ({results['setting']}, "

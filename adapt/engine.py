@@ -43,7 +43,8 @@ class AdaptModule(pl.LightningModule):
         logits = self(x)
         loss = self.method.loss(logits, y)
         self.train_acc(logits.detach(), y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=y.shape[0])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=y.shape[0],
+                 sync_dist=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
 

@@ -85,12 +85,12 @@ class Experiment:
         start = time.perf_counter()
         data = self.features or self.data
         val = data.val_dataloader() if self.recipe.trainer.check_val_every_n_epoch else None
-        train = (self.features.train_dataloader(self.recipe.seed) if self.features is not None
-                 else self.data.train_dataloader())
         self.fit_trainer = self.trainer()
-        self.fit_trainer.fit(self.module, train_dataloaders=train,
-                           val_dataloaders=val or None,
-                           ckpt_path=str(ckpt) if self.recipe.resume else None)
+        world = self.fit_trainer.world_size  # batches per process decide whether to drop the last
+        train = (self.features.train_dataloader(self.recipe.seed, world) if self.features is not None
+                 else self.data.train_dataloader(world))
+        self.fit_trainer.fit(self.module, train_dataloaders=train, val_dataloaders=val or None,
+                             ckpt_path=str(ckpt) if self.recipe.resume else None)
         return time.perf_counter() - start
 
     def evaluate(self) -> dict[str, float]:

@@ -6,6 +6,7 @@ one evaluation set per class subset (``test``, or ``base`` and ``novel``), each 
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -34,6 +35,12 @@ def as_data_config(cfg: Union[DataConfig, DictConfig, dict]) -> DataConfig:
         obj = OmegaConf.to_object(cfg)
         return obj if isinstance(obj, DataConfig) else DataConfig(**obj)
     return DataConfig(**cfg)
+
+
+def drop_ragged_batch(n_items: int, batch_size: int, world_size: int = 1) -> bool:
+    """Drop a ragged last batch only when each process gets more than one batch: a 1-shot,
+    10-class run with batch 32 must still train, also when DDP splits it over several GPUs."""
+    return math.ceil(n_items / max(1, world_size)) > batch_size
 
 
 class AdaptDataModule(pl.LightningDataModule):
@@ -117,13 +124,11 @@ class AdaptDataModule(pl.LightningDataModule):
     def test_transform(self):
         return test_transform(self.image_size, self.mean, self.std)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self, world_size: int = 1) -> DataLoader:
         self.setup()
         bs = self.cfg.batch_size
-        # drop a ragged last batch only when there is more than one batch: a 1-shot, 10-class
-        # run with batch 32 must still train
         return self.dataloader(self.train_items, self.train_transform(), bs, shuffle=True,
-                               drop_last=len(self.train_items) > bs)
+                               drop_last=drop_ragged_batch(len(self.train_items), bs, world_size))
 
     def val_dataloader(self):
         self.setup()

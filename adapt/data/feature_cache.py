@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from adapt.data.datamodule import drop_ragged_batch
 from adapt.data.image_dataset import load_image
 from adapt.data.items import Item
 
@@ -399,12 +400,12 @@ class FeatureData:
                             batch_size=dm.cfg.eval_batch_size, num_workers=dm.cfg.num_workers,
                             device=self.device)
 
-    def train_dataloader(self, seed: int) -> DataLoader:
+    def train_dataloader(self, seed: int, world_size: int = 1) -> DataLoader:
         cached = self.features(self.dm.train_items, "train", train=True)
         bs = self.dm.cfg.batch_size
         sampler = EpochViewSampler(len(cached.labels), cached.features.shape[0], shuffle=True, seed=seed)
         return DataLoader(CachedViewsDataset(cached.features, cached.labels), batch_size=bs,
-                          sampler=sampler, drop_last=len(cached.labels) > bs)
+                          sampler=sampler, drop_last=drop_ragged_batch(len(cached.labels), bs, world_size))
 
     def eval_dataloader(self, items: Sequence[Item], split: str) -> DataLoader:
         cached = self.features(items, split, train=False)
