@@ -133,8 +133,8 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
     - no loggers: accuracies go to results.json (and through the fit's loggers, see
       ``log_final_metrics``); a logger per pass would overwrite the training log;
     - no distributed sampler: under DDP it pads each rank's share with repeated images, which
-      biases the accuracy; every rank evaluates the whole set instead (exact, and cheap on
-      cached features), and the synced metric is unchanged by the repetition across ranks."""
+      biases the accuracy; the runner gives each rank an unpadded share instead
+      (``adapt.data.sharding``), and the synced micro accuracy sums them exactly."""
     log = not evaluation
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger

@@ -24,6 +24,7 @@ from adapt.backbone import build_backbone
 from adapt.config import method_config_of, run_dir_of
 from adapt.data.datamodule import AdaptDataModule
 from adapt.data.feature_cache import FeatureData
+from adapt.data.sharding import shard_loader
 from adapt.engine import AdaptModule, build_trainer, log_final_metrics
 from adapt.export import WEIGHTS_FILE, save_adapter
 from adapt.methods import Method, build_method
@@ -102,6 +103,8 @@ class Experiment:
         loaders = self.features.test_dataloaders() if self.features is not None else self.data.test_dataloader()
         for (name, (classnames, _)), loader in zip(self.data.eval_sets.items(), loaders):
             self.method.set_classnames(classnames)
+            # under DDP each process takes an unpadded share (Lightning's sampler is off here)
+            loader = shard_loader(loader, trainer.global_rank, trainer.world_size)
             out = trainer.test(self.module, dataloaders=loader, verbose=False)
             accs[name] = 100.0 * float(out[0]["test/acc"])
         self.method.set_classnames(trained_on)

@@ -45,3 +45,17 @@ def test_two_process_ddp_fit_then_single_process_test_agree(tmp_path):
            "trainer.progress_bar=false", cwd=tmp_path)
     single = json.loads((run_dir / "test_results.json").read_text())
     assert single["metrics"] == pytest.approx(ddp["metrics"], abs=1e-6)
+
+
+def test_shards_cover_a_set_once_without_padding():
+    from torch.utils.data import DataLoader
+
+    from adapt.data.sharding import shard_loader
+
+    loader = DataLoader(list(range(21)), batch_size=4)
+    shares = [[int(i) for batch in shard_loader(loader, rank, 4) for i in batch] for rank in range(4)]
+    assert sorted(sum(shares, [])) == list(range(21))  # every item exactly once
+    assert [len(s) for s in shares] == [6, 5, 5, 5]
+    # fewer items than processes: every process reads the whole set (no empty shares)
+    small = DataLoader(list(range(3)), batch_size=4)
+    assert shard_loader(small, 1, 4) is small and shard_loader(loader, 0, 1) is loader
