@@ -21,8 +21,10 @@ class Method(nn.Module):
     # True when ``forward_features`` is valid on frozen image features, so the engine may feed
     # cached features instead of images (CoOp, CoCoOp, feature adapters).
     supports_feature_cache: ClassVar[bool] = False
-    # Whether a new class list can be set after training (False for class-specific parameters).
+    # Whether a new class list can be set after training (False for class-specific parameters),
+    # and the setting that would make it so (named in the error when novel classes are needed).
     repointable: ClassVar[bool] = True
+    repoint_fix: ClassVar[str] = ""
     # True for test-time methods that take gradient steps while evaluating (TPT).
     grad_at_test: ClassVar[bool] = False
 
@@ -125,6 +127,26 @@ class Method(nn.Module):
     def train(self, mode: bool = True):
         self._text_cache = None
         return super().train(mode)
+
+    # ------------------------------------------------------------------ hand-written prompts ---
+    def hand_written_templates(self) -> list[str]:
+        """The templates of this method's hand-written classifier (or anchor): the Config's own
+        ``templates`` when it has and sets them, else the dataset's first template, or all of
+        them when the Config's ``ensemble`` is true."""
+        own = getattr(self.config, "templates", None)
+        if own:
+            return list(own)
+        return self.templates if getattr(self.config, "ensemble", False) else self.templates[:1]
+
+    def hand_written_text_features(self) -> torch.Tensor:
+        """Zero-shot text features [C, d] of the current classes under ``hand_written_templates``."""
+        return zero_shot_text_features(self.backbone, self.classnames, self.hand_written_templates())
+
+
+def check_templates(templates: Optional[Sequence[str]]) -> None:
+    """For Configs with a ``templates`` field: each needs a ``{}`` for the class name."""
+    if templates is not None and not all("{}" in t for t in templates):
+        raise ValueError(f"every template needs a '{{}}' for the class name, got {list(templates)}")
 
 
 def zero_shot_text_features(backbone: ClipBackbone, classnames: Sequence[str],

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from adapt.methods.base import zero_shot_text_features
+from adapt.methods.base import check_templates
 from adapt.methods.coop import CoOp, CoOpConfig
 from adapt.methods.registry import register_method
 
@@ -39,8 +39,7 @@ class KgCoOpConfig(CoOpConfig):
         super().__post_init__()
         if self.weight < 0:
             raise ValueError(f"weight (λ) must be >= 0, got {self.weight}")
-        if self.templates is not None and not all("{}" in t for t in self.templates):
-            raise ValueError(f"every template needs a '{{}}' for the class name, got {list(self.templates)}")
+        check_templates(self.templates)
 
 
 @register_method("kgcoop")
@@ -56,16 +55,10 @@ class KgCoOp(CoOp):
         # derived from the class names: non-persistent, recomputed for a new class list
         self.register_buffer("handcrafted_features", None, persistent=False)
 
-    def hand_written_templates(self) -> list[str]:
-        if self.config.templates:
-            return list(self.config.templates)
-        return self.templates if self.config.ensemble else self.templates[:1]
-
     def handcrafted(self) -> torch.Tensor:
         """Frozen text features [C, d] of the hand-written prompts of the current classes."""
         if self.handcrafted_features is None:
-            feats = zero_shot_text_features(self.backbone, self.classnames, self.hand_written_templates())
-            self.register_buffer("handcrafted_features", feats, persistent=False)
+            self.register_buffer("handcrafted_features", self.hand_written_text_features(), persistent=False)
         return self.handcrafted_features
 
     def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:

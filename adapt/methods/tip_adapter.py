@@ -23,7 +23,7 @@ from torch import nn
 
 from adapt.data.items import Item
 from adapt.data.transforms import train_transform
-from adapt.methods.base import Method, zero_shot_text_features
+from adapt.methods.base import Method
 from adapt.methods.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,7 @@ class TipAdapter(Method):
         super().set_classnames(classnames)
 
     def rebuild_classes(self) -> None:
-        templates = self.templates if self.config.ensemble else self.templates[:1]
-        w = zero_shot_text_features(self.backbone, self.classnames, templates)
-        self.register_buffer("text_features", w, persistent=False)
+        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
         self._rebuild_values()
 
     def _rebuild_values(self) -> None:

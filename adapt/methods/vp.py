@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from adapt.methods.base import Method, zero_shot_text_features
+from adapt.methods.base import Method, check_templates
 from adapt.methods.registry import register_method
 
 
@@ -45,8 +45,7 @@ class VPConfig:
             raise ValueError(f"reference_size must be >= 1, got {self.reference_size}")
         if self.init_std < 0:
             raise ValueError(f"init_std must be >= 0, got {self.init_std}")
-        if self.templates is not None and not all("{}" in t for t in self.templates):
-            raise ValueError(f"every template needs a '{{}}' for the class name, got {list(self.templates)}")
+        check_templates(self.templates)
 
 
 def frame_width(pad: int, image_size: int, reference_size: int = 224, scale: bool = True) -> int:
@@ -78,12 +77,7 @@ class VP(Method):
         self.rebuild_classes()
 
     def rebuild_classes(self) -> None:
-        if self.config.templates:
-            templates = list(self.config.templates)
-        else:
-            templates = self.templates if self.config.ensemble else self.templates[:1]
-        feats = zero_shot_text_features(self.backbone, self.classnames, templates)
-        self.register_buffer("text_features", feats, persistent=False)
+        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
 
     def prompt(self) -> torch.Tensor:
         """The full-size prompt [1, 3, S, S]: the learnable frame around a zero centre."""

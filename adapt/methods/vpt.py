@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapt.methods.base import Method, zero_shot_text_features
+from adapt.methods.base import Method
 from adapt.methods.deep_prompts import DeepVisionPrompts, encode_prompted_images
 from adapt.methods.registry import register_method
 
@@ -51,9 +51,7 @@ class VPT(Method):
         self.rebuild_classes()
 
     def rebuild_classes(self) -> None:
-        templates = self.templates if self.config.ensemble else self.templates[:1]
-        feats = zero_shot_text_features(self.backbone, self.classnames, templates)
-        self.register_buffer("text_features", feats, persistent=False)
+        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feats = encode_prompted_images(self.backbone, images, self.vision.layers())

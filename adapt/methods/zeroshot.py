@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from adapt.methods.base import Method, zero_shot_text_features
+from adapt.methods.base import Method
 from adapt.methods.registry import register_method
 
 
@@ -27,14 +27,8 @@ class ZeroShot(Method):
         super().__init__(config, backbone, classnames, templates)
         self.rebuild_classes()
 
-    def active_templates(self) -> list[str]:
-        if self.config.templates:
-            return list(self.config.templates)
-        return self.templates if self.config.ensemble else self.templates[:1]
-
     def rebuild_classes(self) -> None:
-        feats = zero_shot_text_features(self.backbone, self.classnames, self.active_templates())
-        self.register_buffer("text_features", feats, persistent=False)
+        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
 
     def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logits(image_features, self.text_features)
