@@ -135,7 +135,6 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
     - no distributed sampler: under DDP it pads each rank's share with repeated images, which
       biases the accuracy; the runner gives each rank an unpadded share instead
       (``adapt.data.sharding``), and the synced micro accuracy sums them exactly."""
-    log = not evaluation
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger
 
@@ -147,9 +146,9 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     t = recipe.trainer
     loggers = []
-    if log and recipe.logger.csv:
+    if not evaluation and recipe.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
-    if log and recipe.logger.wandb:
+    if not evaluation and recipe.logger.wandb:
         from pytorch_lightning.loggers import WandbLogger
 
         loggers.append(WandbLogger(project=recipe.logger.project, save_dir=str(run_dir),

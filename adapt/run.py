@@ -48,18 +48,18 @@ class Experiment:
         self.data.use_feature_cache = bool(recipe.cache)
         self.method: Method = build_method(recipe.method.name, method_config_of(recipe), self.backbone,
                                            self.data.train_classnames, self.data.templates)
-        novel = [c for name, (c, _) in self.data.eval_sets.items() if name == "novel"]
+        novel = self.data.eval_sets.get("novel")
         if novel and not self.method.repointable:
+            fix = f" or {self.method.repoint_fix}" if self.method.repoint_fix else ""
             raise ValueError(
                 f"{recipe.method.name} (as configured) learns one thing per training class and "
                 f"cannot classify the {len(novel[0])} novel classes of data.setting=base2novel; "
-                "use data.setting=all" + (" or method.csc=false" if recipe.method.name == "coop" else ""))
+                f"use data.setting=all{fix}")
         # cached frozen image features replace images where the method only reads those
         self.features: Optional[FeatureData] = None
         if recipe.cache and self.method.supports_feature_cache and not self.method.grad_at_test:
             views = min(recipe.data.cache_views, max(1, recipe.trainer.max_epochs))
-            self.features = FeatureData(self.data, self.backbone, views, recipe.data.cache_dir,
-                                        device=_encode_device(recipe))
+            self.features = FeatureData(self.data, self.backbone, views, device=_encode_device(recipe))
         self.inputs = "features" if self.features is not None else "images"
         self.fit_trainer: Optional[pl.Trainer] = None  # kept for its loggers
         self.module = AdaptModule(self.method, recipe.optim, recipe.trainer.max_epochs, inputs=self.inputs)

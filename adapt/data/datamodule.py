@@ -106,7 +106,7 @@ class AdaptDataModule(pl.LightningDataModule):
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     def encode(self, backbone, items: Sequence[Item], transform: Callable, split: str, views: int = 1,
-               normalize: bool = True):
+               normalize: bool = True, device: Optional[Union[str, torch.device]] = None):
         """Frozen image features [views, n, d] (+ labels) of any item list, through the feature
         cache (``data.cache_dir``): methods that build something from images (Tip-Adapter's
         keys) pay for each encoding once across runs, seeds and hyper-parameters."""
@@ -116,7 +116,8 @@ class AdaptDataModule(pl.LightningDataModule):
         return encode_items(backbone, items, self.dataset.root, transform, views=views,
                             dataset=self.dataset.name, split=split, normalize=normalize,
                             cache=self.use_feature_cache, cache_dir=self.cfg.cache_dir,
-                            batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers)
+                            batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers,
+                            device=device)
 
     def train_transform(self):
         return train_transform(self.image_size, self.mean, self.std)

@@ -384,21 +384,19 @@ class FeatureData:
     batch sizes, with images replaced by cached frozen features (train: ``views`` augmented views,
     one per epoch; val/test: the test transform)."""
 
-    def __init__(self, dm, backbone, views: int, cache_dir: Optional[str] = None,
-                 device: Optional[Union[str, torch.device]] = None, enabled: bool = True):
-        self.dm, self.backbone, self.views = dm, backbone, int(views)
-        self.cache_dir, self.device, self.enabled = cache_dir, device, enabled
+    def __init__(self, dm, backbone, views: int, device: Optional[Union[str, torch.device]] = None):
+        self.dm, self.backbone, self.views, self.device = dm, backbone, int(views), device
+        # each split's features, once per run (evaluation and the zero-shot baseline share them)
+        self._loaded: dict[tuple[str, bool], CachedFeatures] = {}
 
     def features(self, items: Sequence[Item], split: str, train: bool) -> CachedFeatures:
-        dm = self.dm
-        dm.setup()
-        augment = train and self.views > 0
-        transform = dm.train_transform() if augment else dm.test_transform()
-        return encode_items(self.backbone, items, dm.dataset.root, transform,
-                            views=self.views if augment else 1, dataset=dm.dataset.name, split=split,
-                            cache=self.enabled, cache_dir=self.cache_dir,
-                            batch_size=dm.cfg.eval_batch_size, num_workers=dm.cfg.num_workers,
-                            device=self.device)
+        if (split, train) not in self._loaded:
+            augment = train and self.views > 0
+            transform = self.dm.train_transform() if augment else self.dm.test_transform()
+            self._loaded[split, train] = self.dm.encode(
+                self.backbone, items, transform, split, views=self.views if augment else 1,
+                device=self.device)
+        return self._loaded[split, train]
 
     def train_dataloader(self, seed: int, world_size: int = 1) -> DataLoader:
         cached = self.features(self.dm.train_items, "train", train=True)

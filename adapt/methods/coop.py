@@ -33,6 +33,7 @@ class CoOp(Method):
     def __init__(self, config: CoOpConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)
         self.repointable = not config.csc
+        self.repoint_fix = "method.csc=false"
         self.prompts = ContextPrompts(backbone, config.n_ctx, config.ctx_init, config.csc,
                                       config.class_token_position, len(self.classnames), config.init_std)
         self.rebuild_classes()
