@@ -16,10 +16,10 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
     """Fix glibc's mmap threshold (normally it grows to 32 MB after the first large free), so
     every tensor above ``threshold`` bytes gets its own mapping and goes back to the OS when
-    freed. Without it the heap keeps freed activations between long-lived ones and the RSS of a
-    checkpointed 1000-class CoOp step on ViT-B/16 was ~1.5 GB above what is live (3.8 vs 2.3 GB).
-    Same as starting the process with MALLOC_MMAP_THRESHOLD_=1048576. Returns whether it took
-    effect (False off glibc)."""
+    freed. Without it the heap keeps freed activations between long-lived ones (fragmentation),
+    and a checkpointed, chunked many-class step holds more than is live. The speed benchmark's
+    memory figures are measured with it. Same as starting the process with
+    MALLOC_MMAP_THRESHOLD_=1048576. Returns whether it took effect (False off glibc)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]

@@ -43,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -198,20 +197,13 @@ class Bench:
 
     # ------------------------------------------------------------------ CoCoOp -----------------
     def cocoop(self) -> None:
-        from adapt.methods import list_methods
+        from adapt.methods import build_method
 
         c, bb = self.cfg, self.bb
-        names = classnames(c["classes"])
-        if "cocoop" in list_methods():
-            from adapt.methods import build_method
-
-            method, source = build_method("cocoop", None, bb, names, TEMPLATE), "registered cocoop"
-        else:
-            method, source = BenchCoCoOp(bb, names), "benchmark's own CoCoOp (no cocoop registered)"
+        method = build_method("cocoop", None, bb, classnames(c["classes"]), TEMPLATE)
         method.train()
-        self.info["cocoop_implementation"] = source
-        params = [p for p in method.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, **SGD)
+        self.info["cocoop_implementation"] = "registered cocoop"
+        opt = torch.optim.SGD(method.trainable_parameters(), **SGD)
         b = c["batch"]
         feats = unit_features(b, self.d, self.gen)
         y = torch.randint(0, c["classes"], (b,), generator=self.gen)
@@ -247,7 +239,7 @@ class Bench:
         name = f"CoCoOp step, {c['classes']} classes"
         self.row(name, "reference", t_ref, "image", 1, m_ref, note=f"per-image loop, {bb.text.context_length}-token prompts")
         r = self.row(name, "default", t_def / b, "image", 1, m_def,
-                     note=f"batch {b} in one truncated pass ({source})")
+                     note=f"batch {b} in one truncated pass (registered cocoop)")
         r["speedup"] = t_ref / (t_def / b)
         r["seconds_per_step"] = t_def
 
@@ -434,39 +426,6 @@ class Bench:
         r["speedup"] = t_ref / t_cold
         r = self.row(name, "default (warm)", t_warm, "run", n, m_warm, note="prompts once, cached features")
         r["speedup"] = t_ref / t_warm
-
-
-class BenchCoCoOp(nn.Module):
-    """CoCoOp's computation (Zhou et al., CVPR 2022), used only when no ``cocoop`` method is
-    registered: context from "a photo of a", a meta-net Linear(d, d/16)-ReLU-Linear(d/16, width)
-    whose output is added to every context vector, per image; the B×C prompts of a batch go
-    through the text tower in one batched pass."""
-
-    def __init__(self, backbone, names):
-        from adapt.methods.prompts import ContextPrompts
-
-        super().__init__()
-        self.bb = [backbone]  # not a submodule: frozen, not trained
-        self.prompts = ContextPrompts(backbone, 0, "a photo of a")
-        self.prompts.build(names)
-        d = backbone.embed_dim
-        self.meta_net = nn.Sequential(nn.Linear(d, d // 16), nn.ReLU(inplace=True),
-                                      nn.Linear(d // 16, backbone.text_width))
-
-    def forward_features(self, feats: torch.Tensor) -> torch.Tensor:
-        bb, p = self.bb[0], self.prompts
-        b, n_cls = feats.shape[0], p.token_prefix.shape[0]
-        ctx = p.ctx.unsqueeze(0) + self.meta_net(feats).unsqueeze(1)  # [B, M, width]
-        emb = torch.cat([p.token_prefix.unsqueeze(0).expand(b, -1, -1, -1),
-                         ctx.unsqueeze(1).expand(-1, n_cls, -1, -1),
-                         p.token_suffix.unsqueeze(0).expand(b, -1, -1, -1)], dim=2)
-        text = bb.encode_text_embeddings(emb.flatten(0, 1), p.tokens.repeat(b, 1)).view(b, n_cls, -1)
-        return bb.logits(feats, text)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            feats = self.bb[0].encode_image(images)
-        return self.forward_features(feats)
 
 
 # ---------------------------------------------------------------------------- report ------------

@@ -35,7 +35,7 @@ REFERENCE = {
 
 
 def count(method) -> int:
-    return sum(p.numel() for p in method.parameters() if p.requires_grad)
+    return sum(p.numel() for p in method.trainable_parameters())
 
 
 def main(argv=None) -> dict:

@@ -3,6 +3,7 @@ report is complete, and the run's own exactness checks hold. No timing assertion
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,12 @@ def test_bench_speed_quick_runs_and_reports(tmp_path):
         assert row["seconds"] > 0 and row["peak_rss_mb"] > 0, row
     assert set(modes) == set(WORKLOADS)
     assert all(m == {"reference", "default"} for m in modes.values()), modes
-    assert set(result["targets"]) == {"coop_speedup", "coop_many_peak_gb", "cocoop_speedup",
-                                      "text_fraction_of_matmul"}
+    assert all(math.isfinite(t["value"]) and t["value"] > 0 for t in result["targets"].values())
     assert result["info"]["coop_many_plan"]["checkpoint"]  # the automatic plan engaged
     checks = result["checks"]
     assert checks["coop_truncated_vs_full_text_max_abs"] <= 1e-5
     assert checks["cocoop_batched_vs_per_image_max_abs"] <= 1e-4
     assert checks["tip_search_same_choice"] == 1.0 and checks["eval_same_accuracy"] == 1.0
+    assert checks["tpt_prediction_agrees"] == 1.0
     table = (tmp_path / "bench_speed.md").read_text()
     assert table.count("| reference |") == 7 and "| target | measured | goal | met |" in table
