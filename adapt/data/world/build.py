@@ -87,6 +87,7 @@ def materialise(task: Union[str, WorldTask], root: Optional[Union[str, Path]] = 
     folder = Path(root).expanduser() if root else default_folder(task, seed)
     if is_complete(folder, task, seed):
         return folder
+    _refuse_foreign(folder)  # before rendering thousands of images for nothing
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -94,15 +95,8 @@ def materialise(task: Union[str, WorldTask], root: Optional[Union[str, Path]] = 
         if folder.exists():
             if is_complete(folder, task, seed):  # another process finished first
                 return folder
-            if any(folder.iterdir()):
-                # a partial or outdated build of a world task: replace it
-                if not (folder / "world.json").exists() and not (folder / "train").exists():
-                    raise FileExistsError(
-                        f"{folder} exists, is not empty and is not a world dataset; "
-                        f"choose another data.root")
-                shutil.rmtree(folder)
-            else:
-                folder.rmdir()
+            _refuse_foreign(folder)
+            shutil.rmtree(folder)  # empty, or a partial or outdated build of a world task
         try:
             os.replace(tmp, folder)
         except OSError:
@@ -112,3 +106,11 @@ def materialise(task: Union[str, WorldTask], root: Optional[Union[str, Path]] = 
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _refuse_foreign(folder: Path) -> None:
+    """A non-empty folder that is not a (partial) world build is the user's: never replaced."""
+    if (folder.is_dir() and any(folder.iterdir()) and not (folder / "world.json").exists()
+            and not (folder / "train").exists()):
+        raise FileExistsError(f"{folder} exists, is not empty and is not a world dataset; "
+                              "choose another data.root")

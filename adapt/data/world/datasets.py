@@ -9,6 +9,7 @@ import dataclasses
 
 from adapt.data.config import DataConfig
 from adapt.data.items import DatasetSplits
+from adapt.data.folder import dataset_templates
 from adapt.data.registry import build_dataset, register_dataset
 from adapt.data.world.build import materialise, split_file_name
 from adapt.data.world.tasks import TASKS, WorldTask
@@ -20,7 +21,7 @@ def _loader(task: WorldTask):
         splits = build_dataset(dataclasses.replace(
             cfg, dataset="zhou", root=str(folder), split_file=split_file_name(task)))
         splits.name = task.name
-        splits.templates = list(cfg.templates) if cfg.templates else [task.template]
+        splits.templates = dataset_templates(cfg, [task.template])
         if splits.classnames != task.classnames:
             raise RuntimeError(f"{folder}: class names {splits.classnames} do not match the "
                                f"world task's {task.classnames}")
