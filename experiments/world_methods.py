@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from adapt.config import load_recipe
-from adapt.run import run_fit
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adapt.config import load_recipe  # noqa: E402
+from adapt.run import run_fit  # noqa: E402
+from experiments.world_numbers import mean_std  # noqa: E402
+
 METHODS = ["coop", "cocoop", "kgcoop", "vp", "vpt", "ivlp", "maple", "promptsrc"]
 WORLD = ["backbone.name=tiny-vit-p4", "backbone.pretrained=world", "data.dataset=world_colour",
          "data.root=null", "data.shots=16", "data.num_workers=0", "trainer.progress_bar=false",
@@ -39,12 +42,6 @@ def run(method: str, seed: int, out: Path, baseline: bool) -> dict:
             "inputs": res["inputs"], "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
-def fmt(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
-
-
 def table(runs: list[dict], methods: list[str], seeds: list[int]) -> list[str]:
     zs = next(r["zeroshot"] for r in runs if r["zeroshot"])
     lines = [f"world_colour, base-to-novel (6 + 6 classes), 16 shots, seeds {seeds}; shipped "
@@ -54,10 +51,10 @@ def table(runs: list[dict], methods: list[str], seeds: list[int]) -> list[str]:
              f"| zero-shot | | | 0 | | {zs['base_acc']:.1f} | {zs['novel_acc']:.1f} | {zs['hm']:.1f} | |"]
     for m in methods:
         rs = [r for r in runs if r["method"] == m]
-        cols = [fmt([r["metrics"][k] for r in rs]) for k in METRICS]
+        cols = [mean_std([r["metrics"][k] for r in rs]) for k in METRICS]
         r0 = rs[0]
         lines.append(f"| {m} | {r0['epochs']} | {r0['batch_size']} | {r0['trainable_params']:,} | "
-                     f"{r0['inputs']} | {' | '.join(cols)} | {fmt([r['wall_seconds'] for r in rs])} |")
+                     f"{r0['inputs']} | {' | '.join(cols)} | {mean_std([r['wall_seconds'] for r in rs])} |")
     return lines
 
 
