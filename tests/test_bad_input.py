@@ -168,9 +168,10 @@ def test_openai_layout_state_dicts_load_whatever_their_dtype(tmp_path, dtype):
     torch.save({k: v.to(dtype) for k, v in src.model.state_dict().items()}, path)
     loaded = build_backbone(BackboneConfig(name="test-vit-openai", pretrained=str(path)))
     # a size no model config has: the architecture is read off the weights, with QuickGELU
-    odd = open_clip.model.CLIP(embed_dim=24, quick_gelu=True,
-                               vision_cfg=dict(image_size=32, layers=1, width=48, head_width=48, patch_size=8),
-                               text_cfg=dict(context_length=20, vocab_size=49408, width=48, heads=1, layers=1))
+    # (OpenAI's builder infers one head per 64 channels)
+    odd = open_clip.model.CLIP(embed_dim=40, quick_gelu=True,
+                               vision_cfg=dict(image_size=32, layers=3, width=64, head_width=64, patch_size=8),
+                               text_cfg=dict(context_length=20, vocab_size=49408, width=64, heads=1, layers=1))
     torch.save({k: v.to(dtype) for k, v in odd.state_dict().items()}, tmp_path / "odd.pt")
     rebuilt = build_backbone(BackboneConfig(name="adapt-tiny-vit", pretrained=str(tmp_path / "odd.pt")))
     odd = odd.to(dtype).float().eval()
@@ -181,7 +182,9 @@ def test_openai_layout_state_dicts_load_whatever_their_dtype(tmp_path, dtype):
         assert (loaded.encode_text(tokens) - src.encode_text(tokens)).abs().max() <= tol
         assert (loaded.encode_image(images) - src.encode_image(images)).abs().max() <= tol
         want = F.normalize(odd.encode_image(images), dim=-1)
-        assert (rebuilt.encode_image(images) - want).abs().max() <= 1e-5
+        # OpenAI's builder differs from the direct build in its kernels' summation order (~1e-4);
+        # the wrong activation or a lost tensor moves features by ~1e-2
+        assert (rebuilt.encode_image(images) - want).abs().max() <= 1e-3
 
 
 # ------------------------------------------------------------------ recipes (16)
