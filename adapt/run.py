@@ -21,13 +21,12 @@ from pytorch_lightning.utilities import rank_zero_only
 
 import adapt
 from adapt.backbone import build_backbone
-from adapt.config import method_config_of, run_dir_of
+from adapt.config import run_dir_of
 from adapt.data.datamodule import AdaptDataModule
-from adapt.data.feature_cache import FeatureData
 from adapt.data.sharding import shard_loader
 from adapt.engine import AdaptModule, build_trainer, log_final_metrics
 from adapt.export import WEIGHTS_FILE, save_adapter
-from adapt.methods import Method, build_method
+from adapt.methods import Method
 from adapt.process import prepare_cpu_process
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,9 @@ class Experiment:
                                     self.backbone.image_std, seed=recipe.seed, run_dir=self.run_dir)
         self.data.setup()
         self.data.use_feature_cache = bool(recipe.cache)
-        self.method: Method = build_method(recipe.method.name, method_config_of(recipe), self.backbone,
-                                           self.data.train_classnames, self.data.templates)
+        self.module = AdaptModule.from_recipe(recipe, self.data.train_classnames, self.data.templates,
+                                              backbone=self.backbone)
+        self.method: Method = self.module.method
         novel = self.data.eval_sets.get("novel")
         if novel and not self.method.repointable:
             fix = f" or {self.method.repoint_fix}" if self.method.repoint_fix else ""
@@ -56,13 +56,10 @@ class Experiment:
                 f"cannot classify the {len(novel[0])} novel classes of data.setting=base2novel; "
                 f"use data.setting=all{fix}")
         # cached frozen image features replace images where the method only reads those
-        self.features: Optional[FeatureData] = None
-        if recipe.cache and self.method.supports_feature_cache and not self.method.grad_at_test:
-            views = min(recipe.data.cache_views, max(1, recipe.trainer.max_epochs))
-            self.features = FeatureData(self.data, self.backbone, views, device=_encode_device(recipe))
-        self.inputs = "features" if self.features is not None else "images"
+        views = min(recipe.data.cache_views, max(1, recipe.trainer.max_epochs))
+        self.inputs = self.data.serve(self.method, self.backbone, cache=bool(recipe.cache), views=views,
+                                      device=_encode_device(recipe))
         self.fit_trainer: Optional[pl.Trainer] = None  # kept for its loggers
-        self.module = AdaptModule(self.method, recipe.optim, recipe.trainer.max_epochs, inputs=self.inputs)
 
     def trainer(self, evaluation: bool = False) -> pl.Trainer:
         return build_trainer(self.recipe, self.run_dir, inference_mode=not self.method.grad_at_test,
@@ -84,14 +81,8 @@ class Experiment:
         if self.recipe.resume and not ckpt.is_file():
             raise FileNotFoundError(f"resume=true but {ckpt} does not exist; run without resume first")
         start = time.perf_counter()
-        data = self.features or self.data
-        val = data.val_dataloader() if self.recipe.trainer.check_val_every_n_epoch else None
         self.fit_trainer = self.trainer()
-        world = self.fit_trainer.world_size  # batches per process decide whether to drop the last
-        train = (self.features.train_dataloader(self.recipe.seed, world) if self.features is not None
-                 else self.data.train_dataloader(world))
-        self.fit_trainer.fit(self.module, train_dataloaders=train, val_dataloaders=val or None,
-                             ckpt_path=str(ckpt) if self.recipe.resume else None)
+        self.fit_trainer.fit(self.module, datamodule=self.data, ckpt_path=str(ckpt) if self.recipe.resume else None)
         return time.perf_counter() - start
 
     def evaluate(self) -> dict[str, float]:
@@ -100,7 +91,7 @@ class Experiment:
         trained_on = list(self.method.classnames)
         trainer = self.trainer(evaluation=True)
         accs = {}
-        loaders = self.features.test_dataloaders() if self.features is not None else self.data.test_dataloader()
+        loaders = self.data.test_dataloader()
         for (name, (classnames, _)), loader in zip(self.data.eval_sets.items(), loaders):
             self.method.set_classnames(classnames)
             # under DDP each process takes an unpadded share (Lightning's sampler is off here)
@@ -138,6 +129,7 @@ def run_fit(recipe: DictConfig) -> dict:
     start = time.perf_counter()
     metrics = summarize(recipe.data.setting, exp.evaluate())
     results = _results(recipe, exp, metrics, fit_s, time.perf_counter() - start)
+    results["scalars"] = exp.module.final_scalars()
     if exp.method.trainable_state():
         adapter_dir = exp.run_dir / "adapter"
         if rank_zero_only.rank == 0:
@@ -146,7 +138,7 @@ def run_fit(recipe: DictConfig) -> dict:
     if recipe.baseline and exp.method.name != "zeroshot":
         results["zeroshot_metrics"] = zero_shot_metrics(exp)
     if exp.fit_trainer is not None:
-        log_final_metrics(exp.fit_trainer, metrics)
+        log_final_metrics(exp.fit_trainer, metrics, results["scalars"])
     _write_results(exp, results)
     return results
 
@@ -166,16 +158,17 @@ def run_test(recipe: DictConfig, run_dir: Optional[Path] = None) -> dict:
     start = time.perf_counter()
     metrics = summarize(recipe.data.setting, exp.evaluate())
     results = _results(recipe, exp, metrics, 0.0, time.perf_counter() - start)
+    results["scalars"] = exp.module.final_scalars()
     _write_results(exp, results, name="test_results.json" if run_dir is not None else "results.json")
     return results
 
 
 def zero_shot_metrics(exp: Experiment) -> dict[str, float]:
     """The zero-shot model on the same evaluation sets, for a side-by-side comparison."""
-    zs = build_method("zeroshot", None, exp.backbone, exp.data.train_classnames, exp.data.templates)
-    saved, exp.method = exp.method, zs
-    saved_module, exp.module = exp.module, AdaptModule(zs, exp.recipe.optim, exp.recipe.trainer.max_epochs,
-                                                       inputs=exp.inputs)
+    zs = AdaptModule.from_recipe(exp.recipe, exp.data.train_classnames, exp.data.templates,
+                                 method="zeroshot", backbone=exp.backbone)
+    saved, saved_module = exp.method, exp.module
+    exp.method, exp.module = zs.method, zs
     try:
         return summarize(exp.recipe.data.setting, exp.evaluate())
     finally:
