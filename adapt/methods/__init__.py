@@ -12,6 +12,10 @@ from adapt.methods import promptsrc  # noqa: E402,F401
 from adapt.methods import tip_adapter  # noqa: E402,F401
 from adapt.methods import tpt  # noqa: E402,F401
 from adapt.methods import cocoop, kgcoop, vp  # noqa: E402,F401
+from adapt.methods import linear_probe  # noqa: E402,F401
+from adapt.methods import zslp  # noqa: E402,F401
+from adapt.methods import clip_adapter  # noqa: E402,F401
+from adapt.methods import taskres  # noqa: E402,F401
 
 __all__ = ["HandWrittenClassifier", "Method", "MethodOutput", "build_method", "get_method", "list_methods",
            "method_config", "parse_method_section", "register_method", "unregister_method",

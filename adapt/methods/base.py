@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapt.backbone import ClipBackbone
-from adapt.data.items import clean_classname
+from adapt.data.items import Item, clean_classname
 
 
 @dataclass
@@ -196,6 +196,15 @@ class HandWrittenClassifier(Method):
 
     def rebuild_classes(self) -> None:
         self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
+
+
+def items_of_classes(items: Sequence[Item], names: Sequence[str], classnames: Sequence[str]) -> list[Item]:
+    """The items (labelled by index into ``names``) whose class is one of ``classnames``,
+    relabelled to that order, matched by cleaned name: what a method builds from the data
+    module's splits when its own class list is another one (Tip-Adapter's cache, the probe)."""
+    index = {c: i for i, c in enumerate(classnames)}
+    relabel = {old: index[clean_classname(n)] for old, n in enumerate(names) if clean_classname(n) in index}
+    return [Item(it.path, relabel[it.label]) for it in items if it.label in relabel]
 
 
 def is_features(x: torch.Tensor) -> bool:

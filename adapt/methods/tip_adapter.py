@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapt.data.items import Item, clean_classname
+from adapt.data.items import Item
 from adapt.data.transforms import train_transform
-from adapt.methods.base import HandWrittenClassifier, check_crop_scale
+from adapt.methods.base import HandWrittenClassifier, check_crop_scale, items_of_classes
 from adapt.methods.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,7 @@ class TipAdapter(HandWrittenClassifier):
     def _own_items(self, items: Sequence[Item], names: Sequence[str], split: str,
                    required: bool) -> list[Item]:
         """The items of this method's classes, relabelled to its class order (by name)."""
-        index = {c: i for i, c in enumerate(self.classnames)}
-        relabel = {old: index[clean_classname(n)] for old, n in enumerate(names) if clean_classname(n) in index}
-        out = [Item(it.path, relabel[it.label]) for it in items if it.label in relabel]
+        out = items_of_classes(items, names, self.classnames)
         if required:
             missing = sorted(set(range(len(self.classnames))) - {it.label for it in out})
             if missing:
