@@ -7,7 +7,9 @@ bottleneck MLP on the frozen image feature, then CLIP's logits with the frozen t
 
 with ``t_c`` the hand-written prompt's text feature. ``ratio`` 0.2 and reduction 4 are the
 original's; the original hard-codes the width 1024 (RN50's embedding), here it is the backbone's
-``embed_dim``. PyTorch's default Linear init, as the original. With ``ratio: 0`` it is zero-shot
+``embed_dim``. PyTorch's default Linear init, as the original. (Without biases A is positively
+homogeneous, so blending the raw or the normalized feature gives the same logits; the raw one is
+kept, as the original.) With ``ratio: 0`` it is zero-shot
 CLIP. The released trainer builds its optimizer from CoOp's configs (its README: put the file
 in CoOp's trainers/ and run CoOp's command): SGD lr 0.002, batch 32, 200 epochs, cosine after one
 constant warm-up epoch (recipes/clipadapter/). Only the visual adapter is implemented (the

@@ -51,13 +51,16 @@ class LinearProbeConfig:
 def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float,
                             max_iter: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [C, d] and bias [C] minimising ``c · Σ CE + ½‖W‖²`` (sklearn's objective, divided
-    by ``c·n`` for a well-scaled loss), from zeros, full batch."""
+    by ``c·n``), from zeros, full batch, in float64."""
     x = x.double()
     weight = torch.zeros(n_classes, x.shape[1], dtype=x.dtype, device=x.device, requires_grad=True)
     bias = torch.zeros(n_classes, dtype=x.dtype, device=x.device, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
-                            tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
     penalty = 0.5 / (c * len(y))
+    # stop as sklearn's lbfgs does (tol 1e-4 on the largest gradient entry of the objective
+    # above), rescaled to this loss; strongly regularised fits then stop early, weakly
+    # regularised ones on separable data run to max_iter, as there
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, tolerance_grad=1e-4 * penalty * 2,
+                            tolerance_change=1e-12, history_size=10, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
