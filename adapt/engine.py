@@ -50,6 +50,7 @@ class AdaptModule(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=len(self.method.classnames), average="micro")
         self.eval_acc: Optional[MulticlassAccuracy] = None
         self.scalar_names: set[str] = set()  # the training scalars the method reported
+        self.training_scalars: dict[str, float] = {}
 
     @classmethod
     def from_recipe(cls, recipe: DictConfig, classnames: Sequence[str], templates: Sequence[str],
@@ -86,9 +87,7 @@ class AdaptModule(pl.LightningModule):
     def final_scalars(self) -> dict[str, float]:
         """The method's scalars after fitting: the last epoch's mean of every training scalar,
         then the fitted method's own (``Method.scalars``)."""
-        metrics = self.trainer.callback_metrics if self._trainer is not None else {}
-        out = {name: float(metrics[f"train/{name}"]) for name in sorted(self.scalar_names)
-               if f"train/{name}" in metrics}
+        out = dict(self.training_scalars)
         out.update({k: float(v) for k, v in self.method.scalars().items()})
         return out
 
@@ -101,6 +100,10 @@ class AdaptModule(pl.LightningModule):
         self.method.on_train_epoch_end(self.current_epoch, self.max_epochs)
 
     def on_fit_end(self) -> None:
+        # the last epoch's means, kept before evaluation trainers replace the callback metrics
+        metrics = self.trainer.callback_metrics
+        self.training_scalars = {name: float(metrics[f"train/{name}"]) for name in sorted(self.scalar_names)
+                                 if f"train/{name}" in metrics}
         self.method.on_fit_end()
 
     # ------------------------------------------------------------------ evaluation -------------
