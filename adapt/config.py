@@ -52,12 +52,17 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"  # an int, a list of ids, or "auto"
     strategy: str = "auto"  # "ddp" for several GPUs
+    num_nodes: int = 1  # machines, each running `devices` processes (SLURM / torchrun / env vars)
     # null: 32-true on CPU, bf16-mixed on GPUs that support it, else 16-mixed
     precision: Optional[str] = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = None
     log_every_n_steps: int = 10
     progress_bar: bool = True
+    # checkpoints/last.ckpt at epoch ends: every N epochs (null = four times per run), and at the
+    # first epoch end after this many minutes of wall time (null = no time rule); and at the end
+    checkpoint_every_n_epochs: Optional[int] = None
+    checkpoint_every_minutes: Optional[float] = 10.0
     # validate every N epochs on the few-shot val split (for logging; the last epoch is evaluated)
     check_val_every_n_epoch: int = 0
     deterministic: bool = False
@@ -83,7 +88,12 @@ class Recipe:
     # runs are written to output_dir/run_name; run_name null = method/dataset/setting/shotsK_seedS
     output_dir: str = "runs"
     run_name: Optional[str] = None
+    # continue the run in the run directory from its checkpoints/last.ckpt (same recipe; only
+    # trainer.max_epochs may grow)
     resume: bool = False
+    # a run directory that holds a run is refused unless this is true: then the old run is moved
+    # aside to <name>.replaced-<time> (never deleted) and the new one starts
+    overwrite: bool = False
     # also evaluate the zero-shot model on the same sets and report it beside the method
     baseline: bool = False
     # train and evaluate on cached frozen image features where the method allows it (its image
@@ -94,6 +104,10 @@ class Recipe:
 def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Read a recipe (following ``_base_`` includes), apply overrides, validate everything."""
     layers = [_read_yaml(Path(path))] if path is not None else []
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} has no '=': overrides are key=value, e.g. "
+                              f"{item.split('=')[0] or 'data.shots'}=4")
     try:
         cli = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
@@ -143,17 +157,25 @@ def method_config_of(recipe: DictConfig):
     return parse_method_section(OmegaConf.to_container(recipe.method, resolve=True))[1]
 
 
-def _read_yaml(path: Path) -> DictConfig:
+def _read_yaml(path: Path, included_by: Optional[Path] = None) -> DictConfig:
     if not path.is_file():
+        if included_by is not None:
+            raise RecipeError(f"recipe {str(included_by)!r} includes _base_: {path.name!r}, which was "
+                              f"not found (looked for {str(path.resolve())!r}; _base_ is relative to "
+                              "the including recipe's folder)")
         raise RecipeError(f"recipe file {str(path)!r} not found")
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:
         raise RecipeError(f"cannot read recipe {str(path)!r}: {err}") from None
+    if not isinstance(cfg, DictConfig):
+        raise RecipeError(f"recipe {str(path)!r} is a YAML {type(cfg).__name__.replace('Config', '').lower()}, "
+                          "but a recipe is a mapping of sections (backbone:, method:, data:, optim:, "
+                          "trainer:, ...), e.g. 'method: {name: coop}'")
     base = cfg.pop("_base_", None)
     if base is None:
         return cfg
-    return OmegaConf.merge(_read_yaml(path.parent / base), cfg)
+    return OmegaConf.merge(_read_yaml(path.parent / base, included_by=path), cfg)
 
 
 def run_dir_of(recipe: DictConfig) -> Path:
