@@ -184,9 +184,15 @@ class Method(nn.Module):
             return list(own)
         return self.templates if getattr(self.config, "ensemble", False) else self.templates[:1]
 
-    def hand_written_text_features(self) -> torch.Tensor:
-        """Zero-shot text features [C, d] of the current classes under ``hand_written_templates``."""
-        return zero_shot_text_features(self.backbone, self.classnames, self.hand_written_templates())
+    def hand_written_text_features(self, raw: bool = False) -> torch.Tensor:
+        """Zero-shot text features [C, d] of the current classes under ``hand_written_templates``;
+        ``raw``: the unnormalized mean of unnormalized prompt features (the initial classifier of
+        TaskRes and CLAP's ZS-LP, whose magnitude sets the scale of what is learned on it)."""
+        templates = self.hand_written_templates()
+        if raw:
+            return text_feature_mean(self.backbone, self.classnames, templates, normalize_each=False,
+                                     normalize_mean=False)
+        return zero_shot_text_features(self.backbone, self.classnames, templates)
 
 
 class HandWrittenClassifier(Method):

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from adapt.methods.base import Method, check_templates, text_feature_mean
+from adapt.methods.base import Method, check_templates
 from adapt.methods.class_rows import ClassRows
 from adapt.methods.registry import register_method
 
@@ -53,9 +53,7 @@ class TaskRes(Method):
 
     def rebuild_classes(self) -> None:
         # t: the raw mean of raw prompt features (TaskRes's _get_base_text_features); never saved
-        base = text_feature_mean(self.backbone, self.classnames, self.hand_written_templates(),
-                                 normalize_each=False, normalize_mean=False)
-        self.register_buffer("base_text_features", base, persistent=False)
+        self.register_buffer("base_text_features", self.hand_written_text_features(raw=True), persistent=False)
 
     def classifier(self) -> torch.Tensor:
         """Normalized ``t + α·x`` [C, d] for the current classes."""

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from adapt.methods.base import Method, check_templates, text_feature_mean
+from adapt.methods.base import Method, check_templates
 from adapt.methods.class_rows import ClassRows
 from adapt.methods.registry import register_method
 
@@ -49,9 +49,7 @@ class ZSLP(Method):
 
     def rebuild_classes(self) -> None:
         # the raw mean of raw text features (what CLAP initialises with); derived, never saved
-        raw = text_feature_mean(self.backbone, self.classnames, self.hand_written_templates(),
-                                normalize_each=False, normalize_mean=False)
-        self.register_buffer("zero_shot_prototypes", raw, persistent=False)
+        self.register_buffer("zero_shot_prototypes", self.hand_written_text_features(raw=True), persistent=False)
 
     def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
         weights = self.prototypes.rows(self.classnames, self.zero_shot_prototypes)
