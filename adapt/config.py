@@ -7,28 +7,28 @@ with a message naming the key and the closest valid one.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
 from adapt.backbone_loading import BackboneConfig
 from adapt.data.config import DataConfig
+from adapt.methods.registry import config_dict, get_method, parse_method_section
+from adapt.structured import RecipeError, check_choice, merge_checked
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "method_config_of", "merge_checked", "resolve_recipe",
+           "run_dir_of"]
 
 log = logging.getLogger(__name__)
 
 
-class RecipeError(ValueError):
-    """A recipe or override that cannot be used; the message says what to change."""
-
-
 @dataclass
 class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
+    name: str = "sgd"  # sgd | adam | adamw
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -40,8 +40,8 @@ class OptimConfig:
     warmup_lr: float = 1e-5
 
     def __post_init__(self) -> None:
-        _check_choice("optim.name", self.name, ("sgd", "adamw"))
-        _check_choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
+        check_choice("optim.name", self.name, ("sgd", "adam", "adamw"))
+        check_choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
         if self.lr <= 0:
             raise RecipeError(f"optim.lr must be > 0, got {self.lr}")
 
@@ -124,8 +124,6 @@ def _switch_method(recipe: DictConfig, new_name: Optional[str]) -> DictConfig:
     old_name = OmegaConf.select(recipe, "method.name")
     if new_name is None or old_name is None or new_name == old_name:
         return recipe
-    from adapt.methods import get_method
-
     try:
         valid = {f.name for f in dataclasses.fields(get_method(new_name).Config)}
     except KeyError as err:
@@ -144,54 +142,19 @@ def resolve_recipe(*layers) -> DictConfig:
     recipe = merge_checked(OmegaConf.structured(Recipe), OmegaConf.merge(*layers) if layers else {},
                            "recipe", Recipe)
     recipe = OmegaConf.structured(recipe)
-    from adapt.methods import get_method, method_config
-
-    method = OmegaConf.to_container(recipe.method) if isinstance(recipe.method, DictConfig) else recipe.method
-    if not isinstance(method, dict) or "name" not in method:
-        raise RecipeError("the recipe's method section needs a name, e.g. method: {name: coop}")
-    method = dict(method)
-    name = method.pop("name")
-    try:
-        get_method(name)
-    except KeyError as err:
-        raise RecipeError(f"method.name: {err.args[0]}") from None
-    typed = method_config(name, method)
-    recipe.method = {"name": name, **dataclasses.asdict(typed)}
+    section = recipe.method
+    if isinstance(section, DictConfig):
+        section = OmegaConf.to_container(section, resolve=True)
+    # the one parse of the method section: typed and validated against the method's Config;
+    # the recipe keeps it as plain data (it is saved as YAML and rebuilt from checkpoints)
+    name, typed = parse_method_section(section)
+    recipe.method = {"name": name, **config_dict(typed)}
     return recipe
 
 
 def method_config_of(recipe: DictConfig):
-    """The typed Config dataclass of a resolved recipe's method."""
-    from adapt.methods import method_config
-
-    section = dict(OmegaConf.to_container(recipe.method, resolve=True))
-    return method_config(section.pop("name"), section)
-
-
-def merge_checked(base: DictConfig, override, where: str, cls: type):
-    """``OmegaConf.merge`` + ``to_object`` with errors rewritten to name the key and a fix."""
-    try:
-        merged = OmegaConf.merge(base, override)
-        return OmegaConf.to_object(merged)
-    except (ConfigKeyError, ConfigAttributeError) as err:
-        raise RecipeError(_unknown_key_message(err, base, where)) from None
-    except ValidationError as err:
-        key = getattr(err, "full_key", "") or "?"
-        raise RecipeError(f"{where}: wrong type for {key!r}: {err.msg.splitlines()[0]}") from None
-    except (ValueError, TypeError) as err:  # a Config's __post_init__ check
-        raise RecipeError(f"{where}: {err}") from None
-
-
-def _unknown_key_message(err, base: DictConfig, where: str) -> str:
-    full_key = getattr(err, "full_key", None) or str(getattr(err, "key", "?"))
-    parts = str(full_key).split(".")
-    node = base
-    for part in parts[:-1]:
-        node = node.get(part) if isinstance(node, DictConfig) else None
-    valid = list(node.keys()) if isinstance(node, DictConfig) else []
-    close = difflib.get_close_matches(parts[-1], valid, n=1, cutoff=0.5)
-    hint = f" Did you mean {'.'.join(parts[:-1] + [close[0]])!r}?" if close else ""
-    return f"{where}: unknown key {full_key!r}.{hint} Valid keys here: {', '.join(valid)}"
+    """The typed Config of a resolved recipe's method."""
+    return parse_method_section(OmegaConf.to_container(recipe.method, resolve=True))[1]
 
 
 def _read_yaml(path: Path, included_by: Optional[Path] = None) -> DictConfig:
@@ -213,13 +176,6 @@ def _read_yaml(path: Path, included_by: Optional[Path] = None) -> DictConfig:
     if base is None:
         return cfg
     return OmegaConf.merge(_read_yaml(path.parent / base, included_by=path), cfg)
-
-
-def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        close = difflib.get_close_matches(value, choices, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise RecipeError(f"{key}={value!r} is not one of {', '.join(choices)}.{hint}")
 
 
 def run_dir_of(recipe: DictConfig) -> Path:

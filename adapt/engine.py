@@ -9,14 +9,15 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy
 
-from adapt.methods.base import Method
+from adapt.backbone import BackboneConfig, build_backbone
+from adapt.methods import Method, build_method
 
 METHOD_PREFIX = "method."
 
@@ -34,32 +35,74 @@ def check_finite_state(state: dict[str, torch.Tensor], what: str) -> None:
 
 
 class AdaptModule(pl.LightningModule):
-    def __init__(self, method: Method, optim: DictConfig, max_epochs: int, inputs: str = "images"):
+    """The method and its training, built from plain data (what ``save_hyperparameters`` stores),
+    so ``AdaptModule.load_from_checkpoint(path)`` rebuilds a run from its checkpoint alone.
+
+    Args:
+        method: registered method name.
+        method_config: its Config's fields (None = the defaults).
+        classnames: the classes it is trained on; templates: the dataset's prompt templates.
+        backbone: the ``backbone`` section (``BackboneConfig`` fields).
+        optim: the ``optim`` section (``OptimConfig`` fields); max_epochs: the schedule's length.
+        prebuilt_backbone: an already-built backbone for that section (not saved), so that a
+            runner shares one frozen model between its data encoding and the method.
+    """
+
+    def __init__(self, method: str, method_config: Optional[dict], classnames: Sequence[str],
+                 templates: Sequence[str], backbone: dict, optim: dict, max_epochs: int,
+                 prebuilt_backbone=None):
         super().__init__()
-        self.method = method
-        self.optim_cfg = optim
+        self.save_hyperparameters(ignore=["prebuilt_backbone"])
+        bb = prebuilt_backbone if prebuilt_backbone is not None else build_backbone(BackboneConfig(**backbone))
+        self.method: Method = build_method(method, method_config, bb, classnames, templates)
+        self.optim_cfg = OmegaConf.create(dict(optim))
         self.max_epochs = max_epochs
-        # "images" or "features" (batches of cached frozen image features)
-        self.inputs = inputs
         # checkpoints hold only the method's trainable state; the backbone comes from its weights
         self.strict_loading = False
-        self.train_acc = MulticlassAccuracy(num_classes=len(method.classnames), average="micro")
+        self.train_acc = MulticlassAccuracy(num_classes=len(self.method.classnames), average="micro")
         self.eval_acc: Optional[MulticlassAccuracy] = None
+        self.scalar_names: set[str] = set()  # the training scalars the method reported
+        self.training_scalars: dict[str, float] = {}
+
+    @classmethod
+    def from_recipe(cls, recipe: DictConfig, classnames: Sequence[str], templates: Sequence[str],
+                    method: Optional[str] = None, backbone=None) -> "AdaptModule":
+        """The recipe's method (or ``method`` with its defaults) for ``classnames``."""
+        plain = lambda section: OmegaConf.to_container(section, resolve=True)  # noqa: E731
+        if method is None:
+            section = plain(recipe.method)
+            method = section.pop("name")
+        else:
+            section = None
+        return cls(method, section, list(classnames), list(templates), plain(recipe.backbone),
+                   plain(recipe.optim), int(recipe.trainer.max_epochs), prebuilt_backbone=backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.forward_features(x) if self.inputs == "features" else self.method(x)
+        return self.method(x)
 
     # ------------------------------------------------------------------ training ---------------
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self(x)
-        loss = self.method.loss(logits, y)
+        out = self.method.output(x)
+        loss = self.method.loss(out, y)
         self._check_finite(loss)
-        self.train_acc(logits.detach(), y)
+        self.train_acc(out.logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=y.shape[0],
                  sync_dist=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        for name, value in out.scalars.items():  # the method's own terms: epoch means
+            self.scalar_names.add(name)
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self.log(f"train/{name}", value, on_step=False, on_epoch=True, batch_size=y.shape[0],
+                     sync_dist=True)
         return loss
+
+    def final_scalars(self) -> dict[str, float]:
+        """The method's scalars after fitting: the last epoch's mean of every training scalar,
+        then the fitted method's own (``Method.scalars``)."""
+        out = dict(self.training_scalars)
+        out.update({k: float(v) for k, v in self.method.scalars().items()})
+        return out
 
     def _check_finite(self, loss: torch.Tensor) -> None:
         """Stop at the first non-finite loss, before its backward pass can spoil the state.
@@ -82,6 +125,10 @@ class AdaptModule(pl.LightningModule):
         self.method.on_train_epoch_end(self.current_epoch, self.max_epochs)
 
     def on_fit_end(self) -> None:
+        # the last epoch's means, kept before evaluation trainers replace the callback metrics
+        metrics = self.trainer.callback_metrics
+        self.training_scalars = {name: float(metrics[f"train/{name}"]) for name in sorted(self.scalar_names)
+                                 if f"train/{name}" in metrics}
         self.method.on_fit_end()
 
     # ------------------------------------------------------------------ evaluation -------------
@@ -97,7 +144,7 @@ class AdaptModule(pl.LightningModule):
 
     def _eval_step(self, batch, stage: str):
         x, y = batch
-        logits = self.method.predict(x, self.inputs)
+        logits = self.method.predict(x)
         self.eval_acc(logits, y)
         self.log(f"{stage}/acc", self.eval_acc, on_step=False, on_epoch=True, batch_size=y.shape[0])
 
@@ -113,6 +160,9 @@ class AdaptModule(pl.LightningModule):
         params = self.method.trainable_parameters()
         if cfg.name == "sgd":
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        elif cfg.name == "adam":  # L2 in the gradient, as Dassl's "adam" (TaskRes)
+            opt = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                   weight_decay=cfg.weight_decay)
         else:
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                     weight_decay=cfg.weight_decay)
@@ -215,8 +265,12 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
     )
 
 
-def log_final_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Write a run's final accuracies through the loggers its training used."""
+def log_final_metrics(trainer: pl.Trainer, metrics: dict[str, float],
+                      scalars: Optional[dict[str, float]] = None) -> None:
+    """Write a run's final accuracies (and the method's scalars) through the loggers its
+    training used."""
+    values = {f"final/{k}": v for k, v in metrics.items()}
+    values.update({f"method/{k}": v for k, v in (scalars or {}).items()})
     for logger in trainer.loggers:
-        logger.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+        logger.log_metrics(values, step=trainer.global_step)
         logger.save()

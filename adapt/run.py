@@ -22,14 +22,13 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 import adapt
 from adapt.backbone import build_backbone
 from adapt.checkpointing import RunCheckpoints
-from adapt.config import RecipeError, method_config_of, run_dir_of
+from adapt.config import RecipeError, run_dir_of
 from adapt.data.datamodule import AdaptDataModule
-from adapt.data.feature_cache import FeatureData
 from adapt.data.sharding import global_batch_message, shard_loader
 from adapt.engine import AdaptModule, TrainingDiverged, build_trainer, log_final_metrics
 from adapt.export import WEIGHTS_FILE, read_adapter_state, save_adapter
 from adapt.io import atomic_write_json, atomic_write_text
-from adapt.methods import Method, build_method
+from adapt.methods import Method
 from adapt.process import prepare_cpu_process
 from adapt.rundir import checkpoint_path, prepare_run_dir, write_status
 
@@ -56,8 +55,9 @@ class Experiment:
         self.backbone = build_backbone(recipe.backbone)
         self.data.set_preprocess(self.backbone.image_size, self.backbone.image_mean, self.backbone.image_std)
         self.data.use_feature_cache = bool(recipe.cache)
-        self.method: Method = build_method(recipe.method.name, method_config_of(recipe), self.backbone,
-                                           self.data.train_classnames, self.data.templates)
+        self.module = AdaptModule.from_recipe(recipe, self.data.train_classnames, self.data.templates,
+                                              backbone=self.backbone)
+        self.method: Method = self.module.method
         novel = self.data.eval_sets.get("novel")
         if novel and not self.method.repointable:
             fix = f" or {self.method.repoint_fix}" if self.method.repoint_fix else ""
@@ -66,13 +66,10 @@ class Experiment:
                 f"cannot classify the {len(novel[0])} novel classes of data.setting=base2novel; "
                 f"use data.setting=all{fix}")
         # cached frozen image features replace images where the method only reads those
-        self.features: Optional[FeatureData] = None
-        if recipe.cache and self.method.supports_feature_cache and not self.method.grad_at_test:
-            views = min(recipe.data.cache_views, max(1, recipe.trainer.max_epochs))
-            self.features = FeatureData(self.data, self.backbone, views, device=_encode_device(recipe))
-        self.inputs = "features" if self.features is not None else "images"
+        views = min(recipe.data.cache_views, max(1, recipe.trainer.max_epochs))
+        self.inputs = self.data.serve(self.method, self.backbone, cache=bool(recipe.cache), views=views,
+                                      device=_encode_device(recipe))
         self.fit_trainer: Optional[pl.Trainer] = None  # kept for its loggers
-        self.module = AdaptModule(self.method, recipe.optim, recipe.trainer.max_epochs, inputs=self.inputs)
 
     def trainer(self, evaluation: bool = False) -> pl.Trainer:
         return build_trainer(self.recipe, self.run_dir, inference_mode=not self.method.grad_at_test,
@@ -92,16 +89,12 @@ class Experiment:
             return 0.0
         start = time.perf_counter()
         self.fit_trainer = self.trainer()
-        world, rank = self.fit_trainer.world_size, self.fit_trainer.global_rank
+        world = self.fit_trainer.world_size
         if self.recipe.data.batch_size % world:  # before any feature is encoded
             raise RecipeError(global_batch_message(self.recipe.data.batch_size, world))
-        data = self.features or self.data
-        val = data.val_dataloader() if self.recipe.trainer.check_val_every_n_epoch else None
-        train = (self.features.train_dataloader(self.recipe.seed, world, rank) if self.features is not None
-                 else self.data.train_dataloader(world, rank))
         guard = next(c for c in self.fit_trainer.callbacks if isinstance(c, RunCheckpoints))
         try:
-            self.fit_trainer.fit(self.module, train_dataloaders=train, val_dataloaders=val or None,
+            self.fit_trainer.fit(self.module, datamodule=self.data,
                                  ckpt_path=str(self.resume_from) if self.resume_from else None)
         except TrainingDiverged as err:
             last = (f"the last good checkpoint is {guard.path} (after epoch {guard.saved_epoch})"
@@ -121,7 +114,7 @@ class Experiment:
         trained_on = list(self.method.classnames)
         trainer = self.trainer(evaluation=True)
         accs = {}
-        loaders = self.features.test_dataloaders() if self.features is not None else self.data.test_dataloader()
+        loaders = self.data.test_dataloader()
         for (name, (classnames, _)), loader in zip(self.data.eval_sets.items(), loaders):
             self.method.set_classnames(classnames)
             # under DDP each process takes an unpadded share (Lightning's sampler is off here)
@@ -167,6 +160,7 @@ def run_fit(recipe: DictConfig) -> dict:
     start = time.perf_counter()
     metrics = summarize(recipe.data.setting, exp.evaluate())
     results = _results(recipe, exp, metrics, fit_s, time.perf_counter() - start)
+    results["scalars"] = exp.module.final_scalars()
     if exp.method.trainable_state():
         adapter_dir = exp.run_dir / "adapter"
         if rank_zero_only.rank == 0:
@@ -175,7 +169,7 @@ def run_fit(recipe: DictConfig) -> dict:
     if recipe.baseline and exp.method.name != "zeroshot":
         results["zeroshot_metrics"] = zero_shot_metrics(exp)
     if exp.fit_trainer is not None:
-        log_final_metrics(exp.fit_trainer, metrics)
+        log_final_metrics(exp.fit_trainer, metrics, results["scalars"])
     _write_results(exp, results)
     _write_status(exp, "finished")
     return results
@@ -195,16 +189,17 @@ def run_test(recipe: DictConfig, run_dir: Optional[Path] = None) -> dict:
     start = time.perf_counter()
     metrics = summarize(recipe.data.setting, exp.evaluate())
     results = _results(recipe, exp, metrics, 0.0, time.perf_counter() - start)
+    results["scalars"] = exp.module.final_scalars()
     _write_results(exp, results, name="test_results.json" if run_dir is not None else "results.json")
     return results
 
 
 def zero_shot_metrics(exp: Experiment) -> dict[str, float]:
     """The zero-shot model on the same evaluation sets, for a side-by-side comparison."""
-    zs = build_method("zeroshot", None, exp.backbone, exp.data.train_classnames, exp.data.templates)
-    saved, exp.method = exp.method, zs
-    saved_module, exp.module = exp.module, AdaptModule(zs, exp.recipe.optim, exp.recipe.trainer.max_epochs,
-                                                       inputs=exp.inputs)
+    zs = AdaptModule.from_recipe(exp.recipe, exp.data.train_classnames, exp.data.templates,
+                                 method="zeroshot", backbone=exp.backbone)
+    saved, saved_module = exp.method, exp.module
+    exp.method, exp.module = zs.method, zs
     try:
         return summarize(exp.recipe.data.setting, exp.evaluate())
     finally:

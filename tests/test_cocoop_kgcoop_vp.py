@@ -217,9 +217,9 @@ def test_short_fit_lowers_the_training_loss(name, image_folder, tmp_path):
     frozen = {k: v.clone() for k, v in exp.backbone.state_dict().items()}
     batches = []
     forward = exp.method.forward_features if name != "vp" else exp.method.forward
-    def record(x):  # batch sizes as the method receives them
+    def record(x, *rest):  # batch sizes as the method receives them
         batches.append(len(x))
-        return forward(x)
+        return forward(x, *rest)
 
     if name == "vp":
         exp.method.forward = record

@@ -1,12 +1,19 @@
 """Contract every registered method must honour (the loop picks up new methods automatically)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
+from adapt.config import load_recipe
 from adapt.export import load_adapter, save_adapter
-from adapt.methods import build_method, list_methods
-from tests.conftest import CLASSES
+from adapt.methods import Method, build_method, get_method, list_methods
+from adapt.run import run_fit
+from tests.conftest import CLASSES, tiny_overrides
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 NAMES = CLASSES[:4]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
@@ -39,7 +46,7 @@ def test_only_method_parameters_train(name, tiny_backbone, tiny_datamodule):
     method.train()
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     opt = torch.optim.SGD(method.trainable_parameters(), lr=1.0)
-    method.loss(method(images), labels).backward()
+    method.loss(method.output(images), labels).backward()
     opt.step()
     after = method.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -58,3 +65,72 @@ def test_export_then_load_gives_identical_logits(name, tiny_backbone, tiny_datam
     images = torch.randn(3, 3, 32, 32)
     method.eval(), loaded.eval()
     assert torch.allclose(method.predict(images), loaded.predict(images), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_feature_path_equals_image_path(name, tiny_backbone, tiny_datamodule):
+    """A method that declares it can run on cached features gives the same logits from the
+    frozen encoder's features (as the data module serves them) as from the images."""
+    method = _build(name, tiny_backbone, tiny_datamodule).eval()
+    if not method.supports_feature_cache:
+        pytest.skip(f"{name} needs images")
+    dm = tiny_datamodule
+    items = dm.eval_sets["test"][1][:5]
+    images = torch.stack([dm.dataloader(items, dm.test_transform(), 5).dataset[i][0] for i in range(5)])
+    served = dm.encode(tiny_backbone, items, dm.test_transform(), "contract", normalize=False)
+    with torch.no_grad():
+        from_images = method.predict(images)
+        from_features = method.predict(served.features[0])
+    assert (from_images - from_features).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_repointing_keeps_each_class_or_refuses(name, tiny_backbone, tiny_datamodule):
+    """Re-pointed at other class names, a text-side method classifies each known class as
+    before (its column is rebuilt from the same name: the zero-shot-consistent behaviour); a
+    class-specific one refuses with a message saying so."""
+    method = _build(name, tiny_backbone, tiny_datamodule).eval()
+    with torch.no_grad():
+        for p in method.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    images = torch.randn(3, 3, 32, 32)
+    other = [NAMES[2], CLASSES[5], NAMES[0], CLASSES[4]]  # two known (reordered), two new
+    if not method.repointable:
+        with pytest.raises(ValueError, match="cannot classify other class names"):
+            method.set_classnames(other)
+        return
+    with torch.no_grad():
+        before = method.predict(images)
+        method.set_classnames(other)
+        after = method.predict(images)
+    assert after.shape == (3, len(other)) and torch.isfinite(after).all()
+    if not method.grad_at_test:  # TPT's per-image tuning depends on the whole class list
+        assert (after[:, 0] - before[:, 2]).abs().max() <= 1e-4
+        assert (after[:, 2] - before[:, 0]).abs().max() <= 1e-4
+    method.set_classnames(NAMES)
+    with torch.no_grad():
+        assert (method.predict(images) - before).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_method_scalars_reach_results_json(name, image_folder, tmp_path):
+    """Every method runs from a recipe through the runner; its scalars land in results.json."""
+    over = tiny_overrides(image_folder, tmp_path, name, **{
+        "trainer.max_epochs": 1, "run_name": "r", "method.name": name})
+    if name == "tpt":
+        over += ["method.n_views=4"]
+    if name == "linearprobe":
+        over += ["method.search_steps=0"]
+    recipe = RECIPES / name / "fewshot.yaml"
+    results = run_fit(load_recipe(recipe if recipe.is_file() else RECIPES / "coop/fewshot.yaml", over))
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert saved["scalars"] == results["scalars"]
+    reports = get_method(name).scalars is not Method.scalars  # the fitted method's own values
+    if reports or name in TRAINING_SCALARS:
+        assert saved["scalars"], f"{name} reports scalars but results.json has none"
+    for key in TRAINING_SCALARS.get(name, ()):
+        assert key in saved["scalars"], (name, sorted(saved["scalars"]))
+
+
+# the loss terms a method's training reports (the rest report Method.scalars after fitting)
+TRAINING_SCALARS = {"kgcoop": ("ce", "kg"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl")}

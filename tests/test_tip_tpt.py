@@ -42,12 +42,34 @@ def test_alpha_zero_is_exactly_the_zero_shot_model(tiny_backbone, tiny_datamodul
     zs = build_method("zeroshot", {"ensemble": True}, tiny_backbone, tiny_datamodule.train_classnames,
                       TEMPLATES).eval()
     images = torch.randn(5, 3, 32, 32)
-    tip0 = _tip(tiny_backbone, tiny_datamodule, alpha=0.0, search=False, augment_epochs=1)
-    tip1 = _tip(tiny_backbone, tiny_datamodule, alpha=1.0, search=False, augment_epochs=1)
+    own = {"clip_logit_scale": None, "search": False, "augment_epochs": 1}
+    tip0 = _tip(tiny_backbone, tiny_datamodule, alpha=0.0, **own)
+    tip1 = _tip(tiny_backbone, tiny_datamodule, alpha=1.0, **own)
     with torch.no_grad():
         ref = zs(images)
         assert (tip0.predict(images) - ref).abs().max() <= 1e-5
         assert (tip1.predict(images) - ref).abs().max() > 1e-3  # the cache does contribute
+
+
+def test_zero_shot_logits_are_scaled_by_100_as_the_original_not_by_the_model_scale(tiny_backbone, tiny_datamodule):
+    """Tip-Adapter's main.py multiplies the CLIP logits by a hard-coded 100; the tiny random
+    backbone's exp(logit_scale) is 1/0.07 ≈ 14.3, so the two defaults differ by a factor 7."""
+    zs = build_method("zeroshot", {"ensemble": True}, tiny_backbone, tiny_datamodule.train_classnames,
+                      TEMPLATES).eval()
+    scale = float(tiny_backbone.logit_scale)
+    assert abs(scale - 100.0) > 50  # the two choices really differ on this backbone
+    images = torch.randn(5, 3, 32, 32)
+    tip = _tip(tiny_backbone, tiny_datamodule, alpha=0.0, search=False, augment_epochs=1)
+    assert tip.config.clip_logit_scale == 100.0
+    with torch.no_grad():
+        feats = F.normalize(tiny_backbone.encode_image(images), dim=-1)
+        expected = 100.0 * feats @ tip.text_features.t()
+        assert (tip.predict(images) - expected).abs().max() <= 1e-4
+        assert (tip.predict(images) - zs(images) * (100.0 / scale)).abs().max() <= 1e-4
+        with_cache = _tip(tiny_backbone, tiny_datamodule, alpha=1.0, search=False, augment_epochs=1)
+        cache = with_cache.predict(images) - expected  # α · exp(−β(1 − f·Kᵀ)) · V, unscaled
+        manual = torch.exp(-1.0 * (1 - feats @ with_cache.cache_keys.t())) @ with_cache.cache_values
+        assert (cache - manual).abs().max() <= 1e-4
 
 
 def test_without_augmentation_keys_are_the_training_features(tiny_backbone, tiny_datamodule):
@@ -92,7 +114,7 @@ def test_keys_are_the_renormalized_mean_of_augmented_passes(tiny_backbone, tiny_
 
 def _reference_search(tip, feats, labels):
     """The original's loop, literally: β outer, α inner, strict improvement."""
-    zs = tip.backbone.logits(feats, tip.text_features)
+    zs = 100.0 * feats @ tip.text_features.t()  # main.py: 100. * features @ clip_weights
     affinity = feats @ tip.cache_keys.t()
     best, choice = -1, None
     for beta in search_grid(tip.config.beta_max, tip.config.beta_steps):

@@ -3,6 +3,11 @@
 Order follows the protocol: the few-shot sample is drawn over all classes (or read from a
 manifest), then base2novel restricts train and val to the base classes; the test split becomes
 one evaluation set per class subset (``test``, or ``base`` and ``novel``), each relabelled 0..k-1.
+
+Its loaders yield ``(x, label)`` where ``x`` is images, or the frozen encoder's features of the
+same images from the feature cache (train: ``views`` augmented views, a different one each epoch;
+val/test: the test transform). Which one is decided once, by ``serve``, from what the method
+declares; nothing downstream branches on it.
 """
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ from typing import Callable, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from adapt.data.checks import check_images, class_counts, warn_short_classes
 from adapt.data.config import DataConfig
+from adapt.data.feature_cache import CachedFeatures, CachedViewsDataset, EpochViewSampler, encode_items
 from adapt.data.fewshot import few_shot_splits, write_manifest
 from adapt.data.image_dataset import ImageDataset
 from adapt.data.items import DatasetSplits, Item
@@ -61,6 +67,11 @@ class AdaptDataModule(pl.LightningDataModule):
         self.short_classes: list[str] = []
         # the recipe's ``cache``: encodings a method asks for (``encode``) go through the cache
         self.use_feature_cache = True
+        # "images", or "features" once ``serve`` chose cached features for a method
+        self.inputs = "images"
+        self._encoder = None  # (backbone, train views, device) when serving features
+        # each split's features, once per run (evaluation and the zero-shot baseline share them)
+        self._loaded: dict[tuple[str, bool], CachedFeatures] = {}
 
     def set_preprocess(self, image_size: Optional[int], mean: Optional[Sequence[float]],
                        std: Optional[Sequence[float]]) -> None:
@@ -125,8 +136,6 @@ class AdaptDataModule(pl.LightningDataModule):
         """Frozen image features [views, n, d] (+ labels) of any item list, through the feature
         cache (``data.cache_dir``): methods that build something from images (Tip-Adapter's
         keys) pay for each encoding once across runs, seeds and hyper-parameters."""
-        from adapt.data.feature_cache import encode_items
-
         self.setup()
         return encode_items(backbone, items, self.dataset.root, transform, views=views,
                             dataset=self.dataset.name, split=split, normalize=normalize,
@@ -134,31 +143,67 @@ class AdaptDataModule(pl.LightningDataModule):
                             batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers,
                             device=device)
 
+    def serve(self, method, backbone, cache: bool = True, views: int = 1,
+              device: Optional[Union[str, torch.device]] = None) -> str:
+        """Decide, once, what the loaders yield for ``method``: its frozen image features when
+        the recipe allows the cache (``cache``) and the method declares it reads nothing else
+        (``supports_feature_cache``, no gradient steps at test time); else images. ``views``
+        augmented views of each training image are encoded. Returns "features" or "images"."""
+        use = cache and method.supports_feature_cache and not method.grad_at_test
+        self._encoder = (backbone, int(views), device) if use else None
+        self._loaded = {}
+        self.inputs = "features" if use else "images"
+        return self.inputs
+
+    def features(self, items: Sequence[Item], split: str, train: bool) -> CachedFeatures:
+        """Frozen, unnormalized features of ``items`` (train: the augmented views)."""
+        if (split, train) not in self._loaded:
+            backbone, views, device = self._encoder
+            augment = train and views > 0
+            transform = self.train_transform() if augment else self.test_transform()
+            self._loaded[split, train] = self.encode(backbone, items, transform, split,
+                                                     views=views if augment else 1, normalize=False,
+                                                     device=device)
+        return self._loaded[split, train]
+
     def train_transform(self):
         return train_transform(self.image_size, self.mean, self.std)
 
     def test_transform(self):
         return test_transform(self.image_size, self.mean, self.std)
 
-    def train_dataloader(self, world_size: int = 1, rank: int = 0) -> DataLoader:
+    def train_dataloader(self, world_size: Optional[int] = None, rank: Optional[int] = None) -> DataLoader:
         """This process's training loader: its slice of every global batch (``data.batch_size``)
-        of an epoch order drawn from the seed. Workers are not kept across epochs: each epoch's
+        of an epoch order drawn from the seed, over the images or, when serving features, over
+        their cached views (a different one of each image every epoch). ``world_size`` / ``rank``
+        default to the attached trainer's. Workers are not kept across epochs: each epoch's
         workers are seeded from the global generator at that epoch, which a checkpoint restores,
         so a resumed run draws the augmentations of an uninterrupted one."""
         self.setup()
-        workers = self.cfg.num_workers
-        return train_loader(ImageDataset(self.train_items, self.dataset.root, self.train_transform()),
-                            EpochOrder(len(self.train_items), self.seed), self.cfg.batch_size, rank,
-                            world_size, num_workers=workers, pin_memory=torch.cuda.is_available())
+        if world_size is None:
+            world_size = self.trainer.world_size if self.trainer is not None else 1
+        if rank is None:
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+        bs = self.cfg.batch_size
+        if self._encoder is None:
+            return train_loader(ImageDataset(self.train_items, self.dataset.root, self.train_transform()),
+                                EpochOrder(len(self.train_items), self.seed), bs, rank, world_size,
+                                num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available())
+        cached = self.features(self.train_items, "train", train=True)
+        sampler = EpochViewSampler(len(cached.labels), cached.features.shape[0], shuffle=True, seed=self.seed)
+        return train_loader(CachedViewsDataset(cached.features, cached.labels), sampler, bs, rank, world_size)
+
+    def eval_dataloader(self, items: Sequence[Item], split: str) -> DataLoader:
+        if self._encoder is None:
+            return self.dataloader(items, self.test_transform(), self.cfg.eval_batch_size)
+        cached = self.features(items, split, train=False)
+        return DataLoader(TensorDataset(cached.features[0], cached.labels), batch_size=self.cfg.eval_batch_size)
 
     def val_dataloader(self):
         self.setup()
-        if not self.val_items:
-            return []
-        return self.dataloader(self.val_items, self.test_transform(), self.cfg.eval_batch_size)
+        return self.eval_dataloader(self.val_items, "val") if self.val_items else []
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per evaluation set, in ``eval_sets`` order."""
         self.setup()
-        return [self.dataloader(items, self.test_transform(), self.cfg.eval_batch_size)
-                for _, items in self.eval_sets.values()]
+        return [self.eval_dataloader(items, f"test:{name}") for name, (_, items) in self.eval_sets.items()]

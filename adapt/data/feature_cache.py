@@ -1,8 +1,8 @@
 """Frozen image features, computed once and kept on disk.
 
 Methods that only read frozen image features (``Method.supports_feature_cache``: CoOp, CoCoOp,
-KgCoOp, feature adapters, zero-shot) never need the image encoder inside the training loop. Their
-features are computed once per (backbone, dataset split, transform) and stored under a key that
+KgCoOp, feature adapters, zero-shot) never need the image encoder inside the training loop; the
+data module then serves their batches from here. Their features are computed once per (backbone, dataset split, transform) and stored under a key that
 hashes everything that determines them: the backbone's name, tag and a digest of its weights, the
 dataset's name and root, the item list (paths, labels, file sizes and modification times), the
 transform's repr, the view seed, and the package versions. Anything changed gives a new key; the
@@ -36,9 +36,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from adapt.data.sharding import train_loader
 from adapt.data.image_dataset import load_image
 from adapt.data.items import Item
 
@@ -377,40 +376,3 @@ class EpochViewSampler(Sampler):
         else:
             order = torch.arange(self.n)
         return iter([(int(i), int(views[i])) for i in order])
-
-
-class FeatureData:
-    """The feature-cache counterpart of ``AdaptDataModule``'s loaders: the same items, labels and
-    batch sizes, with images replaced by cached frozen features (train: ``views`` augmented views,
-    one per epoch; val/test: the test transform)."""
-
-    def __init__(self, dm, backbone, views: int, device: Optional[Union[str, torch.device]] = None):
-        self.dm, self.backbone, self.views, self.device = dm, backbone, int(views), device
-        # each split's features, once per run (evaluation and the zero-shot baseline share them)
-        self._loaded: dict[tuple[str, bool], CachedFeatures] = {}
-
-    def features(self, items: Sequence[Item], split: str, train: bool) -> CachedFeatures:
-        if (split, train) not in self._loaded:
-            augment = train and self.views > 0
-            transform = self.dm.train_transform() if augment else self.dm.test_transform()
-            self._loaded[split, train] = self.dm.encode(
-                self.backbone, items, transform, split, views=self.views if augment else 1,
-                device=self.device)
-        return self._loaded[split, train]
-
-    def train_dataloader(self, seed: int, world_size: int = 1, rank: int = 0) -> DataLoader:
-        cached = self.features(self.dm.train_items, "train", train=True)
-        sampler = EpochViewSampler(len(cached.labels), cached.features.shape[0], shuffle=True, seed=seed)
-        return train_loader(CachedViewsDataset(cached.features, cached.labels), sampler,
-                            self.dm.cfg.batch_size, rank, world_size)
-
-    def eval_dataloader(self, items: Sequence[Item], split: str) -> DataLoader:
-        cached = self.features(items, split, train=False)
-        return DataLoader(TensorDataset(cached.features[0], cached.labels),
-                          batch_size=self.dm.cfg.eval_batch_size)
-
-    def val_dataloader(self):
-        return self.eval_dataloader(self.dm.val_items, "val") if self.dm.val_items else []
-
-    def test_dataloaders(self) -> list[DataLoader]:
-        return [self.eval_dataloader(items, f"test:{name}") for name, (_, items) in self.dm.eval_sets.items()]

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
 
 from adapt.data.config import DataConfig
-from adapt.data.items import DatasetSplits, Item
+from adapt.data.items import DatasetSplits, Item, clean_classname
 from adapt.data.registry import register_dataset
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
@@ -29,10 +29,6 @@ CSV_LAYOUT = (f"root/<split_file, default data.csv> with the header line '{','.j
               "(path relative to root, label = class name, split = train/val/test)")
 ZHOU_LAYOUT = ('root/<split_file>, a JSON {"train": [[relative_path, label, classname], ...], '
                '"val": [...], "test": [...]}, and the images under root (or one folder inside it)')
-
-
-def clean_classname(name: str) -> str:
-    return name.replace("_", " ").strip()
 
 
 def dataset_root(cfg: DataConfig, layout: str) -> Path:

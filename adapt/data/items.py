@@ -5,6 +5,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def clean_classname(name: str) -> str:
+    """The readable form of a class name (folder names use underscores): every class name that
+    reaches a prompt goes through here."""
+    return name.replace("_", " ").strip()
+
+
 @dataclass(frozen=True)
 class Item:
     """One labelled image. ``path`` is relative to the dataset root so manifests stay portable."""

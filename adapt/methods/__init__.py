@@ -1,6 +1,7 @@
 """Adaptation methods, registered by short name. Importing this package registers them all."""
-from adapt.methods.base import Method, zero_shot_text_features
-from adapt.methods.registry import build_method, get_method, list_methods, method_config, register_method
+from adapt.methods.base import (HandWrittenClassifier, Method, MethodOutput, zero_shot_text_features)
+from adapt.methods.registry import (build_method, get_method, list_methods, method_config, parse_method_section,
+                                    register_method, unregister_method)
 
 # one import per method file: registration happens at import
 from adapt.methods import zeroshot, coop  # noqa: E402,F401
@@ -11,6 +12,11 @@ from adapt.methods import promptsrc  # noqa: E402,F401
 from adapt.methods import tip_adapter  # noqa: E402,F401
 from adapt.methods import tpt  # noqa: E402,F401
 from adapt.methods import cocoop, kgcoop, vp  # noqa: E402,F401
+from adapt.methods import linear_probe  # noqa: E402,F401
+from adapt.methods import zslp  # noqa: E402,F401
+from adapt.methods import clip_adapter  # noqa: E402,F401
+from adapt.methods import taskres  # noqa: E402,F401
 
-__all__ = ["Method", "build_method", "get_method", "list_methods", "method_config", "register_method",
+__all__ = ["HandWrittenClassifier", "Method", "MethodOutput", "build_method", "get_method", "list_methods",
+           "method_config", "parse_method_section", "register_method", "unregister_method",
            "zero_shot_text_features"]

@@ -3,24 +3,50 @@
 A method owns every trainable parameter and maps a batch to logits. Training mechanics
 (optimizer, schedule, precision, devices, checkpoints, logging) belong to the engine.
 Hooks have do-nothing defaults so a method overrides only what defines it.
+
+A batch is images [B, 3, H, W], or, for a method that declares ``supports_feature_cache``, the
+frozen encoder's image features [B, d] as the data module serves them from the feature cache
+(unnormalized, as ``encode_images`` returns them). ``forward`` tells them apart by their rank,
+so neither the engine nor the runner ever needs to know which one it is passing.
 """
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from adapt.backbone import ClipBackbone
+from adapt.data.items import Item, clean_classname
+
+
+@dataclass
+class MethodOutput:
+    """What a training forward produced: the logits, the named tensors the method's loss reads
+    (KgCoOp's text features, PromptSRC's frozen features), and named scalars (loss terms) that
+    the engine logs as ``train/<name>`` and the runner writes to ``results.json``."""
+
+    logits: torch.Tensor
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    scalars: dict[str, Union[float, torch.Tensor]] = field(default_factory=dict)
+
+
+def as_output(out: Union[MethodOutput, torch.Tensor]) -> MethodOutput:
+    """Loss hooks accept bare logits too (then only what they can recompute is available)."""
+    return out if isinstance(out, MethodOutput) else MethodOutput(out)
 
 
 class Method(nn.Module):
     name: ClassVar[str] = ""
     Config: ClassVar[type]
-    # True when ``forward_features`` is valid on frozen image features, so the engine may feed
-    # cached features instead of images (CoOp, CoCoOp, feature adapters).
+    # True when ``forward_features`` is valid on frozen image features, so the data module may
+    # serve cached features instead of images (CoOp, CoCoOp, feature adapters).
     supports_feature_cache: ClassVar[bool] = False
+    # ``forward_features`` receives L2-normalized image features (CLIP's convention); False for
+    # methods that read the encoder's raw output (CLIP-Adapter's blend, the linear probe).
+    normalize_features: ClassVar[bool] = True
     # Whether a new class list can be set after training (False for class-specific parameters),
     # and the setting that would make it so (named in the error when novel classes are needed).
     repointable: ClassVar[bool] = True
@@ -32,30 +58,47 @@ class Method(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = backbone
-        self.classnames = [c.replace("_", " ") for c in classnames]
+        self.classnames = [clean_classname(c) for c in classnames]
         self.templates = list(templates) or ["a photo of a {}."]
         self._text_cache: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ forward ----------------
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(self.encode_images(images))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C] of images or of frozen image features (see the module docstring)."""
+        return self.forward_features(self.image_features_of(x))
+
+    def output(self, x: torch.Tensor) -> MethodOutput:
+        """The training forward: logits plus whatever the loss needs. Methods whose loss reads
+        more than the logits override this."""
+        return MethodOutput(self(x))
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen, normalized image features (what the feature cache stores)."""
+        """Frozen, unnormalized image features (what the feature cache stores)."""
         with torch.no_grad():
-            return self.backbone.encode_image(images)
+            return self.backbone.encode_image(images, normalize=False)
+
+    def image_features_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen image features ``forward_features`` expects, from images or cached features."""
+        feats = x if is_features(x) else self.encode_images(x)
+        return F.normalize(feats, dim=-1) if self.normalize_features else feats
 
     def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement forward or forward_features")
 
-    def predict(self, x: torch.Tensor, inputs: str = "images") -> torch.Tensor:
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation logits; test-time methods (TPT) override this to adapt per sample."""
-        return self.forward_features(x) if inputs == "features" else self(x)
+        return self(x)
 
     # ------------------------------------------------------------------ hooks ------------------
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Training loss of a batch; methods add regularizers here (KgCoOp, PromptSRC)."""
-        return F.cross_entropy(logits, labels)
+    def loss(self, out: Union[MethodOutput, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Training loss of a batch from ``output``'s result; methods add regularizers here
+        (KgCoOp, PromptSRC) and may record their terms in ``out.scalars``."""
+        return F.cross_entropy(as_output(out).logits, labels)
+
+    def scalars(self) -> dict[str, float]:
+        """Named values describing the fitted method (Tip-Adapter's chosen α/β, CLIP-Adapter's
+        ratio); they reach the training log and ``results.json``."""
+        return {}
 
     def setup(self, datamodule) -> None:
         """Called once before fitting/evaluating with the data (Tip-Adapter's cache, UPL labels)."""
@@ -68,11 +111,14 @@ class Method(nn.Module):
 
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Re-point the classifier at new class names (novel classes, exported adapters)."""
-        if not self.repointable and len(classnames) != len(self.classnames):
+        names = [clean_classname(c) for c in classnames]
+        if not self.repointable and names != self.classnames:
+            fix = f" (with {self.repoint_fix} it can)" if self.repoint_fix else ""
             raise ValueError(
-                f"{self.name} with this config learns per-class parameters for "
-                f"{len(self.classnames)} classes and cannot be applied to {len(classnames)} other ones")
-        self.classnames = [c.replace("_", " ") for c in classnames]
+                f"{self.name} with this config learns per-class parameters for its "
+                f"{len(self.classnames)} training classes ({', '.join(self.classnames[:4])}, ...) and "
+                f"cannot classify other class names ({len(names)} given){fix}")
+        self.classnames = names
         self._text_cache = None
         self.rebuild_classes()
 
@@ -138,25 +184,69 @@ class Method(nn.Module):
             return list(own)
         return self.templates if getattr(self.config, "ensemble", False) else self.templates[:1]
 
-    def hand_written_text_features(self) -> torch.Tensor:
-        """Zero-shot text features [C, d] of the current classes under ``hand_written_templates``."""
-        return zero_shot_text_features(self.backbone, self.classnames, self.hand_written_templates())
+    def hand_written_text_features(self, raw: bool = False) -> torch.Tensor:
+        """Zero-shot text features [C, d] of the current classes under ``hand_written_templates``;
+        ``raw``: the unnormalized mean of unnormalized prompt features (the initial classifier of
+        TaskRes and CLAP's ZS-LP, whose magnitude sets the scale of what is learned on it)."""
+        templates = self.hand_written_templates()
+        if raw:
+            return text_feature_mean(self.backbone, self.classnames, templates, normalize_each=False,
+                                     normalize_mean=False)
+        return zero_shot_text_features(self.backbone, self.classnames, templates)
 
 
-def check_templates(templates: Optional[Sequence[str]]) -> None:
-    """For Configs with a ``templates`` field: each needs a ``{}`` for the class name."""
+class HandWrittenClassifier(Method):
+    """A method that classifies with the frozen hand-written prompts' text features (zero-shot,
+    VP, VPT, Tip-Adapter, the feature adapters): ``self.text_features`` [C, d], rebuilt for every
+    class list and never saved."""
+
+    def rebuild_classes(self) -> None:
+        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
+
+
+def items_of_classes(items: Sequence[Item], names: Sequence[str], classnames: Sequence[str]) -> list[Item]:
+    """The items (labelled by index into ``names``) whose class is one of ``classnames``,
+    relabelled to that order, matched by cleaned name: what a method builds from the data
+    module's splits when its own class list is another one (Tip-Adapter's cache, the probe)."""
+    index = {c: i for i, c in enumerate(classnames)}
+    relabel = {old: index[clean_classname(n)] for old, n in enumerate(names) if clean_classname(n) in index}
+    return [Item(it.path, relabel[it.label]) for it in items if it.label in relabel]
+
+
+def is_features(x: torch.Tensor) -> bool:
+    """A batch of image features [B, d] rather than images [B, 3, H, W]."""
+    return x.dim() == 2
+
+
+def check_templates(templates: Optional[Sequence[str]], key: str = "templates") -> None:
+    """For Configs with a templates field: each needs a ``{}`` for the class name."""
     if templates is not None and not all("{}" in t for t in templates):
-        raise ValueError(f"every template needs a '{{}}' for the class name, got {list(templates)}")
+        raise ValueError(f"every template of {key} needs a '{{}}' for the class name, got {list(templates)}")
+
+
+def check_crop_scale(scale: Sequence[float]) -> None:
+    """A random-resized-crop area range ``[lo, hi]`` with ``0 < lo <= hi <= 1``."""
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(scale)}")
+
+
+def text_feature_mean(backbone: ClipBackbone, classnames: Sequence[str], templates: Sequence[str],
+                      normalize_each: bool = True, normalize_mean: bool = True) -> torch.Tensor:
+    """Per class, the mean over ``templates`` of its prompts' text features [C, d]; each
+    template's features normalized first or not, the mean normalized or not (TaskRes keeps the
+    raw mean of raw features, PromptSRC normalizes the mean of raw ones)."""
+    with torch.no_grad(), torch.autocast(backbone.logit_scale.device.type, enabled=False):
+        per_template = []
+        for template in templates:
+            tokens = backbone.tokenize([template.format(c) for c in classnames])
+            per_template.append(backbone.encode_text_embeddings(backbone.embed_tokens(tokens), tokens,
+                                                                normalize=normalize_each))
+        mean = torch.stack(per_template).mean(dim=0)
+        return F.normalize(mean, dim=-1) if normalize_mean else mean
 
 
 def zero_shot_text_features(backbone: ClipBackbone, classnames: Sequence[str],
                             templates: Sequence[str]) -> torch.Tensor:
     """The zero-shot classifier: per class, the renormalized mean of its normalized template
     embeddings (a single template gives that template's embedding)."""
-    with torch.no_grad():
-        per_template = []
-        for template in templates:
-            tokens = backbone.tokenize([template.format(c) for c in classnames])
-            per_template.append(backbone.encode_text(tokens))
-        mean = torch.stack(per_template).mean(dim=0)
-        return F.normalize(mean, dim=-1)
+    return text_feature_mean(backbone, classnames, templates)

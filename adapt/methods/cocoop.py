@@ -17,20 +17,20 @@ import torch
 from torch import nn
 
 from adapt.methods.base import Method
-from adapt.methods.prompts import ContextPrompts, check_context_config, check_init_length, n_ctx_of
+from adapt.methods.coop import CoOpConfig
+from adapt.methods.prompts import ContextPrompts, check_init_length, n_ctx_of
 from adapt.methods.registry import register_method
 
 
 @dataclass
-class CoCoOpConfig:
+class CoCoOpConfig(CoOpConfig):
     # KaiyangZhou/CoOp, configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml: N_CTX 4,
     # CTX_INIT "a photo of a" (the text's tokens set M; n_ctx null = that count, or
-    # DEFAULT_N_CTX with ctx_init ""; a value that disagrees with ctx_init is an error)
+    # DEFAULT_N_CTX with ctx_init ""; a value that disagrees with ctx_init is an error).
+    # CoOp's other fields: csc must stay false (the meta-net's bias is shared by all classes) and
+    # the original always puts the class name at the end
     n_ctx: Optional[int] = None
     ctx_init: str = "a photo of a"
-    # the original always puts the class name at the end
-    class_token_position: str = "end"
-    init_std: float = 0.02
     # meta-net hidden width = image feature dim // reduction (trainers/cocoop.py: vis_dim // 16)
     reduction: int = 16
     # memory bound, not a paper setting: at most this many image-conditioned prompts (images x
@@ -40,7 +40,10 @@ class CoCoOpConfig:
     DEFAULT_N_CTX: ClassVar[int] = 4
 
     def __post_init__(self) -> None:
-        check_context_config(self.n_ctx, self.ctx_init, self.class_token_position)
+        super().__post_init__()
+        if self.csc:
+            raise ValueError("cocoop has no class-specific context (csc must be false): its meta-net "
+                             "shifts one shared context per image")
         if self.reduction < 1:
             raise ValueError(f"reduction must be >= 1, got {self.reduction}")
         if self.max_prompts_per_pass < 0:

@@ -3,7 +3,9 @@
 loss = CE + λ · (1 − mean_c cos(w_c, w_c^clip)), with w_c the learned prompt's text feature of
 class c and w_c^clip the frozen text feature of the dataset's hand-written prompt for c. Only the
 training loss changes; prediction is CoOp's. The hand-written features are computed once per
-class list (lazily, the first time the loss needs them) and never trained.
+class list (lazily, the first time the loss needs them) and never trained. The loss reads the
+learned text features of the same forward pass from its output (``MethodOutput.tensors``) and
+reports both terms as scalars (``ce``, ``kg``).
 
 Reference: htyao89/KgCoOp, trainers/kgcoop.py (W = 8.0 in scripts/base2new_train.sh). Its
 hand-written prompt is one template per dataset (``CUSTOM_TEMPLATES``), ImageNet included
@@ -18,7 +20,7 @@ from typing import ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
-from adapt.methods.base import check_templates
+from adapt.methods.base import MethodOutput, as_output, check_templates
 from adapt.methods.coop import CoOp, CoOpConfig
 from adapt.methods.registry import register_method
 
@@ -47,10 +49,6 @@ class KgCoOpConfig(CoOpConfig):
 class KgCoOp(CoOp):
     Config = KgCoOpConfig
 
-    def __init__(self, config: KgCoOpConfig, backbone, classnames, templates):
-        super().__init__(config, backbone, classnames, templates)
-        self._train_text: Optional[torch.Tensor] = None  # this step's class text features
-
     def rebuild_classes(self) -> None:
         super().rebuild_classes()
         # derived from the class names: non-persistent, recomputed for a new class list
@@ -62,12 +60,13 @@ class KgCoOp(CoOp):
             self.register_buffer("handcrafted_features", self.hand_written_text_features(), persistent=False)
         return self.handcrafted_features
 
-    def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
+    def output(self, x: torch.Tensor) -> MethodOutput:
+        # the text features of this step go to the loss, which would otherwise encode them again
         text = self.text_features()
-        # keep this step's text features for the loss, which would otherwise encode them again
-        # (whenever they carry gradients: Lightning does not switch modules to train mode itself)
-        self._train_text = text if torch.is_grad_enabled() else None
-        return self.backbone.logits(image_features, text)
+        return MethodOutput(self.forward_features(self.image_features_of(x), text), {"text_features": text})
+
+    def forward_features(self, image_features: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.backbone.logits(image_features, self.text_features() if text is None else text)
 
     def knowledge_loss(self, text_features: Optional[torch.Tensor] = None) -> torch.Tensor:
         """1 − mean over classes of cos(learned text feature, hand-written text feature)."""
@@ -75,9 +74,11 @@ class KgCoOp(CoOp):
         anchor = self.handcrafted().to(device=text.device, dtype=text.dtype)
         return 1.0 - F.cosine_similarity(text, anchor, dim=-1).mean()
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        text, self._train_text = self._train_text, None
-        ce = super().loss(logits, labels)
+    def loss(self, out, labels: torch.Tensor) -> torch.Tensor:
+        out = as_output(out)
+        ce = F.cross_entropy(out.logits, labels)
         if self.config.weight == 0:
             return ce
-        return ce + self.config.weight * self.knowledge_loss(text)
+        kg = self.knowledge_loss(out.tensors.get("text_features"))
+        out.scalars.update(ce=ce.detach(), kg=kg.detach())
+        return ce + self.config.weight * kg

@@ -11,19 +11,39 @@ several templates ("textual diversity"), and the zero-shot logits are those of t
 features with them. After every epoch the prompts are added to a Gaussian-weighted average over
 epochs (GPA, weight ∝ N(epoch; gpa_mean, gpa_std), epochs counted from 1); at the end of fitting
 the averaged prompts replace the trained ones, and they are what is evaluated and exported.
+
+The teacher templates default to the 60 CLIP ImageNet templates the reference code always uses
+(trainers/imagenet_templates.py), shipped as ``adapt/methods/data/imagenet_templates.txt``;
+``teacher_templates: null`` uses the dataset's templates instead. The training forward returns
+the prompted and frozen features with its logits (``output``); the loss reads them there and
+reports its four terms as scalars.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapt.methods.base import MethodOutput, as_output, check_templates, text_feature_mean
 from adapt.methods.ivlp import IVLP, IVLPConfig
 from adapt.methods.registry import register_method
+
+
+@lru_cache(maxsize=1)
+def _imagenet_templates() -> tuple[str, ...]:
+    text = resources.files("adapt.methods").joinpath("data/imagenet_templates.txt").read_text()
+    return tuple(line for line in text.splitlines() if line.strip())
+
+
+def imagenet_templates() -> list[str]:
+    """CLIP's 60 ImageNet prompt templates (PromptSRC's teacher, the zero-shot ensemble of CLIP)."""
+    return list(_imagenet_templates())
 
 
 @dataclass
@@ -36,9 +56,9 @@ class PromptSRCConfig(IVLPConfig):
     text_loss_weight: float = 25.0
     image_loss_weight: float = 10.0
     logit_loss_weight: float = 1.0
-    # templates of the frozen text features; null = the dataset's templates. The reference code
-    # averages 60 of CLIP's ImageNet templates (recipes/promptsrc/fewshot.yaml lists them)
-    teacher_templates: Optional[list[str]] = None
+    # templates of the frozen text features: the reference code's 60 CLIP ImageNet templates,
+    # whatever the dataset; null = the dataset's templates
+    teacher_templates: Optional[list[str]] = field(default_factory=imagenet_templates)
     # Gaussian prompt aggregation over epochs: base-to-novel 20 epochs with mean 15, std 1;
     # few-shot 50 epochs with mean 30, std 30 (or 45, 5 for fine-grained datasets)
     gpa: bool = True
@@ -51,8 +71,7 @@ class PromptSRCConfig(IVLPConfig):
             raise ValueError("text_loss_weight, image_loss_weight and logit_loss_weight must be >= 0")
         if self.gpa_std <= 0:
             raise ValueError(f"gpa_std must be > 0, got {self.gpa_std}")
-        if self.teacher_templates is not None and any("{}" not in t for t in self.teacher_templates):
-            raise ValueError("every teacher template needs a '{}' for the class name")
+        check_templates(self.teacher_templates, "teacher_templates")
 
 
 def gpa_weights(max_epochs: int, mean: float, std: float) -> list[float]:
@@ -69,8 +88,6 @@ class PromptSRC(IVLP):
 
     def __init__(self, config: PromptSRCConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)
-        self._saved = None  # (text, image, frozen image) features of the last training forward
-        self.last_losses: dict[str, float] = {}
         # the running GPA sums are persistent buffers, so a resumed run keeps them
         self._gpa_names = [n for n, p in self.named_parameters() if p.requires_grad]
         self.gpa = nn.Module()
@@ -86,35 +103,34 @@ class PromptSRC(IVLP):
     def teacher_text_features(self) -> torch.Tensor:
         """Frozen text features: normalized mean of unnormalized features over the templates."""
         if self.teacher_features is None:
-            bb = self.backbone
-            with torch.no_grad(), torch.autocast(bb.logit_scale.device.type, enabled=False):
-                feats = []
-                for template in self.config.teacher_templates or self.templates:
-                    tokens = bb.tokenize([template.format(c) for c in self.classnames])
-                    feats.append(bb.encode_text_embeddings(bb.embed_tokens(tokens), tokens, normalize=False))
-                self.teacher_features = F.normalize(torch.stack(feats).mean(dim=0), dim=-1)
+            templates = self.config.teacher_templates or self.templates
+            self.teacher_features = text_feature_mean(self.backbone, self.classnames, templates,
+                                                      normalize_each=False)
         return self.teacher_features
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def output(self, images: torch.Tensor) -> MethodOutput:
         text, image = self.text_features(), self.image_features(images)
-        if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                self._saved = (text, image, self.backbone.encode_image(images))
-        return self.backbone.logits(image, text)
+        with torch.no_grad():
+            frozen = self.backbone.encode_image(images)
+        return MethodOutput(self.backbone.logits(image, text),
+                            {"text_features": text, "image_features": image, "frozen_image_features": frozen})
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, out, labels: torch.Tensor) -> torch.Tensor:
+        out = as_output(out)
+        logits = out.logits
         ce = F.cross_entropy(logits, labels)
-        if self._saved is None:  # not a training forward: plain cross-entropy
+        if "frozen_image_features" not in out.tensors:  # bare logits: plain cross-entropy
             return ce
-        (text, image, frozen_image), self._saved = self._saved, None
+        text, image, frozen_image = (out.tensors[k] for k in ("text_features", "image_features",
+                                                              "frozen_image_features"))
         cfg, teacher = self.config, self.teacher_text_features()
         l_text = F.l1_loss(text, teacher.to(text.dtype))
         l_image = F.l1_loss(image, frozen_image.to(image.dtype))
         zs_logits = self.backbone.logits(frozen_image, teacher)
         l_logits = F.kl_div(F.log_softmax(logits.float(), dim=1), F.log_softmax(zs_logits.float(), dim=1),
                             reduction="sum", log_target=True) / logits.numel()
-        self.last_losses = {"ce": ce.item(), "text_l1": l_text.item(), "image_l1": l_image.item(),
-                            "logits_kl": l_logits.item()}
+        out.scalars.update(ce=ce.detach(), text_l1=l_text.detach(), image_l1=l_image.detach(),
+                           logits_kl=l_logits.detach())
         return (ce + cfg.text_loss_weight * l_text + cfg.image_loss_weight * l_image
                 + cfg.logit_loss_weight * l_logits)
 

@@ -1,10 +1,17 @@
-"""Methods registered by short lowercase name, as open_clip / timm / peft key their models."""
+"""Methods registered by short lowercase name, as open_clip / timm / peft key their models.
+
+``method_config`` is the one place a method's section (a recipe's ``method:``, an adapter's
+``method_config``) becomes its typed, validated Config.
+"""
 from __future__ import annotations
 
+import dataclasses
 import difflib
-from typing import Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from omegaconf import OmegaConf
+
+from adapt.structured import RecipeError, merge_checked
 
 _METHODS: dict[str, type] = {}
 
@@ -24,6 +31,11 @@ def register_method(name: str):
     return wrap
 
 
+def unregister_method(name: str) -> None:
+    """Remove a registration (tests that register a method of their own clean up with this)."""
+    _METHODS.pop(name, None)
+
+
 def list_methods() -> list[str]:
     return sorted(_METHODS)
 
@@ -36,15 +48,34 @@ def get_method(name: str) -> type:
     return _METHODS[name]
 
 
-def method_config(name: str, overrides: dict | None = None):
-    """The method's Config dataclass filled from ``overrides`` (typed, validated)."""
-    from adapt.config import merge_checked  # local import: config imports this module
-
+def method_config(name: str, overrides: Optional[Mapping[str, Any]] = None):
+    """The method's Config dataclass filled from ``overrides`` (typed, validated); a Config
+    instance is returned as it is."""
     cls = get_method(name).Config
-    return merge_checked(OmegaConf.structured(cls), overrides or {}, f"method ({name})", cls)
+    if isinstance(overrides, cls):
+        return overrides
+    return merge_checked(OmegaConf.structured(cls), dict(overrides or {}), f"method ({name})", cls)
+
+
+def parse_method_section(section: Mapping[str, Any]) -> tuple[str, Any]:
+    """``{name: coop, n_ctx: 4, ...}`` -> ("coop", CoOpConfig(n_ctx=4, ...)); errors are
+    RecipeErrors naming the key."""
+    if not isinstance(section, Mapping) or "name" not in section:
+        raise RecipeError("the recipe's method section needs a name, e.g. method: {name: coop}")
+    fields = dict(section)
+    name = fields.pop("name")
+    try:
+        get_method(name)
+    except KeyError as err:
+        raise RecipeError(f"method.name: {err.args[0]}") from None
+    return name, method_config(name, fields)
+
+
+def config_dict(config) -> dict:
+    """A Config as plain data (what recipes, checkpoints and adapters store)."""
+    return dataclasses.asdict(config)
 
 
 def build_method(name: str, config, backbone, classnames: Sequence[str], templates: Sequence[str]):
-    if config is None or isinstance(config, dict):
-        config = method_config(name, config)
-    return get_method(name)(config, backbone, classnames, templates)
+    """``config``: the method's Config, or a mapping of its fields (None = the defaults)."""
+    return get_method(name)(method_config(name, config), backbone, classnames, templates)

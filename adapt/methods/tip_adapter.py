@@ -5,8 +5,10 @@ renormalized), values their one-hot labels. For a normalized image feature f:
 
     logits = s·f·Wᵀ + α·exp(−β(1 − f·Kᵀ))·V
 
-with W the zero-shot classifier and s the backbone's own logit scale (``backbone.logits``: 100
-for OpenAI CLIP, exactly the original's constant; a model's own value elsewhere). α and β are
+with W the zero-shot classifier and s = 100, the constant the original code multiplies by
+(main.py: ``100. * test_features @ clip_weights``) whatever the backbone; it equals exp(logit
+scale) only for models whose scale saturated at 100 (OpenAI CLIP). ``clip_logit_scale: null``
+uses the backbone's own scale (and logit bias) instead. α and β are
 searched on the validation split (never on test); without one they keep the config's values.
 Tip-Adapter-F (``finetune: true``) makes the keys trainable; α/β are searched after training.
 The cache is the adapter: keys, labels, α and β are saved, so an export reproduces the logits.
@@ -23,7 +25,7 @@ from torch import nn
 
 from adapt.data.items import Item
 from adapt.data.transforms import train_transform
-from adapt.methods.base import Method
+from adapt.methods.base import HandWrittenClassifier, check_crop_scale, items_of_classes
 from adapt.methods.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -52,14 +54,18 @@ class TipAdapterConfig:
     # zero-shot classifier from all of the dataset's templates (ImageNet: its 7-template ensemble,
     # as the original; other datasets ship one) or only the first
     ensemble: bool = True
+    # multiplier of the zero-shot logits: the original's hard-coded 100; null = the backbone's own
+    # exp(logit_scale) (and logit bias)
+    clip_logit_scale: Optional[float] = 100.0
 
     def __post_init__(self) -> None:
         if self.alpha < 0 or self.beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got alpha={self.alpha}, beta={self.beta}")
         if self.augment_epochs < 0:
             raise ValueError(f"augment_epochs must be >= 0 (0 = no augmentation), got {self.augment_epochs}")
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.crop_scale)}")
+        check_crop_scale(self.crop_scale)
+        if self.clip_logit_scale is not None and self.clip_logit_scale <= 0:
+            raise ValueError(f"clip_logit_scale must be > 0 (or null for the model's), got {self.clip_logit_scale}")
         if self.beta_steps < 1 or self.alpha_steps < 1:
             raise ValueError("beta_steps and alpha_steps must be >= 1")
         if self.beta_max <= 0.1 or self.alpha_max <= 0.1:
@@ -71,7 +77,7 @@ def search_grid(maximum: float, steps: int) -> list[float]:
 
 
 @register_method("tipadapter")
-class TipAdapter(Method):
+class TipAdapter(HandWrittenClassifier):
     Config = TipAdapterConfig
     supports_feature_cache = True
     repointable = False  # the values are one-hot over the classes the cache was built for
@@ -92,17 +98,8 @@ class TipAdapter(Method):
         self.rebuild_classes()
 
     # ------------------------------------------------------------------ classes ----------------
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        names = [c.replace("_", " ") for c in classnames]
-        if len(self.cache_labels) and names != self.classnames:
-            raise ValueError(
-                f"tipadapter's cache holds one-hot labels of its own {len(self.classnames)} classes "
-                f"({', '.join(self.classnames[:4])}, ...) and cannot classify other class names; "
-                "build a cache for them (setup with their training images)")
-        super().set_classnames(classnames)
-
     def rebuild_classes(self) -> None:
-        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
+        super().rebuild_classes()
         self._rebuild_values()
 
     def _rebuild_values(self) -> None:
@@ -146,9 +143,7 @@ class TipAdapter(Method):
     def _own_items(self, items: Sequence[Item], names: Sequence[str], split: str,
                    required: bool) -> list[Item]:
         """The items of this method's classes, relabelled to its class order (by name)."""
-        index = {c: i for i, c in enumerate(self.classnames)}
-        relabel = {old: index[n.replace("_", " ")] for old, n in enumerate(names) if n.replace("_", " ") in index}
-        out = [Item(it.path, relabel[it.label]) for it in items if it.label in relabel]
+        out = items_of_classes(items, names, self.classnames)
         if required:
             missing = sorted(set(range(len(self.classnames))) - {it.label for it in out})
             if missing:
@@ -166,7 +161,7 @@ class TipAdapter(Method):
         device = self.cache_keys.device
         f, y = (t.to(device) for t in self._val)
         with torch.no_grad():
-            zs = self.backbone.logits(f, self.text_features).float()
+            zs = self.zero_shot_logits(f).float()
             before = int((self._combine(zs, f, self.alpha, self.beta).argmax(-1) == y).sum())
             alphas = torch.tensor(search_grid(cfg.alpha_max, cfg.alpha_steps), device=device)
             chunk = max(1, 2 ** 24 // max(1, zs.numel()))  # bounds the [alphas, N, C] block
@@ -192,7 +187,19 @@ class TipAdapter(Method):
         if self.config.finetune:
             self.search_hparams()
 
+    def scalars(self) -> dict[str, float]:
+        out = {"alpha": float(self.alpha), "beta": float(self.beta)}
+        if self.search_result is not None:
+            out.update(val_acc=self.search_result["val_acc"], val_acc_before=self.search_result["val_acc_before"])
+        return out
+
     # ------------------------------------------------------------------ logits -----------------
+    def zero_shot_logits(self, f: torch.Tensor) -> torch.Tensor:
+        scale = self.config.clip_logit_scale
+        if scale is None:
+            return self.backbone.logits(f, self.text_features)
+        return scale * f @ self.text_features.to(f.dtype).t()
+
     def _cache_logits(self, f: torch.Tensor, beta) -> torch.Tensor:
         affinity = f @ self.cache_keys.to(f.dtype).t()
         return torch.exp(-beta * (1 - affinity)) @ self.cache_values.to(affinity.dtype)
@@ -204,7 +211,7 @@ class TipAdapter(Method):
         if self.cache_keys.shape[0] == 0:
             raise RuntimeError("tipadapter has no cache yet: call setup(datamodule) with the "
                                "few-shot data, or load an exported adapter")
-        zs = self.backbone.logits(image_features, self.text_features)
+        zs = self.zero_shot_logits(image_features)
         return self._combine(zs, image_features, self.alpha, self.beta)
 
     # ------------------------------------------------------------------ state ------------------

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from adapt.methods.augmix import augmix_normalized
-from adapt.methods.base import Method
+from adapt.methods.base import Method, check_crop_scale, is_features
 from adapt.methods.prompts import ContextPrompts
 from adapt.methods.registry import register_method
 
@@ -59,8 +59,7 @@ class TPTConfig:
             raise ValueError("steps, lr and weight_decay must be >= 0")
         if self.augmix_severity <= 0.1:
             raise ValueError(f"augmix_severity must be > 0.1 (levels are drawn in [0.1, severity]), got {self.augmix_severity}")
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.crop_scale)}")
+        check_crop_scale(self.crop_scale)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -150,8 +149,8 @@ class TPT(Method):
         """The untuned model (context = its initialisation)."""
         return self.backbone.logits(image_features, self.cached_text_features(self.prompts.text_features))
 
-    def predict(self, x: torch.Tensor, inputs: str = "images") -> torch.Tensor:
-        if inputs != "images":
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        if is_features(x):
             raise ValueError("tpt augments each test image, so it needs images, not cached features")
         return torch.cat([self.predict_one(image) for image in x])
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from adapt.methods.base import Method, check_templates
+from adapt.methods.base import HandWrittenClassifier, check_templates
 from adapt.methods.registry import register_method
 
 
@@ -58,7 +58,7 @@ def frame_width(pad: int, image_size: int, reference_size: int = 224, scale: boo
 
 
 @register_method("vp")
-class VP(Method):
+class VP(HandWrittenClassifier):
     Config = VPConfig
 
     def __init__(self, config: VPConfig, backbone, classnames, templates):
@@ -75,9 +75,6 @@ class VP(Method):
         self.pad_up, self.pad_down = strip(pad, size), strip(pad, size)
         self.pad_left, self.pad_right = strip(size - 2 * pad, pad), strip(size - 2 * pad, pad)
         self.rebuild_classes()
-
-    def rebuild_classes(self) -> None:
-        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
 
     def prompt(self) -> torch.Tensor:
         """The full-size prompt [1, 3, S, S]: the learnable frame around a zero centre."""

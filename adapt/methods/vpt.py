@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapt.methods.base import Method
+from adapt.methods.base import HandWrittenClassifier
 from adapt.methods.deep_prompts import DeepVisionPrompts, encode_prompted_images
 from adapt.methods.registry import register_method
 
@@ -42,16 +42,13 @@ class VPTConfig:
 
 
 @register_method("vpt")
-class VPT(Method):
+class VPT(HandWrittenClassifier):
     Config = VPTConfig
 
     def __init__(self, config: VPTConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)
         self.vision = DeepVisionPrompts(backbone, config.n_tokens, config.depth, config.init_std)
         self.rebuild_classes()
-
-    def rebuild_classes(self) -> None:
-        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feats = encode_prompted_images(self.backbone, images, self.vision.layers())

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from adapt.methods.base import Method
+from adapt.methods.base import HandWrittenClassifier, check_templates
 from adapt.methods.registry import register_method
 
 
@@ -17,18 +17,18 @@ class ZeroShotConfig:
     # with the dataset's templates: use only the first (the protocol's single template) or all
     ensemble: bool = False
 
+    def __post_init__(self) -> None:
+        check_templates(self.templates)
+
 
 @register_method("zeroshot")
-class ZeroShot(Method):
+class ZeroShot(HandWrittenClassifier):
     Config = ZeroShotConfig
     supports_feature_cache = True
 
     def __init__(self, config, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)
         self.rebuild_classes()
-
-    def rebuild_classes(self) -> None:
-        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
 
     def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.backbone.logits(image_features, self.text_features)

@@ -1,0 +1,117 @@
+"""The shape of the core: one data path (the engine and the runner never branch on images vs
+features), a method is one class plus one decorator, and a checkpoint alone rebuilds a run."""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from adapt.cli import main
+from adapt.config import load_recipe
+from adapt.engine import AdaptModule
+from adapt.export import load_adapter
+from adapt.methods import HandWrittenClassifier, register_method
+from adapt.run import Experiment
+from tests.conftest import tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+WEIGHTS = ROOT / "adapt" / "weights" / "tiny-vit-p4-world.safetensors"
+# what a branch on the kind of input would have to mention
+INPUT_WORDS = {"features", "images", "inputs", "supports_feature_cache", "forward_features", "is_features",
+               "FeatureData", "grad_at_test"}
+
+
+def _branch_tests(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.If, ast.IfExp, ast.While)):
+            yield node.test
+        elif isinstance(node, ast.comprehension):
+            yield from node.ifs
+        elif isinstance(node, ast.BoolOp):
+            yield node
+
+
+def _mentions(test: ast.AST) -> set[str]:
+    words = set()
+    for node in ast.walk(test):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            words.add(node.value)
+        elif isinstance(node, ast.Attribute):
+            words.add(node.attr)
+        elif isinstance(node, ast.Name):
+            words.add(node.id)
+    return words & INPUT_WORDS
+
+
+@pytest.mark.parametrize("module", ["engine.py", "run.py"])
+def test_engine_and_runner_never_branch_on_images_or_features(module):
+    source = (ROOT / "adapt" / module).read_text()
+    tree = ast.parse(source)
+    offending = [(test.lineno, sorted(_mentions(test))) for test in _branch_tests(tree) if _mentions(test)]
+    assert not offending, f"adapt/{module} branches on the kind of input at {offending}"
+    assert "forward_features" not in source and "FeatureData" not in source
+
+
+# ------------------------------------------------------------------ a method in a test file ----
+@dataclass
+class ScaledConfig:
+    init: float = 1.0  # the learned temperature's start
+
+
+@register_method("test_scaled_zeroshot")
+class ScaledZeroShot(HandWrittenClassifier):
+    """Zero-shot CLIP with one learned logit multiplier: the smallest trainable method."""
+
+    Config = ScaledConfig
+    supports_feature_cache = True
+
+    def __init__(self, config, backbone, classnames, templates):
+        super().__init__(config, backbone, classnames, templates)
+        self.scale = nn.Parameter(torch.tensor(float(config.init)))
+        self.rebuild_classes()
+
+    def forward_features(self, image_features):
+        return self.scale * self.backbone.logits(image_features, self.text_features)
+
+    def scalars(self):
+        return {"scale": float(self.scale.detach())}
+
+
+@pytest.mark.skipif(not WEIGHTS.exists(), reason="run experiments/pretrain_world.py first")
+def test_a_method_defined_in_a_test_file_runs_fit_export_load_through_the_cli(image_folder, tmp_path):
+    over = tiny_overrides(image_folder, tmp_path, "test_scaled_zeroshot", **{
+        "backbone.name": "tiny-vit-p4", "backbone.pretrained": "world", "optim.lr": 0.5,
+        "optim.warmup_epochs": 0, "run_name": "scaled"})
+    assert main(["fit", str(RECIPES / "coop/fewshot.yaml"), *over]) == 0
+    run = tmp_path / "scaled"
+    assert main(["export", str(run), str(tmp_path / "exported")]) == 0
+    loaded = load_adapter(tmp_path / "exported").eval()
+    trained = float(loaded.scale)
+    assert trained != 1.0  # it trained, through the ordinary engine
+    import json
+    assert json.loads((run / "results.json").read_text())["scalars"] == {"scale": pytest.approx(trained)}
+
+    # the run's checkpoint alone rebuilds the Lightning module: method, classes, backbone
+    rebuilt = AdaptModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=False)
+    rebuilt.eval()
+    assert rebuilt.method.name == "test_scaled_zeroshot" and rebuilt.method.classnames == loaded.classnames
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(images), loaded.predict(images), atol=1e-6)
+
+
+def test_experiment_uses_one_data_module_for_either_input(image_folder, tmp_path):
+    over = tiny_overrides(image_folder, tmp_path, "coop", **{"method.n_ctx": 2})
+    cached = Experiment(load_recipe(RECIPES / "coop/fewshot.yaml", over))
+    plain = Experiment(load_recipe(RECIPES / "coop/fewshot.yaml", over + ["cache=false"]))
+    vp = Experiment(load_recipe(RECIPES / "vp/fewshot.yaml", tiny_overrides(image_folder, tmp_path, "vp")))
+    assert (cached.inputs, plain.inputs, vp.inputs) == ("features", "images", "images")
+    assert type(cached.data) is type(plain.data)
+    x, _ = next(iter(cached.data.train_dataloader()))
+    y, _ = next(iter(plain.data.train_dataloader()))
+    assert x.dim() == 2 and y.dim() == 4
