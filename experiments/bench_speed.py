@@ -1,6 +1,9 @@
 """Speed and memory of adapt's default paths against what the original implementations do.
 
-    python experiments/bench_speed.py [--quick] [--out experiments/results] [--threads 2]
+    python experiments/bench_speed.py [--quick] [--out DIR] [--threads 2]
+
+Figures go to a fresh temporary folder unless ``--out`` names one; the committed figures change
+only with an explicit ``--out experiments/results`` (from a full, not ``--quick``, run).
 
 ViT-B/16 architecture with random weights (``pretrained: null``: the real model's FLOPs), fp32,
 CPU. Each workload runs a ``reference`` mode, doing what the original code does, and adapt's
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -485,12 +489,38 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+COMMITTED = ROOT / "experiments" / "results"
+
+
+def output_dir(out, quick: bool) -> Path:
+    """Where this run writes: ``--out`` if given, else a new temporary folder. A ``--quick`` run
+    (toy sizes, numbers mean nothing) never writes over the committed figures."""
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix="bench_speed_out_"))
+    path = Path(out).expanduser().resolve()
+    if quick and path == COMMITTED.resolve():
+        raise SystemExit("--quick figures are toy sizes and must not replace the committed ones in "
+                         f"{COMMITTED}; give another --out, or drop --quick for a full run")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="toy sizes on a tiny model (CI smoke test)")
-    ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
+    ap.add_argument("--out", default=None,
+                    help="folder for bench_speed.json/.md (default: a new temporary folder; the "
+                         "committed figures only with an explicit --out experiments/results)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    out = output_dir(args.out, args.quick)
+    print(f"figures will be written to {out}", flush=True)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     cfg = dict(QUICK if args.quick else FULL)
@@ -525,10 +555,8 @@ def main(argv=None) -> int:
                     for key, label, goal, test in TARGETS},
         "wall_seconds": time.perf_counter() - start,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_speed.json").write_text(json.dumps(result, indent=2))
-    (out / "bench_speed.md").write_text(markdown(result))
+    _write(out / "bench_speed.json", json.dumps(result, indent=2))
+    _write(out / "bench_speed.md", markdown(result))
     print(markdown(result))
     print(f"wrote {out / 'bench_speed.json'} and bench_speed.md in {result['wall_seconds']:.0f}s")
     return 0

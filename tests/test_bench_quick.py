@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("CoOp step", "CoCoOp step", "Tip-Adapter build+search", "TPT per image", "zero-shot eval")
 
@@ -33,3 +35,15 @@ def test_bench_speed_quick_runs_and_reports(tmp_path):
     assert checks["tpt_prediction_agrees"] == 1.0
     table = (tmp_path / "bench_speed.md").read_text()
     assert table.count("| reference |") == 7 and "| target | measured | goal | met |" in table
+
+
+def test_bench_speed_never_writes_committed_figures_by_default(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from experiments import bench_speed
+
+    monkeypatch.setattr(bench_speed.tempfile, "tempdir", str(tmp_path))
+    default = bench_speed.output_dir(None, quick=False)
+    assert default.parent == tmp_path and default != bench_speed.COMMITTED.resolve()
+    assert bench_speed.output_dir(str(tmp_path / "x"), quick=True) == (tmp_path / "x").resolve()
+    with pytest.raises(SystemExit, match="--quick"):
+        bench_speed.output_dir(str(bench_speed.COMMITTED), quick=True)
