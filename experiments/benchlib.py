@@ -148,16 +148,18 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 @contextmanager
 def reference_mode(backbone):
-    """What the original implementations do on the text side: every prompt through all of the
-    context length (no truncation to the longest prompt), no chunking, no checkpointing."""
-    saved = (backbone.config.text_chunk_size, backbone.config.grad_checkpointing)
+    """What the original implementations do: every prompt through all of the context length (no
+    truncation to the longest prompt), no chunking, no checkpointing, open_clip's own blocks."""
+    cfg = backbone.config
+    saved = (cfg.text_chunk_size, cfg.grad_checkpointing, cfg.fast_blocks, cfg.image_chunk_size)
     backbone._text_is_causal = lambda: False  # the wrapper then keeps every position
-    backbone.config.text_chunk_size, backbone.config.grad_checkpointing = 0, False
+    # open_clip's own blocks (nn.MultiheadAttention), the whole batch in one pass
+    cfg.text_chunk_size, cfg.grad_checkpointing, cfg.fast_blocks, cfg.image_chunk_size = 0, False, False, 0
     try:
         yield
     finally:
         del backbone._text_is_causal
-        backbone.config.text_chunk_size, backbone.config.grad_checkpointing = saved
+        cfg.text_chunk_size, cfg.grad_checkpointing, cfg.fast_blocks, cfg.image_chunk_size = saved
 
 
 def linear_estimate(points: list[tuple[float, float]], x: float) -> float:
