@@ -16,9 +16,9 @@ Speed (``BackboneConfig.fast_blocks``, on by default): open_clip's blocks go thr
 products (q/k/v re-laid out and rescaled, attention as two batched products and a softmax, head
 permutes). The wrapper runs those same blocks itself, on the same weights (read live, so anything
 that changes them stays exact): one fused q/k/v product, ``scaled_dot_product_attention`` on
-strided views of it (a fused kernel, causal for the text tower), the head merge for free, and
-without gradients the image batch in chunks whose activations stay in the cache
-(``image_chunk_size``). Blocks it does not know (other classes, wrapped attention, hooks)
+strided views of it (a fused kernel, causal for the text tower), the head merge for free; without
+gradients the image batch may go in chunks (``image_chunk_size``; one pass measured fastest).
+Blocks it does not know (other classes, wrapped attention, hooks)
 run open_clip's own forward.
 """
 from __future__ import annotations
@@ -253,7 +253,7 @@ class ClipBackbone(nn.Module):
         """Images per pass without gradients (0 = one pass): the fast path's cache-sized chunks."""
         size = self.config.image_chunk_size
         if size is None:
-            size = AUTO_IMAGE_CHUNK if self.config.fast_blocks else 0
+            size = AUTO_IMAGE_CHUNK if self.config.fast_blocks else 0  # measured: one pass
         if not size or images.shape[0] <= size or torch.is_grad_enabled():
             return 0
         batched = [p for p in [prompts, *(deep_prompts or ())] if p is not None and p.dim() == 3]
@@ -300,10 +300,11 @@ def build_backbone(config: BackboneConfig, device: Optional[torch.device | str] 
 
 
 # ------------------------------------------------------------------------------- helpers -----
-# Images per no-gradient pass of the fast image tower: ViT-B/16's activations of 8 images
-# (~1600 tokens; the MLP's hidden layer 20 MB) stay near the cache, where a 32-image pass streams
-# them through memory. Chosen by experiments/bench_image_tower.py.
-AUTO_IMAGE_CHUNK = 8
+# Images per no-gradient pass of the fast image tower when image_chunk_size is automatic; 0 =
+# the whole batch at once. Measured on ViT-B/16, batch 32, 2 threads (bench_speed.py's image
+# tower rows, interleaved with a matmul): one pass 74 % of the matmul rate, chunks of 16 71 %,
+# chunks of 8 66 % (cache-sized chunks cost more in per-op overhead than they save).
+AUTO_IMAGE_CHUNK = 0
 
 
 def fused_block_ok(block: nn.Module, mask: Optional[torch.Tensor] = None) -> bool:

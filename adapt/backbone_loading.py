@@ -51,8 +51,8 @@ class BackboneConfig:
     # scaled_dot_product_attention): same weights and results, a third less time on CPU; false =
     # open_clip's own block forward everywhere
     fast_blocks: bool = True
-    # images per no-gradient image-tower pass (cache-sized chunks); null = automatic (8 with
-    # fast_blocks, else one pass), 0 = one pass
+    # images per no-gradient image-tower pass; null = automatic (one pass, as measured fastest
+    # on CPU), 0 = one pass
     image_chunk_size: Optional[int] = None
 
 

@@ -59,7 +59,7 @@ from experiments.benchlib import (PeakMemory, in_reference_mode, interleaved,  #
 
 FULL = dict(model="ViT-B-16", classes=100, many=1000, second=200, batch=32, steps=3, ref_steps=1,
             warmup=1, cocoop_ref_images=2, shots=16, views=10, val_shots=4, grid=(200, 20),
-            tpt_views=64, eval_images=64, eval_batch=32, text_memory_mb=None, rounds=3, matmul_n=2048,
+            tpt_views=64, eval_images=64, eval_batch=32, text_memory_mb=None, rounds=2, matmul_n=2048,
             prompt_batch=4)
 QUICK = dict(model="adapt-tiny-vit", classes=10, many=40, second=20, batch=4, steps=1, ref_steps=1,
              warmup=1, cocoop_ref_images=1, shots=2, views=2, val_shots=1, grid=(8, 4), tpt_views=8,
@@ -531,6 +531,76 @@ class Bench:
         r["speedup"] = t_ref / t_warm
 
 
+# ---------------------------------------------------------------------------- GPU ---------------
+def gpu_figures(cfg: dict) -> dict:
+    """Absolute figures on a CUDA device in bf16-mixed precision, attention through
+    scaled_dot_product_attention (the fast blocks): images/s of feature extraction, s/step of
+    CoOp (cached features), CoCoOp (batch 32), MaPLe (batch 4) and the peak memory of a
+    1000-class CoOp step. Without a device it says so and records nothing else."""
+    if not torch.cuda.is_available():
+        msg = "no CUDA device here: the bf16-mixed GPU figures are skipped, not estimated"
+        print(msg, flush=True)
+        return {"skipped": msg}
+    from adapt.backbone import BackboneConfig, build_backbone
+    from adapt.methods import build_method
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    bb = build_backbone(BackboneConfig(name=cfg["model"], pretrained=None), device=dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+
+    def amp():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+
+    def cuda_seconds(fn, steps=5, warmup=2):
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / steps
+
+    def trainer(name, n_cls, x, from_features, method_cfg=None):
+        method = build_method(name, method_cfg, bb, classnames(n_cls), TEMPLATE).to(dev).train()
+        opt = torch.optim.SGD(method.trainable_parameters(), **SGD)
+        y = torch.randint(0, n_cls, (x.shape[0],), device=dev, generator=g)
+
+        def step():
+            with amp():
+                logits = method.forward_features(x) if from_features else method(x)
+            loss = F.cross_entropy(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    size, d, b = bb.image_size, bb.embed_dim, cfg["batch"]
+    images = torch.randn(256, 3, size, size, device=dev, generator=g)
+
+    def extract():
+        with torch.no_grad(), amp():
+            bb.encode_image(images)
+
+    feats = F.normalize(torch.randn(b, d, device=dev, generator=g), dim=-1)
+    out = {"device": torch.cuda.get_device_name(dev), "precision": "bf16-mixed",
+           "attention": "scaled_dot_product_attention (fast blocks)",
+           "feature_extraction_images_per_s": 256 / cuda_seconds(extract),
+           "coop_step_s": cuda_seconds(trainer("coop", cfg["classes"], feats, True, {"n_ctx": 16})),
+           "cocoop_step_s": cuda_seconds(trainer("cocoop", cfg["classes"], feats, True)),
+           "maple_step_s": cuda_seconds(trainer("maple", cfg["classes"], images[:cfg["prompt_batch"]], False))}
+    big = trainer("coop", cfg["many"], feats, True, {"n_ctx": 16})
+    big()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(dev)
+    big()
+    out["coop_many_classes"] = cfg["many"]
+    out["coop_many_peak_gpu_mb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+    print("GPU:", json.dumps(out), flush=True)
+    return out
+
+
 @contextmanager
 def eager_blocks(bb, on: bool = True):
     """open_clip's own block forward (the fast path off), everything else as adapt's default."""
@@ -612,6 +682,7 @@ def markdown(result: dict) -> str:
                   f"open_clip's blocks: {100 * text['eager_blocks_fraction']:.0f} %).",
               "Every fraction is the best of interleaved rounds against a matmul timed between them "
               "(the machine may be shared: compare within one run).",
+              gpu_line(result.get("gpu") or {}),
               "Exactness checks of this run: " + ", ".join(f"{k} = {v:.3g}" for k, v in result["checks"].items()) + "."]
     return "\n".join(lines) + "\n"
 
@@ -636,6 +707,15 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def gpu_line(gpu: dict) -> str:
+    if "skipped" in gpu or not gpu:
+        return f"GPU (bf16-mixed, SDPA): {gpu.get('skipped', 'not run')}."
+    return (f"GPU ({gpu['device']}, {gpu['precision']}, {gpu['attention']}): feature extraction "
+            f"{gpu['feature_extraction_images_per_s']:.0f} images/s; CoOp step {gpu['coop_step_s']:.3f} s, "
+            f"CoCoOp step {gpu['cocoop_step_s']:.3f} s, MaPLe step {gpu['maple_step_s']:.3f} s; "
+            f"{gpu['coop_many_classes']}-class CoOp step peak {gpu['coop_many_peak_gpu_mb']:.0f} MB.")
 
 
 def main(argv=None) -> int:
@@ -671,6 +751,7 @@ def main(argv=None) -> int:
         bench.tip_adapter(work)
         bench.tpt()
         bench.zero_shot_eval(work)
+    gpu = gpu_figures(cfg)
     ratios = summarize(bench, matmul)
     result = {
         "quick": args.quick, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
@@ -679,7 +760,7 @@ def main(argv=None) -> int:
                     "peak_memory_method": "VmHWM (clear_refs)" if memory.exact else "sampled RSS",
                     "allocator": "glibc mmap threshold fixed at 1 MiB" if allocator else "default",
                     "load_average_before": load_before, "load_average_after": load_average()},
-        "rows": bench.rows, "ratios": ratios, "checks": bench.checks, "info": bench.info,
+        "rows": bench.rows, "ratios": ratios, "gpu": gpu, "checks": bench.checks, "info": bench.info,
         "targets": {key: {"label": label, "goal": goal, "value": ratios[key], "met": bool(test(ratios[key]))}
                     for key, label, goal, test in TARGETS},
         "wall_seconds": time.perf_counter() - start,
