@@ -6,7 +6,6 @@ one evaluation set per class subset (``test``, or ``base`` and ``novel``), each 
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -16,11 +15,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from adapt.data.checks import check_images, class_counts, warn_short_classes
 from adapt.data.config import DataConfig
 from adapt.data.fewshot import few_shot_splits, write_manifest
 from adapt.data.image_dataset import ImageDataset
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.registry import build_dataset
+from adapt.data.sharding import EpochOrder, train_loader
 from adapt.data.splits import subsample_classes
 from adapt.data.transforms import test_transform, train_transform
 
@@ -37,20 +38,16 @@ def as_data_config(cfg: Union[DataConfig, DictConfig, dict]) -> DataConfig:
     return DataConfig(**cfg)
 
 
-def drop_ragged_batch(n_items: int, batch_size: int, world_size: int = 1) -> bool:
-    """Drop a ragged last batch only when each process gets more than one batch: a 1-shot,
-    10-class run with batch 32 must still train, also when DDP splits it over several GPUs."""
-    return math.ceil(n_items / max(1, world_size)) > batch_size
-
-
 class AdaptDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: Union[DataConfig, DictConfig], image_size: int, mean: Sequence[float],
-                 std: Sequence[float], seed: int, run_dir: Optional[Union[str, Path]] = None):
+    def __init__(self, cfg: Union[DataConfig, DictConfig], image_size: Optional[int],
+                 mean: Optional[Sequence[float]], std: Optional[Sequence[float]], seed: int,
+                 run_dir: Optional[Union[str, Path]] = None):
+        """``image_size`` / ``mean`` / ``std`` may come later (``set_preprocess``): the runner
+        loads and checks the data before it loads the backbone, so that a wrong path costs
+        seconds, not a model download."""
         super().__init__()
         self.cfg = as_data_config(cfg)
-        # data.image_size overrides the backbone's resolution (null = the backbone's own)
-        self.image_size = int(self.cfg.image_size or image_size)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.set_preprocess(image_size, mean, std)
         self.seed = int(seed)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.dataset: Optional[DatasetSplits] = None
@@ -59,8 +56,19 @@ class AdaptDataModule(pl.LightningDataModule):
         self.train_items: list[Item] = []
         self.val_items: list[Item] = []
         self.eval_sets: "OrderedDict[str, tuple[list[str], list[Item]]]" = OrderedDict()
+        self.skipped_images: dict[str, int] = {}  # split -> unreadable files left out (bad_images=skip)
+        self.train_counts: dict[str, int] = {}  # class -> training images (all classes, before base2novel)
+        self.short_classes: list[str] = []
         # the recipe's ``cache``: encodings a method asks for (``encode``) go through the cache
         self.use_feature_cache = True
+
+    def set_preprocess(self, image_size: Optional[int], mean: Optional[Sequence[float]],
+                       std: Optional[Sequence[float]]) -> None:
+        # data.image_size overrides the backbone's resolution (null = the backbone's own)
+        size = self.cfg.image_size or image_size
+        self.image_size = int(size) if size else None
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.dataset is not None:  # idempotent: Lightning calls setup once per stage
@@ -71,6 +79,13 @@ class AdaptDataModule(pl.LightningDataModule):
         if cfg.setting == "base2novel" and len(names) < 2:
             raise ValueError(f"data.setting=base2novel needs at least 2 classes; {dataset.name!r} has {len(names)}")
         train, val = few_shot_splits(dataset, cfg.shots, self.seed, cfg.allow_fewer_shots, cfg.manifest)
+        # every selected file, before any model time is spent (missing / unreadable images)
+        before = {"train": train, "val": val, "test": dataset.test}
+        kept = check_images(dataset.root, before, cfg.bad_images)
+        self.skipped_images = {s: len(before[s]) - len(kept[s]) for s in before if len(before[s]) != len(kept[s])}
+        train, val, dataset.test = kept["train"], kept["val"], kept["test"]
+        self.train_counts = class_counts(train, names)
+        self.short_classes = warn_short_classes(self.train_counts, cfg.shots)
         train_subset = "base" if cfg.setting == "base2novel" else "all"
         self.train_items, self.train_classnames = subsample_classes(train, names, train_subset)
         self.val_items, _ = subsample_classes(val, names, train_subset)
@@ -125,11 +140,16 @@ class AdaptDataModule(pl.LightningDataModule):
     def test_transform(self):
         return test_transform(self.image_size, self.mean, self.std)
 
-    def train_dataloader(self, world_size: int = 1) -> DataLoader:
+    def train_dataloader(self, world_size: int = 1, rank: int = 0) -> DataLoader:
+        """This process's training loader: its slice of every global batch (``data.batch_size``)
+        of an epoch order drawn from the seed. Workers are not kept across epochs: each epoch's
+        workers are seeded from the global generator at that epoch, which a checkpoint restores,
+        so a resumed run draws the augmentations of an uninterrupted one."""
         self.setup()
-        bs = self.cfg.batch_size
-        return self.dataloader(self.train_items, self.train_transform(), bs, shuffle=True,
-                               drop_last=drop_ragged_batch(len(self.train_items), bs, world_size))
+        workers = self.cfg.num_workers
+        return train_loader(ImageDataset(self.train_items, self.dataset.root, self.train_transform()),
+                            EpochOrder(len(self.train_items), self.seed), self.cfg.batch_size, rank,
+                            world_size, num_workers=workers, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self):
         self.setup()
