@@ -9,6 +9,13 @@ ViT-B/16 architecture with random weights (``pretrained: null``: the real model'
 CPU. Each workload runs a ``reference`` mode, doing what the original code does, and adapt's
 ``default`` mode, in this one process:
 
+* Image tower, batch 32, no gradients (feature extraction, evaluation, TPT's views). reference:
+  open_clip's own forward; default: the wrapper's fast blocks (``backbone.fast_blocks``); and the
+  other chunking choice. Each as GFLOP/s and its fraction of a 2048² fp32 matmul timed between
+  the interleaved rounds (target 60 %).
+* Text tower in the CoOp step on cached features (forward + input-gradient backward): fast
+  blocks and open_clip's, as fractions of that matmul (target 65 %), gradients compared.
+* VPT / MaPLe / IVLP step at their recipes' batch 4: fast blocks against open_clip's (not slower).
 * CoOp step (batch 32; 100 and 1000 classes). reference: the image encoder on every batch and
   every class prompt through all 77 positions; default: cached image features, prompts cut to
   the longest one, chunking + checkpointing where the automatic memory plan asks for them.
@@ -26,6 +33,12 @@ CPU. Each workload runs a ``reference`` mode, doing what the original code does,
   (77 positions) encoded for every batch, as CoOp's test loop does through the model's forward;
   default: prompts once per evaluation; image features computed once and cached (cold: this run
   computes and writes them; warm: a later evaluation reads them).
+
+* GPU (only when CUDA is present; otherwise skipped with a message): bf16-mixed, SDPA attention,
+  absolute images/s and s/step.
+
+``--only image_tower,text_tower`` runs some workloads (a partial run never writes the committed
+figures); ``--rounds`` sets the interleaved rounds of the rate rows.
 
 Measurements that would not fit this machine's time or memory (reference 1000-class steps, the
 16,000 image encodings of Tip-Adapter's cache) are extrapolated from measured ones and marked
@@ -145,31 +158,6 @@ class Bench:
         r = self.row(name, "default", t_def, "step", b, m_def, note="cached features, truncated prompts")
         r["speedup"] = t_ref / t_def
 
-        # the text tower inside the default step: its FLOPs, time and rate
-        grad = torch.randn(c["classes"], self.d, generator=self.gen)
-
-        def text_pass():
-            method.prompts.text_features().backward(grad)
-
-        with FlopCounterMode(display=False) as counter:
-            text_pass()
-        flops = counter.get_total_flops()
-        grads = {}
-        for fast in (True, False):  # the context vectors' gradient, fast blocks against open_clip's
-            with eager_blocks(bb, not fast):
-                method.prompts.ctx.grad = None
-                text_pass()
-                grads[fast] = method.prompts.ctx.grad.clone()
-        self.checks["coop_text_grad_fast_vs_eager_rel"] = float((grads[True] - grads[False]).norm() / grads[False].norm())
-        got = rates_beside_matmul({"default": text_pass, "eager blocks": eager_blocks_fn(bb, text_pass)},
-                                  {"default": flops, "eager blocks": flops}, c["rounds"], self.memory, c["matmul_n"])
-        length = int(bb.eot_positions(method.prompts.tokens).max()) + 1
-        self.info["coop_text"] = {"flops_per_step": flops, "seconds": got["default"]["seconds"],
-                                  "gflops": got["default"]["gflops"], "fraction": got["default"]["fraction"],
-                                  "eager_blocks_fraction": got["eager blocks"]["fraction"],
-                                  "matmul_gflops": got["matmul_gflops"],
-                                  "sequence_length": length, "full_length": int(method.prompts.tokens.shape[1])}
-
         # many classes: the automatic plan (chunking + checkpointing) against reference estimates
         many = c["many"]
         big = build_method("coop", {"n_ctx": 16}, bb, classnames(many), TEMPLATE).train()
@@ -211,6 +199,41 @@ class Bench:
                      note=f"auto plan: chunks of {chunk}, checkpointing {'on' if ckpt else 'off'}")
         r["speedup"] = linear_estimate(pts_t, many) / t_big
         self.info["coop_many_plan"] = {"chunk": chunk, "checkpoint": ckpt, "sequence_length": length_big}
+
+    # ------------------------------------------------------------------ text tower -------------
+    def text_tower(self) -> None:
+        """The text tower inside the default CoOp step (forward + input-gradient backward of the
+        class prompts): fast blocks against open_clip's, beside the matmul; same gradients."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from adapt.methods import build_method
+
+        c, bb = self.cfg, self.bb
+        method = build_method("coop", {"n_ctx": 16}, bb, classnames(c["classes"]), TEMPLATE).train()
+        grad = torch.randn(c["classes"], self.d, generator=self.gen)
+
+        def text_pass():
+            method.prompts.text_features().backward(grad)
+
+        with FlopCounterMode(display=False) as counter:
+            text_pass()
+        flops = counter.get_total_flops()
+        grads = {}
+        for fast in (True, False):  # the context vectors' gradient, fast blocks against open_clip's
+            with eager_blocks(bb, not fast):
+                method.prompts.ctx.grad = None
+                text_pass()
+                grads[fast] = method.prompts.ctx.grad.clone()
+        self.checks["coop_text_grad_fast_vs_eager_rel"] = float((grads[True] - grads[False]).norm() / grads[False].norm())
+        got = rates_beside_matmul({"default": text_pass, "eager blocks": eager_blocks_fn(bb, text_pass)},
+                                  {"default": flops, "eager blocks": flops}, c["rounds"], self.memory, c["matmul_n"])
+        length = int(bb.eot_positions(method.prompts.tokens).max()) + 1
+        self.info["coop_text"] = {"flops_per_step": flops, "seconds": got["default"]["seconds"],
+                                  "gflops": got["default"]["gflops"], "fraction": got["default"]["fraction"],
+                                  "eager_blocks_fraction": got["eager blocks"]["fraction"],
+                                  "matmul_gflops": got["matmul_gflops"],
+                                  "sequence_length": length, "full_length": int(method.prompts.tokens.shape[1])}
+
 
     # ------------------------------------------------------------------ image tower ------------
     def image_tower(self) -> None:
@@ -635,22 +658,29 @@ TARGETS = [
 def summarize(bench: Bench, matmul: float) -> dict:
     rows = {(r["workload"].split(",")[0] + ("/many" if str(bench.cfg["many"]) in r["workload"] else ""), r["mode"]): r
             for r in bench.rows}
-    text = bench.info["coop_text"]
-    ratios = {
-        "coop_speedup": rows[("CoOp step", "default")]["speedup"],
-        "coop_many_peak_gb": rows[("CoOp step/many", "default")]["peak_rss_mb"] / 1024,
-        "coop_many_reference_peak_gb_estimated": rows[("CoOp step/many", "reference")]["peak_rss_mb"] / 1024,
-        "cocoop_speedup": rows[("CoCoOp step", "default")]["speedup"],
-        "text_fraction_of_matmul": text["fraction"],
-        "image_fraction_of_matmul": bench.info["image_tower"]["default"]["fraction"],
-        **{f"{m}_step_speedup": bench.info[f"{m}_step"]["eager blocks"]["seconds"]
-           / bench.info[f"{m}_step"]["default"]["seconds"] for m in ("vpt", "maple", "ivlp")},
-        "tip_warm_speedup": rows[("Tip-Adapter build+search", "default (warm)")]["speedup"],
-        "tip_search_speedup": bench.info["tip_search"]["speedup"],
-        "tpt_speedup": rows[("TPT per image", "default")]["speedup"],
-        "eval_cold_speedup": rows[("zero-shot eval", "default (cold)")]["speedup"],
-        "eval_warm_speedup": rows[("zero-shot eval", "default (warm)")]["speedup"],
+    info = bench.info
+    steps = {f"{m}_step_speedup": (lambda m=m: info[f"{m}_step"]["eager blocks"]["seconds"]
+                                   / info[f"{m}_step"]["default"]["seconds"]) for m in ("vpt", "maple", "ivlp")}
+    getters = {
+        "coop_speedup": lambda: rows[("CoOp step", "default")]["speedup"],
+        "coop_many_peak_gb": lambda: rows[("CoOp step/many", "default")]["peak_rss_mb"] / 1024,
+        "coop_many_reference_peak_gb_estimated": lambda: rows[("CoOp step/many", "reference")]["peak_rss_mb"] / 1024,
+        "cocoop_speedup": lambda: rows[("CoCoOp step", "default")]["speedup"],
+        "text_fraction_of_matmul": lambda: info["coop_text"]["fraction"],
+        "image_fraction_of_matmul": lambda: info["image_tower"]["default"]["fraction"],
+        **steps,
+        "tip_warm_speedup": lambda: rows[("Tip-Adapter build+search", "default (warm)")]["speedup"],
+        "tip_search_speedup": lambda: info["tip_search"]["speedup"],
+        "tpt_speedup": lambda: rows[("TPT per image", "default")]["speedup"],
+        "eval_cold_speedup": lambda: rows[("zero-shot eval", "default (cold)")]["speedup"],
+        "eval_warm_speedup": lambda: rows[("zero-shot eval", "default (warm)")]["speedup"],
     }
+    ratios = {}
+    for key, get in getters.items():  # a partial run (--only) has only its own
+        try:
+            ratios[key] = get()
+        except KeyError:
+            pass
     return ratios
 
 
@@ -670,17 +700,19 @@ def markdown(result: dict) -> str:
                      f"{r['peak_rss_mb'] / 1024:.2f}{est} | {sp} | {r['note']} |")
     lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
     for key, label, goal, _ in TARGETS:
+        if key not in result["targets"]:
+            continue
         t = result["targets"][key]
         value = f"{100 * t['value']:.0f} %" if key.endswith("_fraction_of_matmul") else (
             f"{t['value']:.2f} GB" if key.endswith("_gb") else f"{t['value']:.1f}x")
         lines.append(f"| {label} | {value} | {goal} | {'yes' if t['met'] else 'NO'} |")
-    text = result["info"]["coop_text"]
-    lines += ["", f"Text tower in the default CoOp step: {text['flops_per_step'] / 1e9:.0f} GFLOP "
+    text = result["info"].get("coop_text")
+    lines += [""] + ([] if text is None else [f"Text tower in the default CoOp step: {text['flops_per_step'] / 1e9:.0f} GFLOP "
                   f"(forward + input-gradient backward, sequences cut from {text['full_length']} to "
                   f"{text['sequence_length']} positions) in {text['seconds']:.2f} s = {text['gflops']:.0f} GFLOP/s "
                   f"({100 * text['fraction']:.0f} % of the {text['matmul_gflops']:.0f} GFLOP/s matmul timed beside it; "
                   f"open_clip's blocks: {100 * text['eager_blocks_fraction']:.0f} %).",
-              "Every fraction is the best of interleaved rounds against a matmul timed between them "
+              ]) + ["Every fraction is the best of interleaved rounds against a matmul timed between them "
               "(the machine may be shared: compare within one run).",
               gpu_line(result.get("gpu") or {}),
               "Exactness checks of this run: " + ", ".join(f"{k} = {v:.3g}" for k, v in result["checks"].items()) + "."]
@@ -688,6 +720,9 @@ def markdown(result: dict) -> str:
 
 
 COMMITTED = ROOT / "experiments" / "results"
+# in run order; tpt reads the CoOp reference's per-class memory, so it needs coop before it
+WORKLOADS = ("image_tower", "text_tower", "coop", "prompt_steps", "cocoop", "tip_adapter", "tpt",
+             "zero_shot_eval", "gpu")
 
 
 def output_dir(out, quick: bool) -> Path:
@@ -697,8 +732,9 @@ def output_dir(out, quick: bool) -> Path:
         return Path(tempfile.mkdtemp(prefix="bench_speed_out_"))
     path = Path(out).expanduser().resolve()
     if quick and path == COMMITTED.resolve():
-        raise SystemExit("--quick figures are toy sizes and must not replace the committed ones in "
-                         f"{COMMITTED}; give another --out, or drop --quick for a full run")
+        raise SystemExit("--quick / --only figures are toy sizes or a partial run and must not "
+                         f"replace the committed ones in {COMMITTED}; give another --out, or run "
+                         "the full benchmark")
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -725,12 +761,22 @@ def main(argv=None) -> int:
                     help="folder for bench_speed.json/.md (default: a new temporary folder; the "
                          "committed figures only with an explicit --out experiments/results)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default=None,
+                    help=f"comma-separated workloads of {','.join(WORKLOADS)} (default: all; "
+                         "a partial run never writes the committed figures)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the rate rows")
     args = ap.parse_args(argv)
-    out = output_dir(args.out, args.quick)
+    only = args.only.split(",") if args.only else list(WORKLOADS)
+    if not set(only) <= set(WORKLOADS):
+        raise SystemExit(f"--only: unknown workload(s) {sorted(set(only) - set(WORKLOADS))}; "
+                         f"choose from {', '.join(WORKLOADS)}")
+    out = output_dir(args.out, args.quick or only != list(WORKLOADS))
     print(f"figures will be written to {out}", flush=True)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     cfg = dict(QUICK if args.quick else FULL)
+    if args.rounds:
+        cfg["rounds"] = args.rounds
     import logging
 
     logging.getLogger("adapt").setLevel(logging.ERROR)
@@ -744,14 +790,12 @@ def main(argv=None) -> int:
     bench = Bench(cfg, memory)
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
         work = Path(tmp)
-        bench.image_tower()
-        bench.coop()
-        bench.prompt_steps()
-        bench.cocoop()
-        bench.tip_adapter(work)
-        bench.tpt()
-        bench.zero_shot_eval(work)
-    gpu = gpu_figures(cfg)
+        for name in only:
+            fn = getattr(bench, name)
+            fn(work) if name in ("tip_adapter", "zero_shot_eval") else fn()
+    gpu = gpu_figures(cfg) if "gpu" in only else {"skipped": "not in --only"}
+    if "gpu" in only:
+        only.remove("gpu")
     ratios = summarize(bench, matmul)
     result = {
         "quick": args.quick, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
@@ -762,7 +806,8 @@ def main(argv=None) -> int:
                     "load_average_before": load_before, "load_average_after": load_average()},
         "rows": bench.rows, "ratios": ratios, "gpu": gpu, "checks": bench.checks, "info": bench.info,
         "targets": {key: {"label": label, "goal": goal, "value": ratios[key], "met": bool(test(ratios[key]))}
-                    for key, label, goal, test in TARGETS},
+                    for key, label, goal, test in TARGETS if key in ratios},
+        "workloads": only,
         "wall_seconds": time.perf_counter() - start,
     }
     _write(out / "bench_speed.json", json.dumps(result, indent=2))
