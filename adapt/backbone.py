@@ -301,9 +301,10 @@ def build_backbone(config: BackboneConfig, device: Optional[torch.device | str] 
 
 # ------------------------------------------------------------------------------- helpers -----
 # Images per no-gradient pass of the fast image tower when image_chunk_size is automatic; 0 =
-# the whole batch at once. Measured on ViT-B/16, batch 32, 2 threads (bench_speed.py's image
-# tower rows, interleaved with a matmul): one pass 74 % of the matmul rate, chunks of 16 71 %,
-# chunks of 8 66 % (cache-sized chunks cost more in per-op overhead than they save).
+# the whole batch at once. Measured on ViT-B/16, batch 32, 2 threads, best of 2 rounds beside a
+# matmul (experiments/benchlib.rates_beside_matmul, on a heavily shared machine): one pass 74 %
+# of the matmul rate, chunks of 16 71 %, chunks of 8 66 %, open_clip's forward 62 %. Rerun:
+# experiments/bench_speed.py --only image_tower.
 AUTO_IMAGE_CHUNK = 0
 
 
