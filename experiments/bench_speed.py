@@ -790,12 +790,10 @@ def main(argv=None) -> int:
     bench = Bench(cfg, memory)
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
         work = Path(tmp)
-        for name in only:
+        for name in (n for n in only if n != "gpu"):
             fn = getattr(bench, name)
             fn(work) if name in ("tip_adapter", "zero_shot_eval") else fn()
     gpu = gpu_figures(cfg) if "gpu" in only else {"skipped": "not in --only"}
-    if "gpu" in only:
-        only.remove("gpu")
     ratios = summarize(bench, matmul)
     result = {
         "quick": args.quick, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
