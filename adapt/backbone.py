@@ -10,6 +10,16 @@ itself (never a copy of open_clip's model code) so methods can enter at three de
 
 With no prompts both encoders equal open_clip's ``encode_text`` / ``encode_image`` to fp32
 round-off, which ``tests/test_backbone.py`` pins.
+
+Speed (``BackboneConfig.fast_blocks``, on by default): open_clip's blocks go through
+``nn.MultiheadAttention``, whose CPU path spends a third of a ViT-B/16 forward outside the matrix
+products (q/k/v re-laid out and rescaled, attention as two batched products and a softmax, head
+permutes). The wrapper runs those same blocks itself, on the same weights (read live, so anything
+that changes them stays exact): one fused q/k/v product, ``scaled_dot_product_attention`` on
+strided views of it (a fused kernel, causal for the text tower), the head merge for free; without
+gradients the image batch may go in chunks (``image_chunk_size``; one pass measured fastest).
+Blocks it does not know (other classes, wrapped attention, hooks)
+run open_clip's own forward.
 """
 from __future__ import annotations
 
@@ -19,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from open_clip.transformer import ResidualAttentionBlock
 
 from adapt.backbone_loading import BackboneConfig, load_open_clip, text_memory_plan
 
@@ -149,16 +161,26 @@ class ClipBackbone(nn.Module):
             length = int(eot.max()) + 1
         x = x[:, :length] + text.positional_embedding[:length].to(x.dtype)
         mask = text.attn_mask[:length, :length] if text.attn_mask is not None else None
+        causal = mask is not None and self._causal_mask()
         for i, block in enumerate(text.transformer.resblocks):
             prompt = deep_prompts[i] if deep_prompts is not None and i < len(deep_prompts) else None
             if i > 0 and prompt is not None:
                 x = _replace_slots(x, prompt, prompt_start)
-            x = self._run_block(block, x, mask, text.transformer, ckpt)
+            x = self._run_block(block, x, mask, text.transformer, ckpt, causal)
         x = text.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot] if text.pool_type in ("argmax", "eos") else (
             x[:, 0] if text.pool_type == "first" else x[:, -1])
         x = _project(x, text.text_projection)
         return F.normalize(x, dim=-1) if normalize else x
+
+    def _causal_mask(self) -> bool:
+        """The text tower's mask is the standard causal one (0 on and below the diagonal, -inf
+        above), so the attention kernel may take ``is_causal`` instead of reading a mask."""
+        if getattr(self, "_causal_cache", None) is None:
+            m = self.text.attn_mask
+            self._causal_cache = bool(m.is_floating_point() and torch.equal(
+                m, torch.full_like(m, float("-inf")).triu(1)))
+        return self._causal_cache
 
     def _text_is_causal(self) -> bool:
         return self.text.attn_mask is not None and self.text.pool_type in ("argmax", "eos")
@@ -183,11 +205,25 @@ class ClipBackbone(nn.Module):
         patch tokens before ``ln_pre``; ``deep_prompts[i]`` replaces them before block ``i >= 1``.
         Prompt tokens are dropped before pooling, so any pool type stays exact."""
         images = images.to(self.dtype)
-        if prompts is None and not deep_prompts:
+        hooked = prompts is not None or bool(deep_prompts)
+        chunk = self._image_chunk(images, hooked, prompts, deep_prompts)
+        if chunk:
+            return torch.cat([self.encode_image(x, _slice_batch(prompts, i * chunk, (i + 1) * chunk, len(images)),
+                                                _slice_prompts(deep_prompts, i * chunk, (i + 1) * chunk, len(images)),
+                                                normalize)
+                              for i, x in enumerate(images.split(chunk))])
+        if not hooked and not self._fast_vit():
             feats = self.model.visual(images)
             feats = feats[0] if isinstance(feats, tuple) else feats
             return F.normalize(feats, dim=-1) if normalize else feats
         v = self._vit()
+        if not hooked:  # the fast path without prompts: open_clip's own embedding, our block loop
+            x = v._embeds(images)
+            for block in v.transformer.resblocks:
+                x = self._run_block(block, x, None, v.transformer)
+            pooled, _ = v._pool(x)
+            feats = pooled @ v.proj if v.proj is not None else pooled
+            return F.normalize(feats, dim=-1) if normalize else feats
         if prompts is None:
             prompts = deep_prompts[0]
         x = v.conv1(images)
@@ -206,19 +242,42 @@ class ClipBackbone(nn.Module):
         feats = pooled @ v.proj if v.proj is not None else pooled
         return F.normalize(feats, dim=-1) if normalize else feats
 
+    def _fast_vit(self) -> bool:
+        """The fast path can run this image tower: a plain ViT made of blocks it knows."""
+        v = self.model.visual
+        return (self.config.fast_blocks and hasattr(v, "_embeds") and hasattr(v, "_pool")
+                and hasattr(v, "conv1") and not getattr(v, "output_tokens", False)
+                and all(fused_block_ok(b) for b in v.transformer.resblocks))
+
+    def _image_chunk(self, images, hooked, prompts, deep_prompts) -> int:
+        """Images per pass without gradients (0 = one pass): the fast path's cache-sized chunks."""
+        size = self.config.image_chunk_size
+        if size is None:
+            size = AUTO_IMAGE_CHUNK if self.config.fast_blocks else 0  # measured: one pass
+        if not size or images.shape[0] <= size or torch.is_grad_enabled():
+            return 0
+        batched = [p for p in [prompts, *(deep_prompts or ())] if p is not None and p.dim() == 3]
+        return size if all(p.shape[0] == images.shape[0] for p in batched) else 0
+
     # ---------------------------------------------------------------- shared -----------------
     def _run_block(self, block: nn.Module, x: torch.Tensor, mask, transformer,
-                   ckpt: Optional[bool] = None) -> torch.Tensor:
+                   ckpt: Optional[bool] = None, causal: bool = False) -> torch.Tensor:
+        """One block on batch-first ``x``; ``causal``: ``mask`` is the standard causal mask."""
+        fast = self.config.fast_blocks and fused_block_ok(block, mask)
         batch_first = getattr(transformer, "batch_first", True)
-        if not batch_first:
+        if not (batch_first or fast):
             x = x.transpose(0, 1)
+        if fast:
+            fn, args = fused_block, (block, x, mask, causal)
+        else:
+            fn, args = block, (x, None, None, mask)
         if ckpt is None:  # the image tower: only when the recipe asks for it
             ckpt = self.config.grad_checkpointing is True
         if ckpt and torch.is_grad_enabled():
-            x = checkpoint(block, x, None, None, mask, use_reentrant=False)
+            x = checkpoint(fn, *args, use_reentrant=False)
         else:
-            x = block(x, attn_mask=mask)
-        return x if batch_first else x.transpose(0, 1)
+            x = fn(*args)
+        return x if (batch_first or fast) else x.transpose(0, 1)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """CLIP's logits of normalized features: ``exp(t) · f_img · f_txtᵀ (+ bias)``.
@@ -241,6 +300,47 @@ def build_backbone(config: BackboneConfig, device: Optional[torch.device | str] 
 
 
 # ------------------------------------------------------------------------------- helpers -----
+# Images per no-gradient pass of the fast image tower when image_chunk_size is automatic; 0 =
+# the whole batch at once. Measured on ViT-B/16, batch 32, 2 threads, best of 2 rounds beside a
+# matmul (experiments/benchlib.rates_beside_matmul, on a heavily shared machine): one pass 74 %
+# of the matmul rate, chunks of 16 71 %, chunks of 8 66 %, open_clip's forward 62 %. Rerun:
+# experiments/bench_speed.py --only image_tower.
+AUTO_IMAGE_CHUNK = 0
+
+
+def fused_block_ok(block: nn.Module, mask: Optional[torch.Tensor] = None) -> bool:
+    """``fused_block`` computes exactly this block: open_clip's ``ResidualAttentionBlock`` with a
+    plain ``nn.MultiheadAttention`` (not wrapped, e.g. by an adapter library), self-attention,
+    no hooks (they would be skipped), and an additive float mask or none."""
+    attn = getattr(block, "attn", None)
+    return (type(block) is ResidualAttentionBlock and type(attn) is nn.MultiheadAttention
+            and attn._qkv_same_embed_dim and attn.in_proj_bias is not None
+            and not hasattr(block, "ln_1_kv") and attn.dropout == 0.0
+            and not (block._forward_hooks or block._forward_pre_hooks
+                     or attn._forward_hooks or attn._forward_pre_hooks)
+            and (mask is None or mask.is_floating_point()))
+
+
+def fused_block(block: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                causal: bool = False) -> torch.Tensor:
+    """open_clip's ``ResidualAttentionBlock.forward`` on batch-first ``x`` [B, L, D], with the
+    attention as one q/k/v product and ``scaled_dot_product_attention`` (same weights, same
+    scale ``1/sqrt(head_dim)``, same additive mask)."""
+    attn = block.attn
+    b, n, d = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
+    # [B, L, 3, H, hd] -> three strided [B, H, L, hd] views: no copy before the kernel
+    q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
+    if causal:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(x.dtype))
+    # the kernel's output is [B, L, H, hd] in memory: the head merge is a view
+    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(b, n, d)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 class _TextTower:
     """A view of the text-tower attributes, wherever the model keeps them (CLIP vs CustomTextCLIP)."""
 
@@ -288,6 +388,10 @@ def _replace_slots(x: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.T
     prompt = _batched(prompt, x.shape[0]).to(x.dtype)
     end = start + prompt.shape[1]
     return torch.cat([x[:, :start], prompt, x[:, end:]], dim=1)
+
+
+def _slice_batch(p: Optional[torch.Tensor], lo: int, hi: int, n: int) -> Optional[torch.Tensor]:
+    return p[lo:hi] if p is not None and p.dim() == 3 and p.shape[0] == n else p
 
 
 def _slice_prompts(deep_prompts, lo: int, hi: int, n: int):

@@ -133,10 +133,10 @@ def in_reference_mode(backbone, fn: Callable[[], object]) -> Callable[[], object
     return run
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+def matmul_gflops(n: int = 2048, repeats: int = 5, operands=None) -> float:
     """The best of ``repeats`` timings of an fp32 n×n×n matrix product, in GFLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(2):
+    a, b = operands if operands is not None else (torch.randn(n, n), torch.randn(n, n))
+    for _ in range(2 if operands is None else 1):
         a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -148,19 +148,48 @@ def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
 
 @contextmanager
 def reference_mode(backbone):
-    """What the original implementations do on the text side: every prompt through all of the
-    context length (no truncation to the longest prompt), no chunking, no checkpointing."""
-    saved = (backbone.config.text_chunk_size, backbone.config.grad_checkpointing)
+    """What the original implementations do: every prompt through all of the context length (no
+    truncation to the longest prompt), no chunking, no checkpointing, open_clip's own blocks."""
+    cfg = backbone.config
+    saved = (cfg.text_chunk_size, cfg.grad_checkpointing, cfg.fast_blocks, cfg.image_chunk_size)
     backbone._text_is_causal = lambda: False  # the wrapper then keeps every position
-    backbone.config.text_chunk_size, backbone.config.grad_checkpointing = 0, False
+    # open_clip's own blocks (nn.MultiheadAttention), the whole batch in one pass
+    cfg.text_chunk_size, cfg.grad_checkpointing, cfg.fast_blocks, cfg.image_chunk_size = 0, False, False, 0
     try:
         yield
     finally:
         del backbone._text_is_causal
-        backbone.config.text_chunk_size, backbone.config.grad_checkpointing = saved
+        cfg.text_chunk_size, cfg.grad_checkpointing, cfg.fast_blocks, cfg.image_chunk_size = saved
 
 
 def linear_estimate(points: list[tuple[float, float]], x: float) -> float:
     """Extrapolate y(x) along the line through two measured (x, y) points."""
     (x0, y0), (x1, y1) = points
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def rates_beside_matmul(modes: dict, flops: dict, rounds: int, memory: PeakMemory, n: int = 2048) -> dict:
+    """FLOP rates of several modes of one workload, each as a fraction of the fp32 n×n matrix
+    product timed between them (A: matmul, B, C, matmul, B, C, ...). On a machine shared with
+    other processes the load changes by the second; the best of each (its least disturbed
+    round) is what the hardware and the code allow. ``modes``: name -> fn (one untimed warm-up
+    call each). Returns name -> {seconds, gflops, fraction, peak_rss_mb} plus "matmul_gflops"."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for fn in modes.values():
+        fn()
+    best = {name: float("inf") for name in modes}
+    peaks = {name: 0.0 for name in modes}
+    matmul = 0.0
+    for _ in range(rounds):
+        matmul = max(matmul, matmul_gflops(n, 3, (a, b)))
+        for name, fn in modes.items():
+            memory.reset()
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+            peaks[name] = max(peaks[name], memory.peak())
+    matmul = max(matmul, matmul_gflops(n, 3, (a, b)))
+    out = {name: {"seconds": s, "gflops": flops[name] / s / 1e9, "fraction": flops[name] / s / 1e9 / matmul,
+                  "peak_rss_mb": peaks[name]} for name, s in best.items()}
+    out["matmul_gflops"] = matmul
+    return out

@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKLOADS = ("CoOp step", "CoCoOp step", "Tip-Adapter build+search", "TPT per image", "zero-shot eval")
+PROMPT_STEPS = ("VPT step", "MaPLe step", "IVLP step")
 
 
 def test_bench_speed_quick_runs_and_reports(tmp_path):
@@ -22,8 +25,12 @@ def test_bench_speed_quick_runs_and_reports(tmp_path):
     for row in result["rows"]:
         modes.setdefault(row["workload"].split(",")[0], set()).add(row["mode"].split(" ")[0])
         assert row["seconds"] > 0 and row["peak_rss_mb"] > 0, row
-    assert set(modes) == set(WORKLOADS)
-    assert all(m == {"reference", "default"} for m in modes.values()), modes
+    assert set(modes) == {*WORKLOADS, *PROMPT_STEPS, "image tower"}
+    assert all(modes[w] == {"reference", "default"} for w in WORKLOADS), modes
+    assert modes["image tower"] == {"reference", "default", "fast,"}
+    assert all(modes[w] == {"eager", "default"} for w in PROMPT_STEPS), modes
+    for key in ("image_tower", "vpt_step", "maple_step", "ivlp_step"):
+        assert 0 < result["info"][key]["default"]["fraction"] < 2, key
     assert all(math.isfinite(t["value"]) and t["value"] > 0 for t in result["targets"].values())
     assert result["info"]["coop_many_plan"]["checkpoint"]  # the automatic plan engaged
     checks = result["checks"]
@@ -31,5 +38,19 @@ def test_bench_speed_quick_runs_and_reports(tmp_path):
     assert checks["cocoop_batched_vs_per_image_max_abs"] <= 1e-4
     assert checks["tip_search_same_choice"] == 1.0 and checks["eval_same_accuracy"] == 1.0
     assert checks["tpt_prediction_agrees"] == 1.0
+    assert checks["image_fast_vs_open_clip_rel"] <= 1e-4
+    assert checks["coop_text_grad_fast_vs_eager_rel"] <= 1e-5
     table = (tmp_path / "bench_speed.md").read_text()
-    assert table.count("| reference |") == 7 and "| target | measured | goal | met |" in table
+    assert table.count("| reference |") == 8 and "| target | measured | goal | met |" in table
+
+
+def test_bench_speed_never_writes_committed_figures_by_default(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from experiments import bench_speed
+
+    monkeypatch.setattr(bench_speed.tempfile, "tempdir", str(tmp_path))
+    default = bench_speed.output_dir(None, quick=False)
+    assert default.parent == tmp_path and default != bench_speed.COMMITTED.resolve()
+    assert bench_speed.output_dir(str(tmp_path / "x"), quick=True) == (tmp_path / "x").resolve()
+    with pytest.raises(SystemExit, match="--quick"):
+        bench_speed.output_dir(str(bench_speed.COMMITTED), quick=True)
