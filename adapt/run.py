@@ -29,6 +29,7 @@ from adapt.engine import AdaptModule, build_trainer, log_final_metrics
 from adapt.export import WEIGHTS_FILE, save_adapter
 from adapt.methods import Method, build_method
 from adapt.process import prepare_cpu_process
+from adapt.settings import get_setting
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +47,17 @@ class Experiment:
                                     self.backbone.image_std, seed=recipe.seed, run_dir=self.run_dir)
         self.data.setup()
         self.data.use_feature_cache = bool(recipe.cache)
+        # the setting's work that needs the model (UPL's pseudo-labels), before the method exists
+        self.setting_report = self.data.setting.prepare(self.data, self.backbone, _encode_device(recipe))
         self.method: Method = build_method(recipe.method.name, method_config_of(recipe), self.backbone,
                                            self.data.train_classnames, self.data.templates)
-        novel = self.data.eval_sets.get("novel")
-        if novel and not self.method.repointable:
+        others = [n for n, (c, _) in self.data.eval_sets.items() if list(c) != list(self.data.train_classnames)]
+        if others and not self.method.repointable:
             fix = f" or {self.method.repoint_fix}" if self.method.repoint_fix else ""
             raise ValueError(
                 f"{recipe.method.name} (as configured) learns one thing per training class and "
-                f"cannot classify the {len(novel[0])} novel classes of data.setting=base2novel; "
-                f"use data.setting=all{fix}")
+                f"cannot classify the other classes of evaluation set(s) {', '.join(others)} "
+                f"(data.setting={recipe.data.setting}); use data.setting=all{fix}")
         # cached frozen image features replace images where the method only reads those
         self.features: Optional[FeatureData] = None
         if recipe.cache and self.method.supports_feature_cache and not self.method.grad_at_test:
@@ -119,14 +122,8 @@ def _encode_device(recipe: DictConfig) -> torch.device:
 
 
 def summarize(setting: str, accs: dict[str, float]) -> dict[str, float]:
-    if setting == "base2novel":
-        b, n = accs["base"], accs["novel"]
-        return {"base_acc": b, "novel_acc": n, "hm": harmonic_mean(b, n)}
-    return {"test_acc": accs["test"]}
-
-
-def harmonic_mean(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+    """Accuracies per evaluation set -> the setting's named metrics (adapt/settings/)."""
+    return get_setting(setting).summarize(accs)
 
 
 def run_fit(recipe: DictConfig) -> dict:
@@ -191,6 +188,7 @@ def _results(recipe: DictConfig, exp: Experiment, metrics: dict, fit_s: float, e
         "seed": recipe.seed,
         "backbone": {"name": recipe.backbone.name, "pretrained": recipe.backbone.pretrained},
         "metrics": metrics,
+        **exp.setting_report,  # e.g. UPL's pseudo-label accuracy (never used for training)
         "trainable_params": sum(p.numel() for p in exp.method.trainable_parameters()),
         "classes": {name: len(c) for name, (c, _) in exp.data.eval_sets.items()},
         "run_dir": str(exp.run_dir),

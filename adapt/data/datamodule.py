@@ -1,8 +1,8 @@
-"""The LightningDataModule: load a registered dataset, take the K-shot sample, apply the setting.
+"""The LightningDataModule: load a registered dataset and apply the recipe's setting to it.
 
-Order follows the protocol: the few-shot sample is drawn over all classes (or read from a
-manifest), then base2novel restricts train and val to the base classes; the test split becomes
-one evaluation set per class subset (``test``, or ``base`` and ``novel``), each relabelled 0..k-1.
+The setting object (``adapt/settings/``, named by ``data.setting``) draws the K-shot sample
+over all classes (or reads a manifest), picks the training classes (base2novel: the base half)
+and builds the evaluation sets (``test``; ``base`` and ``novel``; one per target dataset).
 """
 from __future__ import annotations
 
@@ -17,14 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from adapt.data.config import DataConfig
-from adapt.data.fewshot import few_shot_splits, write_manifest
+from adapt.data.fewshot import write_manifest
 from adapt.data.image_dataset import ImageDataset
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.registry import build_dataset
-from adapt.data.splits import subsample_classes
 from adapt.data.transforms import test_transform, train_transform
-
-EVAL_SUBSETS = {"all": ("test",), "base2novel": ("base", "novel")}
+from adapt.settings import get_setting
 
 
 def as_data_config(cfg: Union[DataConfig, DictConfig, dict]) -> DataConfig:
@@ -67,30 +65,30 @@ class AdaptDataModule(pl.LightningDataModule):
             return
         cfg = self.cfg
         dataset = build_dataset(cfg)
-        names = dataset.classnames
-        if cfg.setting == "base2novel" and len(names) < 2:
-            raise ValueError(f"data.setting=base2novel needs at least 2 classes; {dataset.name!r} has {len(names)}")
-        train, val = few_shot_splits(dataset, cfg.shots, self.seed, cfg.allow_fewer_shots, cfg.manifest)
-        train_subset = "base" if cfg.setting == "base2novel" else "all"
-        self.train_items, self.train_classnames = subsample_classes(train, names, train_subset)
-        self.val_items, _ = subsample_classes(val, names, train_subset)
-        self.eval_sets = OrderedDict()
-        for name in EVAL_SUBSETS[cfg.setting]:
-            items, classnames = subsample_classes(dataset.test, names, "all" if name == "test" else name)
+        # the setting (adapt/settings/) decides the training classes, the sample and the eval sets
+        self.setting = get_setting(cfg.setting)
+        plan = self.setting.plan(cfg, dataset, self.seed)
+        self.train_items, self.train_classnames, self.val_items = plan.train, plan.train_classnames, plan.val
+        self.eval_sets = plan.eval_sets
+        for name, (classnames, items) in self.eval_sets.items():
             if not items:
                 raise ValueError(f"the {name!r} evaluation set of {dataset.name!r} is empty "
                                  f"(no test images of its {len(classnames)} classes)")
-            self.eval_sets[name] = (classnames, items)
         if not self.train_items:
             raise ValueError(f"no training images in {dataset.name!r} at {dataset.root}")
         self.templates = list(dataset.templates)
-        if self.run_dir is not None:
-            # the sample over all classes: the base subset is a pure function of it
-            write_manifest(self.run_dir / "manifest.json", dataset.name, names, train, val,
-                           cfg.shots, self.seed, cfg.setting,
-                           extra={"train_classnames": self.train_classnames,
-                                  "eval_classnames": {k: v[0] for k, v in self.eval_sets.items()}})
         self.dataset = dataset
+        # the sample over all classes: the base subset is a pure function of it
+        self.write_manifest(plan.sample_train, plan.sample_val, plan.extra)
+
+    def write_manifest(self, train: Sequence[Item], val: Sequence[Item], extra: Optional[dict] = None) -> None:
+        if self.run_dir is None:
+            return
+        cfg, names = self.cfg, self.dataset.classnames
+        write_manifest(self.run_dir / "manifest.json", self.dataset.name, names, train, val,
+                       cfg.shots, self.seed, cfg.setting,
+                       extra={"train_classnames": self.train_classnames,
+                              "eval_classnames": {k: v[0] for k, v in self.eval_sets.items()}, **(extra or {})})
 
     def eval_names(self) -> list[str]:
         self.setup()
