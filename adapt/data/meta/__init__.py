@@ -21,3 +21,13 @@ def dataset_meta(name: str) -> dict:
     if not path.is_file():
         raise KeyError(f"no data file for dataset {name!r} in {META_DIR}")
     return json.loads(path.read_text())
+
+
+def templates_by_name(name: str) -> list[str]:
+    """The templates of the dataset whose usual spelling (``OxfordPets``, the part after
+    ``split_zhou_`` in its split file) is ``name``; [] when no data file has it."""
+    for path in sorted(META_DIR.glob("*.json")):
+        meta = dataset_meta(path.stem)
+        if meta.get("name") == name:
+            return list(meta["templates"])
+    return []
