@@ -92,7 +92,8 @@ class Recipe:
 
 
 def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Read a recipe (following ``_base_`` includes), apply overrides, validate everything."""
+    """Read a recipe (following ``_base_`` includes: one path or a list), apply overrides, validate
+    everything."""
     layers = [_read_yaml(Path(path))] if path is not None else []
     try:
         cli = OmegaConf.from_dotlist(list(overrides))
@@ -190,7 +191,10 @@ def _read_yaml(path: Path) -> DictConfig:
     base = cfg.pop("_base_", None)
     if base is None:
         return cfg
-    return OmegaConf.merge(_read_yaml(path.parent / base), cfg)
+    # one file or a list (a method recipe + a data recipe, e.g. recipes/data/<dataset>.yaml);
+    # later files and then this one win
+    bases = [base] if isinstance(base, str) else list(base)
+    return OmegaConf.merge(*[_read_yaml(path.parent / b) for b in bases], cfg)
 
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:
