@@ -100,16 +100,19 @@ class Experiment:
     def evaluate(self) -> dict[str, float]:
         """Accuracy (%) on every evaluation set; the method is re-pointed at each set's classes
         (novel prompts are rebuilt from the novel class names) and restored afterwards."""
-        trained_on = list(self.method.classnames)
+        trained_on, templates = list(self.method.classnames), list(self.method.templates)
         trainer = self.trainer(evaluation=True)
         accs = {}
         loaders = self.features.test_dataloaders() if self.features is not None else self.data.test_dataloader()
         for (name, (classnames, _)), loader in zip(self.data.eval_sets.items(), loaders):
+            # a cross-dataset target brings its own hand-written template(s)
+            self.method.templates = list(self.data.eval_templates.get(name, templates))
             self.method.set_classnames(classnames)
             # under DDP each process takes an unpadded share (Lightning's sampler is off here)
             loader = shard_loader(loader, trainer.global_rank, trainer.world_size)
             out = trainer.test(self.module, dataloaders=loader, verbose=False)
             accs[name] = 100.0 * float(out[0]["test/acc"])
+        self.method.templates = templates
         self.method.set_classnames(trained_on)
         return accs
 

@@ -57,6 +57,7 @@ class AdaptDataModule(pl.LightningDataModule):
         self.train_items: list[Item] = []
         self.val_items: list[Item] = []
         self.eval_sets: "OrderedDict[str, tuple[list[str], list[Item]]]" = OrderedDict()
+        self.eval_templates: dict[str, list[str]] = {}  # templates of sets from other datasets
         # the recipe's ``cache``: encodings a method asks for (``encode``) go through the cache
         self.use_feature_cache = True
 
@@ -70,6 +71,7 @@ class AdaptDataModule(pl.LightningDataModule):
         plan = self.setting.plan(cfg, dataset, self.seed)
         self.train_items, self.train_classnames, self.val_items = plan.train, plan.train_classnames, plan.val
         self.eval_sets = plan.eval_sets
+        self.eval_templates = plan.eval_templates
         for name, (classnames, items) in self.eval_sets.items():
             if not items:
                 raise ValueError(f"the {name!r} evaluation set of {dataset.name!r} is empty "

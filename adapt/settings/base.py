@@ -25,6 +25,8 @@ class Plan:
     sample_train: list[Item] = field(default_factory=list)  # over all classes, before any subset
     sample_val: list[Item] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # recorded in the manifest
+    # prompt templates of an evaluation set whose dataset is not the source (cross-dataset targets)
+    eval_templates: dict = field(default_factory=dict)
 
 
 class Setting:

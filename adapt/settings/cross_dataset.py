@@ -62,6 +62,7 @@ class CrossDataset(Setting):
             if not target.test:
                 raise ValueError(f"target {tcfg.dataset!r} at {target.root} has no test images")
             plan.eval_sets[name] = self.target_set(dataset, target)
+            plan.eval_templates[name] = list(target.templates)  # each dataset's own template
         return plan
 
     def summarize(self, accs):
