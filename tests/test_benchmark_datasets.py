@@ -233,7 +233,7 @@ def test_imagenet_uses_val_as_test_and_readable_names(tmp_path):
     assert ds.classnames == ["tench", "goldfish"] and ds.class_ids == WNIDS[:2]
     assert (len(ds.train), len(ds.val), len(ds.test)) == (6, 0, 4)
     assert ds.test[0].path == f"images/val/{WNIDS[0]}/{WNIDS[0]}_0.JPEG"
-    assert ds.templates == ["a photo of a {}."]
+    assert ds.templates[0] == "a photo of a {}." and ds.templates[1:] == dataset_meta("imagenet")["ensemble"]
     (tmp_path / "imagenet/classnames.txt").write_text(f"{WNIDS[0]} my tench\n{WNIDS[1]} my goldfish\n")
     assert load("imagenet", tmp_path).classnames == ["my tench", "my goldfish"]  # the folder's own file wins
 

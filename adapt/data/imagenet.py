@@ -31,6 +31,14 @@ LAYOUTS = {
 }
 
 
+def templates_of(key: str) -> list[str]:
+    """The protocol's single template first, then CLIP's 7-template ensemble (a zero-shot
+    ``ensemble: true`` averages all 8; CoOp's ImageNet ensemble is the 7 alone:
+    ``recipes/zeroshot/imagenet_ensemble.yaml``)."""
+    meta = dataset_meta(key)
+    return list(meta["templates"]) + [t for t in meta.get("ensemble", []) if t not in meta["templates"]]
+
+
 def imagenet_classnames(folder: Path) -> dict[str, str]:
     """wnid -> readable name, from ``folder/classnames.txt`` or the shipped list."""
     file = folder / "classnames.txt"
@@ -80,7 +88,7 @@ def _splits(key: str, cfg: DataConfig, folder: Path, wnids: list[str], names: di
     if not test:
         raise FileNotFoundError(f"no images found for {key} under {folder}; expected {LAYOUTS[key][2]}")
     return DatasetSplits(name=key, root=folder, classnames=[names[w] for w in wnids],
-                         templates=dataset_templates(cfg, dataset_meta(key)["templates"]),
+                         templates=dataset_templates(cfg, templates_of(key)),
                          train=train or [], val=[], test=test, class_ids=list(wnids))
 
 
