@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import tempfile
 from pathlib import Path
 
-from adapt.config import load_recipe
-from adapt.run import run_fit
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adapt.config import load_recipe  # noqa: E402
+from adapt.run import run_fit  # noqa: E402
+from experiments.world_numbers import mean_std  # noqa: E402
+
 RECIPES = ROOT / "recipes"
 QUIET = ["trainer.progress_bar=false", "logger.csv=false"]
 RUNS = {
@@ -28,12 +31,6 @@ RUNS = {
     # the supervised reference for UPL: the same recipe with 16 true labels per class
     "coop_16shot_labelled": (RECIPES / "upl/coop_world.yaml", ["data.setting=all"]),
 }
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def main() -> None:

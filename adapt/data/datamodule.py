@@ -46,6 +46,8 @@ class AdaptDataModule(pl.LightningDataModule):
                  std: Sequence[float], seed: int, run_dir: Optional[Union[str, Path]] = None):
         super().__init__()
         self.cfg = as_data_config(cfg)
+        # the setting (adapt/settings/) decides the training classes, the sample and the eval sets
+        self.setting = get_setting(self.cfg.setting)
         # data.image_size overrides the backbone's resolution (null = the backbone's own)
         self.image_size = int(self.cfg.image_size or image_size)
         self.mean, self.std = tuple(mean), tuple(std)
@@ -66,8 +68,6 @@ class AdaptDataModule(pl.LightningDataModule):
             return
         cfg = self.cfg
         dataset = build_dataset(cfg)
-        # the setting (adapt/settings/) decides the training classes, the sample and the eval sets
-        self.setting = get_setting(cfg.setting)
         plan = self.setting.plan(cfg, dataset, self.seed)
         self.train_items, self.train_classnames, self.val_items = plan.train, plan.train_classnames, plan.val
         self.eval_sets = plan.eval_sets
