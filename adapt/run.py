@@ -42,10 +42,11 @@ class Experiment:
         self.run_dir = Path(run_dir) if run_dir is not None else run_dir_of(recipe)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         pl.seed_everything(recipe.seed, workers=True, verbose=False)
-        self.backbone = build_backbone(recipe.backbone)
-        self.data = AdaptDataModule(recipe.data, self.backbone.image_size, self.backbone.image_mean,
-                                    self.backbone.image_std, seed=recipe.seed, run_dir=self.run_dir)
+        # the data first: a missing folder, split file or image stops before any model loads
+        self.data = AdaptDataModule(recipe.data, None, None, None, seed=recipe.seed, run_dir=self.run_dir)
         self.data.setup()
+        self.backbone = build_backbone(recipe.backbone)
+        self.data.set_preprocessing(self.backbone.image_size, self.backbone.image_mean, self.backbone.image_std)
         self.data.use_feature_cache = bool(recipe.cache)
         # the setting's work that needs the model (UPL's pseudo-labels), before the method exists
         self.setting_report = self.data.setting.prepare(self.data, self.backbone, _encode_device(recipe))

@@ -267,3 +267,17 @@ def test_generic_zhou_loader_takes_the_template_of_a_known_split_file(tmp_path):
     assert load("zhou", tmp_path).templates == ["{} texture."]
     (tmp_path / "split_zhou_DescribableTextures.json").rename(tmp_path / "split_zhou_Mine.json")
     assert load("zhou", tmp_path).templates == ["a photo of a {}."]
+
+
+def test_data_errors_stop_before_any_model_is_loaded(tmp_path, monkeypatch):
+    import adapt.run
+    from adapt.config import load_recipe
+
+    def no_model(*a, **k):
+        raise AssertionError("the backbone was loaded before the data was checked")
+
+    monkeypatch.setattr(adapt.run, "build_backbone", no_model)
+    (tmp_path / "oxford_pets").mkdir()
+    recipe = load_recipe(None, ["data.dataset=oxford_pets", f"data.root={tmp_path}", f"output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(FileNotFoundError, match="trainval.txt is missing.*split_zhou_OxfordPets.json"):
+        adapt.run.Experiment(recipe)

@@ -42,15 +42,15 @@ def drop_ragged_batch(n_items: int, batch_size: int, world_size: int = 1) -> boo
 
 
 class AdaptDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: Union[DataConfig, DictConfig], image_size: int, mean: Sequence[float],
-                 std: Sequence[float], seed: int, run_dir: Optional[Union[str, Path]] = None):
+    def __init__(self, cfg: Union[DataConfig, DictConfig], image_size: Optional[int],
+                 mean: Optional[Sequence[float]], std: Optional[Sequence[float]], seed: int,
+                 run_dir: Optional[Union[str, Path]] = None):
         super().__init__()
         self.cfg = as_data_config(cfg)
         # the setting (adapt/settings/) decides the training classes, the sample and the eval sets
         self.setting = get_setting(self.cfg.setting)
-        # data.image_size overrides the backbone's resolution (null = the backbone's own)
-        self.image_size = int(self.cfg.image_size or image_size)
-        self.mean, self.std = tuple(mean), tuple(std)
+        if image_size is not None:  # else set_preprocessing, once the backbone is known
+            self.set_preprocessing(image_size, mean, std)
         self.seed = int(seed)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.dataset: Optional[DatasetSplits] = None
@@ -91,6 +91,13 @@ class AdaptDataModule(pl.LightningDataModule):
                        cfg.shots, self.seed, cfg.setting,
                        extra={"train_classnames": self.train_classnames,
                               "eval_classnames": {k: v[0] for k, v in self.eval_sets.items()}, **(extra or {})})
+
+    def set_preprocessing(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The backbone's resolution and normalisation; ``data.image_size`` overrides the size.
+        Separate from the constructor so that the data (and every error in it) can be loaded
+        before any model is."""
+        self.image_size = int(self.cfg.image_size or image_size)
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def eval_names(self) -> list[str]:
         self.setup()
