@@ -29,6 +29,7 @@ from adapt.data.folder import IMAGE_EXTENSIONS, clean_classname, dataset_root, d
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.meta import dataset_meta
 from adapt.data.registry import register_dataset
+from adapt.io import atomic_write_json
 
 Row = tuple[str, int, str]  # (path relative to the image folder, label, class name)
 Rows = dict[str, list[Row]]
@@ -95,13 +96,6 @@ def cached_split_path(folder: Path, split_file: str) -> Path:
     return cache_root() / "splits" / f"{folder.name}-{digest}" / split_file
 
 
-def write_json_atomic(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
-
-
 def read_split_json(path: Path) -> Rows:
     try:
         data = json.loads(path.read_text())
@@ -138,7 +132,8 @@ def split_rows(bench: Benchmark, folder: Path, split_file: Optional[str] = None)
         raise FileNotFoundError(f"{bench.name}: neither {beside} nor the files to generate it exist "
                                 f"({err}). Expected {bench.layout()}") from None
     target = beside if os.access(folder, os.W_OK) else cached
-    write_json_atomic(target, rows)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(target, rows, indent=None)
     return rows, target
 
 
