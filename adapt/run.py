@@ -66,7 +66,7 @@ class Experiment:
             fix = f" or {self.method.repoint_fix}" if self.method.repoint_fix else ""
             raise ValueError(
                 f"{recipe.method.name} (as configured) learns one thing per training class and "
-                f"cannot classify the other classes of evaluation set(s) {', '.join(others)} "
+                f"cannot classify the novel classes of evaluation set(s) {', '.join(others)} "
                 f"(data.setting={recipe.data.setting}); use data.setting=all{fix}")
         # cached frozen image features replace images where the method only reads those
         self.features: Optional[FeatureData] = None
