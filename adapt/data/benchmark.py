@@ -57,16 +57,6 @@ def locate(cfg: DataConfig, folder: str, layout: str) -> Path:
     return root / folder if (root / folder).is_dir() else root
 
 
-def check_images(root: Path, splits: dict[str, list[Item]], what: str) -> None:
-    """Every listed image must exist; else one message with the count, examples and the fix."""
-    missing = [it.path for items in splits.values() for it in items if not (root / it.path).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} image(s) listed in {what} are missing under {root}, e.g. "
-            f"{', '.join(repr(p) for p in missing[:3])}. Copy the dataset's images there, or point "
-            f"data.root at the folder that holds them")
-
-
 def splits_from_rows(name: str, root: Path, rows: Rows, templates: list[str], image_dir: str,
                      what: str) -> DatasetSplits:
     names: dict[int, str] = {}
@@ -77,8 +67,8 @@ def splits_from_rows(name: str, root: Path, rows: Rows, templates: list[str], im
     if not names or sorted(names) != list(range(len(names))):
         raise ValueError(f"{what}: labels must be 0..n-1 with every id used")
     prefix = f"{image_dir}/" if image_dir else ""
+    # the images themselves are checked where they are selected (data module, adapt/data/checks.py)
     splits = {s: [Item(prefix + p, label) for p, label, _ in rows.get(s, [])] for s in ("train", "val", "test")}
-    check_images(root, splits, what)
     return DatasetSplits(name=name, root=root, classnames=[clean_classname(names[i]) for i in range(len(names))],
                          templates=templates, **splits)
 

@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from adapt.data.checks import check_images, class_counts, warn_short_classes
 from adapt.data.config import DataConfig
 from adapt.data.fewshot import write_manifest
 from adapt.data.image_dataset import ImageDataset
@@ -39,12 +40,14 @@ class AdaptDataModule(pl.LightningDataModule):
     def __init__(self, cfg: Union[DataConfig, DictConfig], image_size: Optional[int],
                  mean: Optional[Sequence[float]], std: Optional[Sequence[float]], seed: int,
                  run_dir: Optional[Union[str, Path]] = None):
+        """``image_size`` / ``mean`` / ``std`` may come later (``set_preprocess``): the runner
+        loads and checks the data before it loads the backbone, so that a wrong path costs
+        seconds, not a model download."""
         super().__init__()
         self.cfg = as_data_config(cfg)
         # the setting (adapt/settings/) decides the training classes, the sample and the eval sets
         self.setting = get_setting(self.cfg.setting)
-        if image_size is not None:  # else set_preprocessing, once the backbone is known
-            self.set_preprocessing(image_size, mean, std)
+        self.set_preprocess(image_size, mean, std)
         self.seed = int(seed)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.dataset: Optional[DatasetSplits] = None
@@ -54,8 +57,19 @@ class AdaptDataModule(pl.LightningDataModule):
         self.val_items: list[Item] = []
         self.eval_sets: "OrderedDict[str, tuple[list[str], list[Item]]]" = OrderedDict()
         self.eval_templates: dict[str, list[str]] = {}  # templates of sets from other datasets
+        self.skipped_images: dict[str, int] = {}  # split -> unreadable files left out (bad_images=skip)
+        self.train_counts: dict[str, int] = {}  # class -> training images (all classes, before base2novel)
+        self.short_classes: list[str] = []
         # the recipe's ``cache``: encodings a method asks for (``encode``) go through the cache
         self.use_feature_cache = True
+
+    def set_preprocess(self, image_size: Optional[int], mean: Optional[Sequence[float]],
+                       std: Optional[Sequence[float]]) -> None:
+        # data.image_size overrides the backbone's resolution (null = the backbone's own)
+        size = self.cfg.image_size or image_size
+        self.image_size = int(size) if size else None
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.dataset is not None:  # idempotent: Lightning calls setup once per stage
@@ -63,8 +77,19 @@ class AdaptDataModule(pl.LightningDataModule):
         cfg = self.cfg
         dataset = build_dataset(cfg)
         plan = self.setting.plan(cfg, dataset, self.seed)
-        self.train_items, self.train_classnames, self.val_items = plan.train, plan.train_classnames, plan.val
-        self.eval_sets = plan.eval_sets
+        # every selected file, before any model time is spent (missing / unreadable images);
+        # the evaluation sets by name (test; base, novel; each cross-dataset target)
+        before = {"train": plan.train, "val": plan.val, **{k: v[1] for k, v in plan.eval_sets.items()}}
+        kept = check_images(dataset.root, before, cfg.bad_images)
+        self.skipped_images = {s: len(before[s]) - len(kept[s]) for s in before if len(before[s]) != len(kept[s])}
+        left_out = {it.path for s in before for it in set(before[s]) - set(kept[s])}
+        sample_train = [it for it in plan.sample_train if it.path not in left_out]
+        sample_val = [it for it in plan.sample_val if it.path not in left_out]
+        self.train_items, self.train_classnames, self.val_items = kept["train"], plan.train_classnames, kept["val"]
+        if sample_train:  # the sample over all classes (none in the unsupervised setting)
+            self.train_counts = class_counts(sample_train, dataset.classnames)
+            self.short_classes = warn_short_classes(self.train_counts, cfg.shots)
+        self.eval_sets = OrderedDict((k, (names, kept[k])) for k, (names, _) in plan.eval_sets.items())
         self.eval_templates = plan.eval_templates
         for name, (classnames, items) in self.eval_sets.items():
             if not items:
@@ -75,7 +100,7 @@ class AdaptDataModule(pl.LightningDataModule):
         self.templates = list(dataset.templates)
         self.dataset = dataset
         # the sample over all classes: the base subset is a pure function of it
-        self.write_manifest(plan.sample_train, plan.sample_val, plan.extra)
+        self.write_manifest(sample_train, sample_val, plan.extra)
 
     def write_manifest(self, train: Sequence[Item], val: Sequence[Item], extra: Optional[dict] = None) -> None:
         if self.run_dir is None:
@@ -85,13 +110,6 @@ class AdaptDataModule(pl.LightningDataModule):
                        cfg.shots, self.seed, cfg.setting,
                        extra={"train_classnames": self.train_classnames,
                               "eval_classnames": {k: v[0] for k, v in self.eval_sets.items()}, **(extra or {})})
-
-    def set_preprocessing(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        """The backbone's resolution and normalisation; ``data.image_size`` overrides the size.
-        Separate from the constructor so that the data (and every error in it) can be loaded
-        before any model is."""
-        self.image_size = int(self.cfg.image_size or image_size)
-        self.mean, self.std = tuple(mean), tuple(std)
 
     def eval_names(self) -> list[str]:
         self.setup()
