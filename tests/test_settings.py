@@ -168,7 +168,7 @@ def test_upl_refuses_a_manifest_and_zero_shots():
 def test_cross_dataset_and_upl_run_from_recipes(image_folder, other_folder, tmp_path):
     from adapt.run import run_fit
 
-    over = tiny_overrides(image_folder, tmp_path, **{"method.n_ctx": 2, "data.shots": 2, "run_name": "xd"})
+    over = tiny_overrides(image_folder, tmp_path, **{"method.n_ctx": 4, "data.shots": 2, "run_name": "xd"})
     recipe = load_recipe(RECIPES / "cross_dataset/coop_world.yaml", over + [
         f"data.targets=[{{dataset: imagefolder, root: {other_folder}}}]", "baseline=false"])
     m = run_fit(recipe)["metrics"]
@@ -177,7 +177,7 @@ def test_cross_dataset_and_upl_run_from_recipes(image_folder, other_folder, tmp_
     saved = json.loads((tmp_path / "xd" / "results.json").read_text())
     assert saved["classes"] == {"test": 6, "imagefolder": 3}
 
-    over = tiny_overrides(image_folder, tmp_path, **{"method.n_ctx": 2, "data.shots": 3, "run_name": "upl"})
+    over = tiny_overrides(image_folder, tmp_path, **{"method.n_ctx": 4, "data.shots": 3, "run_name": "upl"})
     res = run_fit(load_recipe(RECIPES / "upl/coop_world.yaml", over + ["baseline=false"]))
     assert set(res["metrics"]) == {"test_acc"} and 0 <= res["pseudo_labels"]["accuracy"] <= 100
     assert res["pseudo_labels"]["per_class"] == 3 and res["pseudo_labels"]["pool"] == 6 * 8
