@@ -217,7 +217,7 @@ def _read_state_dict(path: Path) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"cannot read checkpoint {path}: it is not a torch or safetensors file of "
-                         f"model weights ({type(err).__name__}: {str(err)[:200]})") from None
+                         f"model weights ({type(err).__name__}: {str(err).split('. ')[0][:120]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

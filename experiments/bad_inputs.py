@@ -35,8 +35,9 @@ def run(args: list[str]) -> tuple[int, str]:
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(args)
-    lines = [ln for ln in err.getvalue().splitlines() if ln.startswith("adapt ")]
-    return code, (lines[-1] if lines else err.getvalue().strip().splitlines()[-1:] or [""])[0]
+    text = err.getvalue().strip().splitlines()
+    lines = [ln for ln in text if ln.startswith("adapt ")]
+    return code, lines[-1] if lines else (text[-1] if text else "")
 
 
 def cases(tmp: Path) -> list[tuple[str, list[str]]]:
@@ -72,7 +73,7 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("resume with another lr (3)", fit + data + ["run_name=done", "resume=true", "optim.lr=0.5"]),
         ("resume with fewer epochs (3)", fit + data + ["run_name=done", "resume=true", "trainer.max_epochs=0"]),
         ("divergent lr 1e8 (4)", fit + data + ["run_name=nan", "optim.lr=1e8", "optim.warmup_epochs=0",
-                                              "trainer.max_epochs=4"]),
+                                              "trainer.max_epochs=30"]),
         ("export the diverged run (17)", ["export", str(tmp / "runs/nan"), str(tmp / "x")]),
         ("truncated training image (11)", fit + [f"data.root={broken}", "run_name=b"]),
         ("CSV with a garbage label (12)", fit + ["data.dataset=csv", f"data.root={csv_root}", "run_name=c"]),

@@ -92,7 +92,7 @@ def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):
     root = write_image_folder(tmp_path / "images", per_split={"train": 2, "test": 1})
     proc = subprocess.run([sys.executable, "-m", "adapt.cli", "fit", str(ROOT / "recipes/coop/tiny.yaml"),
                            "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
-                           "data.batch_size=5", "data.dataset=imagefolder", f"data.root={root}",
+                           "data.batch_size=5", "data.shots=2", "data.dataset=imagefolder", f"data.root={root}",
                            "trainer.progress_bar=false", f"output_dir={tmp_path / 'runs'}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
