@@ -102,7 +102,8 @@ class Recipe:
 
 
 def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Read a recipe (following ``_base_`` includes), apply overrides, validate everything."""
+    """Read a recipe (following ``_base_`` includes: one path or a list), apply overrides, validate
+    everything."""
     layers = [_read_yaml(Path(path))] if path is not None else []
     for item in overrides:
         if "=" not in item:
@@ -175,7 +176,10 @@ def _read_yaml(path: Path, included_by: Optional[Path] = None) -> DictConfig:
     base = cfg.pop("_base_", None)
     if base is None:
         return cfg
-    return OmegaConf.merge(_read_yaml(path.parent / base, included_by=path), cfg)
+    # one file or a list (a method recipe + a data recipe, e.g. recipes/data/<dataset>.yaml);
+    # later files and then this one win
+    bases = [base] if isinstance(base, str) else list(base)
+    return OmegaConf.merge(*[_read_yaml(path.parent / b, included_by=path) for b in bases], cfg)
 
 
 def run_dir_of(recipe: DictConfig) -> Path:

@@ -31,6 +31,7 @@ from adapt.io import atomic_write_json, atomic_write_text
 from adapt.methods import Method
 from adapt.process import prepare_cpu_process
 from adapt.rundir import checkpoint_path, prepare_run_dir, write_status
+from adapt.settings import get_setting
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,18 @@ class Experiment:
         self.backbone = build_backbone(recipe.backbone)
         self.data.set_preprocess(self.backbone.image_size, self.backbone.image_mean, self.backbone.image_std)
         self.data.use_feature_cache = bool(recipe.cache)
+        # the setting's work that needs the model (UPL's pseudo-labels), before the method exists
+        self.setting_report = self.data.setting.prepare(self.data, self.backbone, _encode_device(recipe))
         self.module = AdaptModule.from_recipe(recipe, self.data.train_classnames, self.data.templates,
                                               backbone=self.backbone)
         self.method: Method = self.module.method
-        novel = self.data.eval_sets.get("novel")
-        if novel and not self.method.repointable:
+        others = [n for n, (c, _) in self.data.eval_sets.items() if list(c) != list(self.data.train_classnames)]
+        if others and not self.method.repointable:
             fix = f" or {self.method.repoint_fix}" if self.method.repoint_fix else ""
             raise ValueError(
                 f"{recipe.method.name} (as configured) learns one thing per training class and "
-                f"cannot classify the {len(novel[0])} novel classes of data.setting=base2novel; "
-                f"use data.setting=all{fix}")
+                f"cannot classify the novel classes of evaluation set(s) {', '.join(others)} "
+                f"(data.setting={recipe.data.setting}); use data.setting=all{fix}")
         # cached frozen image features replace images where the method only reads those
         views = min(recipe.data.cache_views, max(1, recipe.trainer.max_epochs))
         self.inputs = self.data.serve(self.method, self.backbone, cache=bool(recipe.cache), views=views,
@@ -111,16 +114,19 @@ class Experiment:
     def evaluate(self) -> dict[str, float]:
         """Accuracy (%) on every evaluation set; the method is re-pointed at each set's classes
         (novel prompts are rebuilt from the novel class names) and restored afterwards."""
-        trained_on = list(self.method.classnames)
+        trained_on, templates = list(self.method.classnames), list(self.method.templates)
         trainer = self.trainer(evaluation=True)
         accs = {}
         loaders = self.data.test_dataloader()
         for (name, (classnames, _)), loader in zip(self.data.eval_sets.items(), loaders):
+            # a cross-dataset target brings its own hand-written template(s)
+            self.method.templates = list(self.data.eval_templates.get(name, templates))
             self.method.set_classnames(classnames)
             # under DDP each process takes an unpadded share (Lightning's sampler is off here)
             loader = shard_loader(loader, trainer.global_rank, trainer.world_size)
             out = trainer.test(self.module, dataloaders=loader, verbose=False)
             accs[name] = 100.0 * float(out[0]["test/acc"])
+        self.method.templates = templates
         self.method.set_classnames(trained_on)
         return accs
 
@@ -133,14 +139,8 @@ def _encode_device(recipe: DictConfig) -> torch.device:
 
 
 def summarize(setting: str, accs: dict[str, float]) -> dict[str, float]:
-    if setting == "base2novel":
-        b, n = accs["base"], accs["novel"]
-        return {"base_acc": b, "novel_acc": n, "hm": harmonic_mean(b, n)}
-    return {"test_acc": accs["test"]}
-
-
-def harmonic_mean(a: float, b: float) -> float:
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+    """Accuracies per evaluation set -> the setting's named metrics (adapt/settings/)."""
+    return get_setting(setting).summarize(accs)
 
 
 def run_fit(recipe: DictConfig) -> dict:
@@ -215,6 +215,7 @@ def _results(recipe: DictConfig, exp: Experiment, metrics: dict, fit_s: float, e
         "seed": recipe.seed,
         "backbone": {"name": recipe.backbone.name, "pretrained": recipe.backbone.pretrained},
         "metrics": metrics,
+        **exp.setting_report,  # e.g. UPL's pseudo-label accuracy (never used for training)
         "trainable_params": sum(p.numel() for p in exp.method.trainable_parameters()),
         "classes": {name: len(c) for name, (c, _) in exp.data.eval_sets.items()},
         # training images per class as sampled (fewer than "shots" with data.allow_fewer_shots)

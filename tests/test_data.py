@@ -181,7 +181,7 @@ def test_zhou_loader_finds_the_image_subfolder(tmp_path):
     assert ds.classnames == ["blotchy thing", "banded"]
     assert ds.train == [Item("images/banded/b1.jpg", 1), Item("images/blotchy/x.jpg", 0)]
     assert ds.test == [Item("images/blotchy/y.jpg", 0)]
-    assert ds.templates == ["a photo of a {}."]
+    assert ds.templates == ["{} texture."]  # the DTD template, from meta/dtd.json
     ds = build_dataset(DataConfig(dataset="zhou", root=str(root), templates=["{} texture."],
                                   split_file="split_zhou_DescribableTextures.json"))
     assert ds.templates == ["{} texture."]

@@ -1,10 +1,8 @@
 """Recipe section ``data``: which dataset, which setting, how many shots, how to load it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
-SETTINGS = ("all", "base2novel")
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 
 @dataclass
@@ -17,8 +15,12 @@ class DataConfig:
     split_file: Optional[str] = None
     # prompt template(s) overriding the dataset's own; "{}" is replaced by the class name
     templates: Optional[list[str]] = None
-    # ``all``: train and test on every class; ``base2novel``: train on base, test on base and novel
+    # a registered setting (adapt/settings/): ``all`` (few-shot, or supervised with shots: 0),
+    # ``base2novel``, ``cross_dataset``, ``domain_generalization``, ``unsupervised`` (UPL)
     setting: str = "all"
+    # cross_dataset / domain_generalization: the datasets evaluated besides the source, each a
+    # dataset name (read from data.root) or {dataset, root, split_file}
+    targets: list[Any] = field(default_factory=list)
     # K images per class for training (validation gets min(K, 4)); 0 or negative = all images
     shots: int = 16
     # a class with fewer than K training images is an error unless this is true; then all of its
@@ -45,8 +47,9 @@ class DataConfig:
     cache_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.setting not in SETTINGS:
-            raise ValueError(f"data.setting={self.setting!r} is not one of {SETTINGS}")
+        from adapt.settings import get_setting  # settings import data modules: resolve late
+
+        get_setting(self.setting).check(self)
         if self.bad_images not in ("error", "skip"):
             raise ValueError(f"data.bad_images={self.bad_images!r} is not one of error, skip")
         if self.batch_size < 1 or self.eval_batch_size < 1:

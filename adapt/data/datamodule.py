@@ -1,8 +1,8 @@
-"""The LightningDataModule: load a registered dataset, take the K-shot sample, apply the setting.
+"""The LightningDataModule: load a registered dataset and apply the recipe's setting to it.
 
-Order follows the protocol: the few-shot sample is drawn over all classes (or read from a
-manifest), then base2novel restricts train and val to the base classes; the test split becomes
-one evaluation set per class subset (``test``, or ``base`` and ``novel``), each relabelled 0..k-1.
+The setting object (``adapt/settings/``, named by ``data.setting``) draws the K-shot sample
+over all classes (or reads a manifest), picks the training classes (base2novel: the base half)
+and builds the evaluation sets (``test``; ``base`` and ``novel``; one per target dataset).
 
 Its loaders yield ``(x, label)`` where ``x`` is images, or the frozen encoder's features of the
 same images from the feature cache (train: ``views`` augmented views, a different one each epoch;
@@ -23,15 +23,13 @@ from torch.utils.data import DataLoader, TensorDataset
 from adapt.data.checks import check_images, class_counts, warn_short_classes
 from adapt.data.config import DataConfig
 from adapt.data.feature_cache import CachedFeatures, CachedViewsDataset, EpochViewSampler, encode_items
-from adapt.data.fewshot import few_shot_splits, write_manifest
+from adapt.data.fewshot import write_manifest
 from adapt.data.image_dataset import ImageDataset
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.registry import build_dataset
 from adapt.data.sharding import EpochOrder, train_loader
-from adapt.data.splits import subsample_classes
 from adapt.data.transforms import test_transform, train_transform
-
-EVAL_SUBSETS = {"all": ("test",), "base2novel": ("base", "novel")}
+from adapt.settings import get_setting
 
 
 def as_data_config(cfg: Union[DataConfig, DictConfig, dict]) -> DataConfig:
@@ -53,6 +51,8 @@ class AdaptDataModule(pl.LightningDataModule):
         seconds, not a model download."""
         super().__init__()
         self.cfg = as_data_config(cfg)
+        # the setting (adapt/settings/) decides the training classes, the sample and the eval sets
+        self.setting = get_setting(self.cfg.setting)
         self.set_preprocess(image_size, mean, std)
         self.seed = int(seed)
         self.run_dir = Path(run_dir) if run_dir is not None else None
@@ -62,6 +62,7 @@ class AdaptDataModule(pl.LightningDataModule):
         self.train_items: list[Item] = []
         self.val_items: list[Item] = []
         self.eval_sets: "OrderedDict[str, tuple[list[str], list[Item]]]" = OrderedDict()
+        self.eval_templates: dict[str, list[str]] = {}  # templates of sets from other datasets
         self.skipped_images: dict[str, int] = {}  # split -> unreadable files left out (bad_images=skip)
         self.train_counts: dict[str, int] = {}  # class -> training images (all classes, before base2novel)
         self.short_classes: list[str] = []
@@ -86,37 +87,40 @@ class AdaptDataModule(pl.LightningDataModule):
             return
         cfg = self.cfg
         dataset = build_dataset(cfg)
-        names = dataset.classnames
-        if cfg.setting == "base2novel" and len(names) < 2:
-            raise ValueError(f"data.setting=base2novel needs at least 2 classes; {dataset.name!r} has {len(names)}")
-        train, val = few_shot_splits(dataset, cfg.shots, self.seed, cfg.allow_fewer_shots, cfg.manifest)
-        # every selected file, before any model time is spent (missing / unreadable images)
-        before = {"train": train, "val": val, "test": dataset.test}
+        plan = self.setting.plan(cfg, dataset, self.seed)
+        # every selected file, before any model time is spent (missing / unreadable images);
+        # the evaluation sets by name (test; base, novel; each cross-dataset target)
+        before = {"train": plan.train, "val": plan.val, **{k: v[1] for k, v in plan.eval_sets.items()}}
         kept = check_images(dataset.root, before, cfg.bad_images)
         self.skipped_images = {s: len(before[s]) - len(kept[s]) for s in before if len(before[s]) != len(kept[s])}
-        train, val, dataset.test = kept["train"], kept["val"], kept["test"]
-        self.train_counts = class_counts(train, names)
-        self.short_classes = warn_short_classes(self.train_counts, cfg.shots)
-        train_subset = "base" if cfg.setting == "base2novel" else "all"
-        self.train_items, self.train_classnames = subsample_classes(train, names, train_subset)
-        self.val_items, _ = subsample_classes(val, names, train_subset)
-        self.eval_sets = OrderedDict()
-        for name in EVAL_SUBSETS[cfg.setting]:
-            items, classnames = subsample_classes(dataset.test, names, "all" if name == "test" else name)
+        left_out = {it.path for s in before for it in set(before[s]) - set(kept[s])}
+        sample_train = [it for it in plan.sample_train if it.path not in left_out]
+        sample_val = [it for it in plan.sample_val if it.path not in left_out]
+        self.train_items, self.train_classnames, self.val_items = kept["train"], plan.train_classnames, kept["val"]
+        if sample_train:  # the sample over all classes (none in the unsupervised setting)
+            self.train_counts = class_counts(sample_train, dataset.classnames)
+            self.short_classes = warn_short_classes(self.train_counts, cfg.shots)
+        self.eval_sets = OrderedDict((k, (names, kept[k])) for k, (names, _) in plan.eval_sets.items())
+        self.eval_templates = plan.eval_templates
+        for name, (classnames, items) in self.eval_sets.items():
             if not items:
                 raise ValueError(f"the {name!r} evaluation set of {dataset.name!r} is empty "
                                  f"(no test images of its {len(classnames)} classes)")
-            self.eval_sets[name] = (classnames, items)
         if not self.train_items:
             raise ValueError(f"no training images in {dataset.name!r} at {dataset.root}")
         self.templates = list(dataset.templates)
-        if self.run_dir is not None:
-            # the sample over all classes: the base subset is a pure function of it
-            write_manifest(self.run_dir / "manifest.json", dataset.name, names, train, val,
-                           cfg.shots, self.seed, cfg.setting,
-                           extra={"train_classnames": self.train_classnames,
-                                  "eval_classnames": {k: v[0] for k, v in self.eval_sets.items()}})
         self.dataset = dataset
+        # the sample over all classes: the base subset is a pure function of it
+        self.write_manifest(sample_train, sample_val, plan.extra)
+
+    def write_manifest(self, train: Sequence[Item], val: Sequence[Item], extra: Optional[dict] = None) -> None:
+        if self.run_dir is None:
+            return
+        cfg, names = self.cfg, self.dataset.classnames
+        write_manifest(self.run_dir / "manifest.json", self.dataset.name, names, train, val,
+                       cfg.shots, self.seed, cfg.setting,
+                       extra={"train_classnames": self.train_classnames,
+                              "eval_classnames": {k: v[0] for k, v in self.eval_sets.items()}, **(extra or {})})
 
     def eval_names(self) -> list[str]:
         self.setup()

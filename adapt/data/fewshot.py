@@ -1,16 +1,23 @@
-"""K-shot sampling and the manifests that pin a sample down.
+"""K-shot sampling, exactly as the CoOp protocol's code draws it, and the manifests that pin it down.
 
-The sample depends only on (items, K, seed): a private ``random.Random(seed)``, never the global
-RNG, so that whatever ran before (model init, other sampling) cannot change which images a run
-trains on. A manifest stores the result as relative paths plus the class list, so a run can be
-repeated on exactly the same images on another machine.
+The original sampler (Dassl's ``generate_fewshot_dataset``, called by every CoOp dataset) groups
+the training items by label in the order each label *first appears* in the split's train list,
+then calls ``random.sample(items_of_label, K)`` label after label on Python's global ``random``,
+seeded with the run's seed just before the dataset is built. The validation subset
+(``min(K, 4)`` per class) is drawn next, from the same stream, continuing where the training
+draw stopped. Reproducing all three details (first-appearance order, ``random.sample``, one
+stream for train then val) gives the published few-shot images for the same seed and K.
+
+Here the stream is a private ``random.Random(seed)``: its draws equal the global ``random``
+after ``random.seed(seed)``, and whatever else ran before (model init, other sampling) cannot
+change which images a run trains on. A manifest stores the result as relative paths plus the
+class list, so a run can be repeated on exactly the same images on another machine.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -19,6 +26,7 @@ from adapt.data.items import DatasetSplits, Item
 
 MANIFEST_FORMAT = 1
 VAL_SHOTS = 4  # the protocol's validation subset: min(K, 4) per class
+SAMPLER = "coop"  # recorded in manifests: which rule drew the sample
 
 
 def _class_name(classnames: Optional[Sequence[str]], label: int) -> str:
@@ -26,42 +34,47 @@ def _class_name(classnames: Optional[Sequence[str]], label: int) -> str:
 
 
 def sample_few_shot(items: Sequence[Item], k: int, seed: int, allow_fewer: bool = False,
-                    classnames: Optional[Sequence[str]] = None) -> list[Item]:
-    """K items per label, drawn without replacement; ``k <= 0`` keeps everything.
+                    classnames: Optional[Sequence[str]] = None,
+                    rng: Optional[random.Random] = None) -> list[Item]:
+    """K items per label, drawn without replacement by the protocol's rule; ``k <= 0`` keeps all.
 
+    Labels are visited in the order they first appear in ``items``; each draws
+    ``rng.sample(its_items, k)`` (a class with fewer than K keeps all of them and draws nothing).
+    The result is in draw order, as the original code returns it. ``rng`` continues a stream
+    (the validation draw after the training draw); without it a fresh ``random.Random(seed)``.
     ``classnames`` (optional) names classes in errors and makes a class with no item at all count
-    as one with too few. The result keeps the input order, so manifests read like the dataset.
+    as one with too few.
     """
     if k <= 0:
         return list(items)
-    by_label: dict[int, list[int]] = defaultdict(list)
-    for i, item in enumerate(items):
-        by_label[item.label].append(i)
-    labels = sorted(set(by_label) | set(range(len(classnames or ()))))
-    rng = random.Random(seed)
-    chosen: list[int] = []
-    short: list[str] = []
-    for label in labels:  # sorted label order: the draw sequence is fixed by the seed alone
-        idx = by_label.get(label, [])
-        if len(idx) >= k:
-            chosen += rng.sample(idx, k)
+    rng = rng if rng is not None else random.Random(seed)
+    by_label: dict[int, list[Item]] = {}  # insertion order = first appearance, as Dassl's tracker
+    for item in items:
+        by_label.setdefault(item.label, []).append(item)
+    chosen: list[Item] = []
+    short = [f"{_class_name(classnames, c)} has 0" for c in range(len(classnames or ())) if c not in by_label]
+    for label, group in by_label.items():
+        if len(group) >= k:
+            chosen += rng.sample(group, k)
         else:
-            short.append(f"{_class_name(classnames, label)} has {len(idx)}")
-            chosen += idx
+            short.append(f"{_class_name(classnames, label)} has {len(group)}")
+            chosen += group
     if short and not allow_fewer:
         more = f" (and {len(short) - 3} more classes)" if len(short) > 3 else ""
         raise ValueError(f"{k}-shot sampling needs {k} images per class, but class "
                          f"{'; class '.join(short[:3])}{more}. Lower data.shots, or set "
                          f"data.allow_fewer_shots=true to take all of them as the CoOp protocol does")
-    return [items[i] for i in sorted(chosen)]
+    return chosen
 
 
 def sample_validation(items: Sequence[Item], k: int, seed: int,
-                      classnames: Optional[Sequence[str]] = None) -> list[Item]:
+                      classnames: Optional[Sequence[str]] = None,
+                      rng: Optional[random.Random] = None) -> list[Item]:
     """The protocol's validation subset: min(K, 4) per class (fewer if a class has fewer);
-    all of it when K <= 0 (the supervised setting)."""
+    all of it when K <= 0 (the supervised setting). Pass the training draw's ``rng`` to continue
+    its stream, as the original code does."""
     return sample_few_shot(items, min(k, VAL_SHOTS) if k > 0 else 0, seed, allow_fewer=True,
-                           classnames=classnames)
+                           classnames=classnames, rng=rng)
 
 
 # ------------------------------------------------------------------------------------ manifests
@@ -91,7 +104,7 @@ def write_manifest(path: Union[str, Path], dataset_name: str, classnames: Sequen
     temporary file and renamed, so several processes (DDP ranks) never leave a torn file."""
     path = Path(path)
     head = {"format": MANIFEST_FORMAT, "dataset": dataset_name, "setting": setting, "shots": shots,
-            "seed": seed, "classnames": list(classnames), **(extra or {})}
+            "seed": seed, "sampler": SAMPLER, "classnames": list(classnames), **(extra or {})}
     fields = [(k, json.dumps(v)) for k, v in head.items()]
     fields += [("train", _items_json(train)), ("val", _items_json(val))]
     text = "{\n" + ",\n".join(f" {json.dumps(k)}: {v}" for k, v in fields) + "\n}\n"
@@ -160,6 +173,7 @@ def few_shot_splits(dataset: DatasetSplits, shots: int, seed: int, allow_fewer: 
         m = read_manifest(manifest)
         check_manifest(m, dataset, shots, where=f"data.manifest {manifest}")
         return m.train, m.val
-    train = sample_few_shot(dataset.train, shots, seed, allow_fewer, dataset.classnames)
-    val = sample_validation(dataset.val, shots, seed, dataset.classnames)
+    rng = random.Random(seed)  # one stream: the validation draw continues after the training draw
+    train = sample_few_shot(dataset.train, shots, seed, allow_fewer, dataset.classnames, rng=rng)
+    val = sample_validation(dataset.val, shots, seed, dataset.classnames, rng=rng)
     return train, val

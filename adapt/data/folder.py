@@ -243,6 +243,11 @@ def load_zhou(cfg: DataConfig) -> DatasetSplits:
     prefix = _image_prefix(root, probes, file)
     splits = {s: [Item(prefix + p if not os.path.isabs(p) else p, label) for p, label, _ in rows[s]]
               for s in SPLITS}
-    return DatasetSplits(name=file.stem.removeprefix("split_zhou_") or "zhou", root=root,
+    name = file.stem.removeprefix("split_zhou_") or "zhou"
+    # a community split file (split_zhou_OxfordPets.json) brings its dataset's template
+    from adapt.data.meta import templates_by_name
+
+    return DatasetSplits(name=name, root=root,
                          classnames=[clean_classname(names[i]) for i in range(len(names))],
-                         templates=dataset_templates(cfg, [DEFAULT_TEMPLATE]), **splits)
+                         templates=dataset_templates(cfg, templates_by_name(name) or [DEFAULT_TEMPLATE]),
+                         **splits)

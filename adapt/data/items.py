@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 
 def clean_classname(name: str) -> str:
@@ -34,6 +35,9 @@ class DatasetSplits:
     train: list[Item] = field(default_factory=list)
     val: list[Item] = field(default_factory=list)
     test: list[Item] = field(default_factory=list)
+    # stable identifiers of the classes (ImageNet's WordNet ids), in label order, where a dataset
+    # has them: domain generalization maps a target's classes onto the source's through these
+    class_ids: Optional[list[str]] = None
 
     def split(self, name: str) -> list[Item]:
         if name not in ("train", "val", "test"):

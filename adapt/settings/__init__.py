@@ -1,0 +1,8 @@
+"""Settings as registered objects: which classes and images a run trains on, what it evaluates,
+how the results are named. One file per setting; ``data.setting`` names one."""
+from adapt.settings.base import Plan, Setting
+from adapt.settings.registry import get_setting, list_settings, register_setting
+
+from adapt.settings import all, base2novel, cross_dataset, domain_generalization, unsupervised  # noqa: E402,F401,A004  (register)
+
+__all__ = ["Plan", "Setting", "get_setting", "list_settings", "register_setting"]

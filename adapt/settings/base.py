@@ -1,0 +1,54 @@
+"""What a setting decides: which classes and images are trained on, which sets are evaluated,
+and how the results are named. One subclass per file, registered by name (``registry.py``)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from adapt.data.config import DataConfig
+from adapt.data.fewshot import few_shot_splits
+from adapt.data.items import DatasetSplits, Item
+
+EvalSets = "OrderedDict[str, tuple[list[str], list[Item]]]"
+
+
+@dataclass
+class Plan:
+    """A setting applied to a dataset: the training classes and items, the val items, one
+    evaluation set per name (class names, items), and the sample to store in the manifest."""
+
+    train: list[Item]
+    train_classnames: list[str]
+    val: list[Item]
+    eval_sets: "OrderedDict[str, tuple[list[str], list[Item]]]"
+    sample_train: list[Item] = field(default_factory=list)  # over all classes, before any subset
+    sample_val: list[Item] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # recorded in the manifest
+    # prompt templates of an evaluation set whose dataset is not the source (cross-dataset targets)
+    eval_templates: dict = field(default_factory=dict)
+
+
+class Setting:
+    name: ClassVar[str] = ""
+
+    def check(self, cfg: DataConfig) -> None:
+        """Recipe-level validation, run when the recipe is read (before anything loads)."""
+
+    def sample(self, cfg: DataConfig, dataset: DatasetSplits, seed: int) -> tuple[list[Item], list[Item]]:
+        """The protocol's K-shot sample over all classes (or the manifest's)."""
+        return few_shot_splits(dataset, cfg.shots, seed, cfg.allow_fewer_shots, cfg.manifest)
+
+    def plan(self, cfg: DataConfig, dataset: DatasetSplits, seed: int) -> Plan:
+        train, val = self.sample(cfg, dataset, seed)
+        names = list(dataset.classnames)
+        return Plan(train, names, val, OrderedDict(test=(names, list(dataset.test))), train, val)
+
+    def prepare(self, data, backbone, device) -> dict:
+        """Work that needs the backbone, before the method is built (UPL's pseudo-labels).
+        Returns entries for ``results.json``."""
+        return {}
+
+    def summarize(self, accs: dict[str, float]) -> dict[str, float]:
+        """Accuracies per evaluation set -> the named metrics of ``results.json``."""
+        return {"test_acc": accs["test"]}
