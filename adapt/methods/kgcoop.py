@@ -45,6 +45,7 @@ class KgCoOpConfig(CoOpConfig):
 @register_method("kgcoop")
 class KgCoOp(CoOp):
     Config = KgCoOpConfig
+    trainable_kind = "text context"
 
     def __init__(self, config: KgCoOpConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)

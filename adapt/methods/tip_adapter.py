@@ -73,6 +73,7 @@ def search_grid(maximum: float, steps: int) -> list[float]:
 @register_method("tipadapter")
 class TipAdapter(Method):
     Config = TipAdapterConfig
+    trainable_kind = "none (cache); -F: cache keys"
     supports_feature_cache = True
     repointable = False  # the values are one-hot over the classes the cache was built for
 
