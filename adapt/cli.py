@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return _dispatch(args)
-    except (RecipeError, FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as err:
+    except (RecipeError, FileNotFoundError, FileExistsError, ValueError, KeyError, TypeError, RuntimeError) as err:
         print(f"adapt {args.command}: error: {err}", file=sys.stderr)
         return 2
 

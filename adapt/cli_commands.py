@@ -71,12 +71,13 @@ def report(targets: Sequence[str], out: str) -> None:
 
 
 def predict(args) -> None:
-    from adapt.inference import load_adapter, predict_files, write_predictions
+    from adapt.inference import check_predictions_path, load_adapter, predict_files, write_predictions
 
+    check_predictions_path(args.out)  # before any time is spent
     classnames = _classnames(args.classnames, args.classnames_file)
     model = load_adapter(args.adapter, classnames=classnames, device=args.device)
     rows = predict_files(model, args.images, top_k=args.top_k, batch_size=args.batch_size,
-                         progress=sys.stderr.isatty() or True)
+                         progress=True)
     out = write_predictions(rows, args.out)
     print(f"{len(rows)} images classified into {len(model.classnames)} classes; written to {out}")
 
