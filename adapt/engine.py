@@ -136,7 +136,8 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
       biases the accuracy; the runner gives each rank an unpadded share instead
       (``adapt.data.sharding``), and the synced micro accuracy sums them exactly."""
     from pytorch_lightning.callbacks import ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger
+
+    from adapt.loggers import build_loggers, progress_callbacks
 
     # the frozen backbone is kept in eval mode on purpose; Lightning warns about that
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
@@ -145,14 +146,7 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
     # few-shot epochs are often shorter than the logging interval; epoch means are logged anyway
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     t = recipe.trainer
-    loggers = []
-    if not evaluation and recipe.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
-    if not evaluation and recipe.logger.wandb:
-        from pytorch_lightning.loggers import WandbLogger
-
-        loggers.append(WandbLogger(project=recipe.logger.project, save_dir=str(run_dir),
-                                   mode=recipe.logger.mode, name=str(run_dir)))
+    loggers = [] if evaluation else build_loggers(recipe, run_dir)
     checkpoints = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0)
     return pl.Trainer(
         max_epochs=t.max_epochs,
@@ -170,15 +164,15 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
         deterministic=t.deterministic,
         default_root_dir=str(run_dir),
         logger=loggers or False,
-        callbacks=[checkpoints],
+        callbacks=[checkpoints] + progress_callbacks(t.progress_bar),
         enable_model_summary=False,
         use_distributed_sampler=not evaluation,
         inference_mode=inference_mode,
     )
 
 
-def log_final_metrics(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Write a run's final accuracies through the loggers its training used."""
-    for logger in trainer.loggers:
-        logger.log_metrics({f"final/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
-        logger.save()
+def log_final_metrics(trainer: pl.Trainer, results: dict) -> None:
+    """Write a run's final results through the loggers its training used, and close them."""
+    from adapt.loggers import log_final
+
+    log_final(trainer.loggers, results, step=trainer.global_step)

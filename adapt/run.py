@@ -26,6 +26,7 @@ from adapt.data.datamodule import AdaptDataModule
 from adapt.data.feature_cache import FeatureData
 from adapt.data.sharding import shard_loader
 from adapt.engine import AdaptModule, build_trainer, log_final_metrics
+from adapt.loggers import build_loggers, log_final
 from adapt.export import WEIGHTS_FILE, save_adapter
 from adapt.methods import Method, build_method
 from adapt.process import prepare_cpu_process
@@ -145,9 +146,11 @@ def run_fit(recipe: DictConfig) -> dict:
         results["adapter_dir"] = str(adapter_dir)
     if recipe.baseline and exp.method.name != "zeroshot":
         results["zeroshot_metrics"] = zero_shot_metrics(exp)
-    if exp.fit_trainer is not None:
-        log_final_metrics(exp.fit_trainer, metrics)
     _write_results(exp, results)
+    if exp.fit_trainer is not None:
+        log_final_metrics(exp.fit_trainer, results)
+    elif rank_zero_only.rank == 0:  # nothing trained: the loggers still get the recipe and results
+        log_final(build_loggers(recipe, exp.run_dir), results)
     return results
 
 
