@@ -124,3 +124,17 @@ def test_report_states_missing_seeds(tmp_path, image_folder):
 def test_standard_comparison_lists_every_base2novel_recipe():
     listed = {p.resolve() for p in expand_recipes([RECIPES / "compare" / "base2novel.yaml"])}
     assert listed == {p.resolve() for p in RECIPES.glob("*/base2novel.yaml") if p.parent.name != "compare"}
+
+
+def test_compare_logs_its_table_to_wandb_when_on(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "cmp"
+    compare(_tiny_recipes(tmp_path, image_folder)[:1], seeds=[1], out=out, overrides=["logger.wandb=true"],
+            progress=False)
+    tables = list((out / "wandb").glob("offline-run-*/files/media/table/comparison_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    rows = list(csv.DictReader(open(out / "comparison.csv")))
+    assert table["columns"] == list(rows[0])
+    hm = table["columns"].index("hm")
+    assert [float(r[hm]) for r in table["data"]] == [float(r["hm"]) for r in rows]

@@ -111,7 +111,9 @@ def plan_runs(recipes: Sequence[Path], seeds: Sequence[int], out: Path,
             raise RecipeError(f"{path} and {labels[label]} would share the run folder {label!r}; "
                               "compare them from separate --out directories")
         labels[label] = path
-        for i, seed in enumerate(seeds):
+    # seed-major: a comparison cut short has every recipe on the first seeds, not some on all
+    for i, seed in enumerate(seeds):
+        for label, path in labels.items():
             run_dir = out / "runs" / label / f"seed{seed}"
             # the zero-shot row of the table: computed beside the first seed of every recipe
             extra = [f"seed={seed}", f"output_dir={out / 'runs'}", f"run_name={label}/seed{seed}",

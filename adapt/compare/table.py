@@ -180,6 +180,10 @@ def markdown(groups: Sequence[Group], missing: Sequence[Missing] = ()) -> str:
             cells += [str(len(row.seeds)), f"{row.trainable_params:,}" if row.trainable_params is not None else "",
                       row.fit_seconds.text() if row.fit_seconds else ""]
             lines.append("| " + " | ".join(cells) + " |")
+        zs = next((r for r in g.rows if r.name == ZERO_SHOT), None)
+        if zs is not None and len(zs.seeds) < len(g.seeds):
+            lines += ["", f"{ZERO_SHOT}: computed beside the methods on seed(s) {', '.join(map(str, zs.seeds))}; "
+                      "it trains nothing, and the test images are the same for every seed."]
         gaps = [f"{r.name}: seed {', '.join(map(str, r.missing_seeds))}" for r in g.rows if r.missing_seeds]
         lines += ["", "Missing runs: " + ("; ".join(gaps) if gaps else "none") + ".", ""]
     failed = [f"- {m.label} seed {m.seed}: {m.reason}" for m in missing]
