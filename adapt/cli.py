@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from adapt.checkpointing import RunInterrupted
 from adapt.config import RecipeError, load_recipe
 
 OVERRIDES_HELP = "key=value, e.g. data.shots=4 method.n_ctx=8 (see `adapt fit --help`)"
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="write a run's adapter to a directory")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
+    export.add_argument("--overwrite", action="store_true", help="replace an adapter already in out_dir")
     export.add_argument("--plain", action="store_true",
                         help="also write prompts.safetensors: plain tensors loadable with torch + safetensors")
     cmp = sub.add_parser("compare", help="run recipes x seeds and write comparison.md/.csv/.json/.png",
@@ -84,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return _dispatch(args)
+    except RunInterrupted as err:
+        print(f"\nadapt {args.command}: {err}", file=sys.stderr)
+        if "checkpoint after epoch" in str(err) and args.command == "fit":
+            print(f"resume with: {_resume_command(args)}", file=sys.stderr)
+        return err.exit_code
     except (RecipeError, FileNotFoundError, FileExistsError, ValueError, KeyError, TypeError, RuntimeError) as err:
         print(f"adapt {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -99,7 +106,7 @@ def _dispatch(args) -> int:
     elif args.command == "test":
         commands.test(args.target, args.overrides)
     elif args.command == "export":
-        commands.export(args.run_dir, args.out_dir, plain=args.plain)
+        commands.export(args.run_dir, args.out_dir, overwrite=args.overwrite, plain=args.plain)
     elif args.command == "compare":
         commands.compare(args.recipes, args.seeds, args.out, args.overrides)
     elif args.command == "report":
@@ -113,6 +120,13 @@ def _dispatch(args) -> int:
     elif args.command == "methods":
         print(commands.methods_table())
     return 0
+
+
+def _resume_command(args) -> str:
+    import shlex
+
+    kept = [o for o in args.overrides if not o.startswith(("resume=", "overwrite="))]
+    return shlex.join(["adapt", "fit", args.recipe, *kept, "resume=true"])
 
 
 if __name__ == "__main__":

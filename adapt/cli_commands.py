@@ -37,10 +37,10 @@ def test(target: str, overrides: Sequence[str]) -> None:
     print_results(results)
 
 
-def export(run_dir: str, out_dir: str, plain: bool = False) -> None:
+def export(run_dir: str, out_dir: str, overwrite: bool = False, plain: bool = False) -> None:
     from adapt.export import export_run
 
-    out = export_run(Path(run_dir), Path(out_dir))
+    out = export_run(Path(run_dir), Path(out_dir), overwrite=overwrite)
     print(f"adapter written to {out}")
     if plain:
         from adapt.inference import export_plain_prompts, load_adapter

@@ -14,14 +14,13 @@ method declares (``repointable``).
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from adapt.data.transforms import test_transform
+from adapt.io import atomic_save
 from adapt.methods import Method
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -119,18 +118,15 @@ def write_predictions(rows: Sequence[dict], out: str | Path) -> Path:
     """Write the CSV atomically; an existing file is replaced only if it is an earlier
     predictions file (its header starts with ``path,label_1``), never anything else."""
     out = check_predictions_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["path", "label_1", "prob_1"])
+    fields = list(rows[0]) if rows else ["path", "label_1", "prob_1"]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+
+    return atomic_save(out, write)
 
 
 def export_plain_prompts(model: Method, out: str | Path) -> Path:
@@ -159,10 +155,7 @@ def export_plain_prompts(model: Method, out: str | Path) -> Path:
         tensors["ctx"] = p.ctx.detach().cpu().clone()  # its own storage: safetensors refuses shared ones
         tensors["ctx_positions"] = context_positions(p.position, p.n_ctx, p.name_lens)
         meta["class_token_position"] = p.position
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=meta)
-    return out
+    return atomic_save(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def context_positions(position: str, n_ctx: int, name_lens: Sequence[int]) -> torch.Tensor:

@@ -56,8 +56,9 @@ def test_evaluation_trainers_neither_log_nor_shard_the_test_set(tmp_path):
     recipe = load_recipe(RECIPES / "coop/tiny.yaml", ["logger.wandb=false"])
     fit, evaluation = build_trainer(recipe, tmp_path), build_trainer(recipe, tmp_path, evaluation=True)
     assert fit.loggers and not evaluation.loggers
-    # a DistributedSampler pads each rank's share with repeats; evaluation reads whole sets
-    assert fit._accelerator_connector.use_distributed_sampler
+    # a DistributedSampler pads each rank's share with repeats; adapt shards its own loaders
+    # (training by global batch, evaluation in unpadded shares), so neither uses Lightning's
+    assert not fit._accelerator_connector.use_distributed_sampler
     assert not evaluation._accelerator_connector.use_distributed_sampler
 
 

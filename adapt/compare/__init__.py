@@ -7,13 +7,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from adapt.compare.runs import Missing, RunRecord, collect, expand_recipes, plan_runs, run_all
 from adapt.compare.table import aggregate, markdown, run_row, to_csv, to_json
+from adapt.io import atomic_save, atomic_write_text
 
 FILES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png")
 
@@ -47,21 +46,10 @@ def write_comparison(records: Sequence[RunRecord], out: Path, missing: Sequence[
     texts = {"comparison.md": markdown(groups, missing), "comparison.csv": to_csv(rows),
              "comparison.json": json.dumps(to_json(groups, rows, missing), indent=2)}
     for name, text in texts.items():
-        _write_atomic(out / name, lambda p, t=text: Path(p).write_text(t))
+        atomic_write_text(out / name, text)
     if groups:
-        _write_atomic(out / "comparison.png", lambda p: plot(groups, Path(p)), suffix=".png")
+        atomic_save(out / "comparison.png", lambda p: plot(groups, p))
     return [out / name for name in FILES if (out / name).exists()]
-
-
-def _write_atomic(path: Path, write: Callable[[str], None], suffix: str = ".tmp") -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _log_to_wandb(plan, out: Path) -> None:

@@ -56,5 +56,5 @@ def plot(groups: Sequence[Group], path: Path) -> None:
         scatter.grid(alpha=0.3)
         scatter.set_title(f"{LABELS.get(key, key)} vs trainable parameters", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # path may be a temporary name
     plt.close(fig)

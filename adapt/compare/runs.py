@@ -19,25 +19,16 @@ from typing import Callable, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from adapt.config import RecipeError, load_recipe
+from adapt.rundir import RESUME_FREE_KEYS, _flatten, checkpoint_path
 
 log = logging.getLogger(__name__)
 
-# keys that say where or how visibly a run is written, not what it computes
-_NOT_HASHED = ("seed", "output_dir", "run_name", "resume", "baseline", "logger",
-               "trainer.progress_bar", "data.num_workers", "data.cache_dir")
-
-
 def recipe_hash(recipe: DictConfig) -> str:
-    """12 hex digits identifying what a recipe computes, the same for every seed of it."""
-    tree = OmegaConf.to_container(recipe, resolve=True)
-    for key in _NOT_HASHED:
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return hashlib.sha256(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """12 hex digits identifying what a recipe computes, the same for every seed of it: the keys
+    a resume may change (where and how visibly a run is written) are left out, and the seed."""
+    flat = _flatten(OmegaConf.to_container(recipe, resolve=True))
+    kept = {k: v for k, v in flat.items() if k != "seed" and not k.startswith(RESUME_FREE_KEYS)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def recipe_label(path: str | Path) -> str:
@@ -149,8 +140,10 @@ def run_all(plan: Plan, fit: Callable[[DictConfig], dict], progress: bool = True
         bar.set_postfix_str(f"{label} seed {seed}", refresh=True)
         record = finished(run_dir, recipe)
         if record is None:
-            if (run_dir / "checkpoints" / "last.ckpt").is_file():
+            if checkpoint_path(run_dir).is_file():
                 recipe.resume = True  # an interrupted run of this recipe: continue it
+            elif run_dir.is_dir() and any(run_dir.iterdir()):
+                recipe.overwrite = True  # stopped before its first checkpoint: moved aside, rerun
             try:
                 results = fit(recipe)
             except KeyboardInterrupt:
