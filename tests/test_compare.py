@@ -138,3 +138,43 @@ def test_compare_logs_its_table_to_wandb_when_on(tmp_path, image_folder, monkeyp
     assert table["columns"] == list(rows[0])
     hm = table["columns"].index("hm")
     assert [float(r[hm]) for r in table["data"]] == [float(r["hm"]) for r in rows]
+
+
+def test_an_interrupted_comparison_resumes_only_the_unfinished_run(tmp_path, image_folder):
+    recipes = _tiny_recipes(tmp_path, image_folder)[:1]
+    out = tmp_path / "cmp"
+    compare(recipes, seeds=[1, 2], out=out, progress=False)
+    run2 = out / "runs" / "coop-tiny_b2n" / "seed2"
+    before = json.loads((run2 / "results.json").read_text())
+    (run2 / "results.json").unlink()  # as if stopped after its last checkpoint, before results
+    calls = []
+
+    def fit(recipe):
+        calls.append((recipe.seed, recipe.resume))
+        return run_fit(recipe)
+
+    res = compare(recipes, seeds=[1, 2], out=out, fit=fit, progress=False)
+    assert calls == [(2, True)] and res["trained"] == 1
+    after = json.loads((run2 / "results.json").read_text())
+    assert after["metrics"] == pytest.approx(before["metrics"])
+
+
+def test_any_metric_or_named_scalar_in_results_becomes_a_column(tmp_path):
+    from adapt.compare.runs import RunRecord
+    from adapt.compare.table import aggregate, markdown
+
+    def rec(method, seed, acc, **scalars):
+        return RunRecord(tmp_path / f"{method}{seed}", {
+            "method": method, "dataset": "d", "setting": "all", "shots": 16, "seed": seed,
+            "metrics": {"test_acc": acc}, "scalars": scalars, "trainable_params": 10,
+            "timing": {"fit_seconds": 1.0}}, recipe_hash=method)
+
+    records = [rec("tipadapter", 1, 70.0, alpha=1.5), rec("tipadapter", 2, 74.0, alpha=2.5),
+               rec("linearprobe", 1, 80.0), rec("linearprobe", 2, 60.0)]
+    (group,) = aggregate(records)
+    assert group.columns == ["test_acc", "alpha"]
+    rows = {r.name: r for r in group.rows}
+    assert rows["tipadapter"].stats["alpha"].mean == pytest.approx(2.0)
+    md = markdown([group])
+    assert "| tipadapter | **72.0 ± 2.8** | 2.0 ± 0.7 |" in md  # alpha has no "best"
+    assert "| linearprobe | 70.0 ± 14.1 | – |" in md and "HM of means" not in md
