@@ -56,10 +56,11 @@ def test_evaluation_trainers_neither_log_nor_shard_the_test_set(tmp_path):
     recipe = load_recipe(RECIPES / "coop/tiny.yaml", ["logger.wandb=false"])
     fit, evaluation = build_trainer(recipe, tmp_path), build_trainer(recipe, tmp_path, evaluation=True)
     assert fit.loggers and not evaluation.loggers
-    # a DistributedSampler pads each rank's share with repeats; adapt shards its own loaders
-    # (training by global batch, evaluation in unpadded shares), so neither uses Lightning's
+    # a DistributedSampler pads each rank's share with repeats: evaluation reads unpadded shares,
+    # training its slice of every global batch (adapt.data.sharding); Lightning's is never used
     assert not fit._accelerator_connector.use_distributed_sampler
     assert not evaluation._accelerator_connector.use_distributed_sampler
+    assert not evaluation.checkpoint_callbacks and len(fit.checkpoint_callbacks) == 1
 
 
 def test_wandb_offline_run_files_hold_config_epochs_and_final_metrics(image_folder, tmp_path, monkeypatch):
