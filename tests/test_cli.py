@@ -39,7 +39,7 @@ def test_fit_help_lists_a_key_of_every_section_with_default_and_doc(capsys):
     assert "logger.mode=offline" in text and "wandb mode: offline | online | disabled" in text
     for name in list_methods():  # the method section: every method with its keys
         assert f"\n  {name}: " in text
-    assert "n_ctx=16" in text
+    assert "csc=false" in text
 
 
 def test_config_prints_the_resolved_recipe(capsys):
