@@ -1,2 +1,9 @@
 """adapt: parameter-efficient transfer learning for frozen CLIP models (open_clip)."""
 __version__ = "0.1.0"
+
+
+def load_adapter(path, classnames=None, device=None):
+    """An exported adapter as an eval-mode model with ``.preprocess`` (see adapt.inference)."""
+    from adapt.inference import load_adapter as _load
+
+    return _load(path, classnames=classnames, device=device)

@@ -70,10 +70,15 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
+    # Weights & Biases: recipe, per-epoch metrics, final results (run_dir/wandb)
     wandb: bool = False
-    project: str = "adapt"
+    project: str = "adapt"  # wandb project
     mode: str = "offline"  # wandb mode: offline | online | disabled
-    csv: bool = True
+    csv: bool = True  # run_dir/logs/metrics.csv
+    tensorboard: bool = False  # run_dir/tensorboard (needs the tensorboard package)
+
+    def __post_init__(self) -> None:
+        _check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
 @dataclass

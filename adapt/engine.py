@@ -214,10 +214,10 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
     repeated images, which biases the accuracy (the runner gives each rank an unpadded share, and
     the synced micro accuracy sums them exactly); for training the data module splits every
     global batch across the processes itself (``adapt.data.sharding``)."""
-    from pytorch_lightning.loggers import CSVLogger
     from omegaconf import OmegaConf
 
     from adapt.checkpointing import AtomicCheckpointIO, RunCheckpoints
+    from adapt.loggers import build_loggers, progress_callbacks
 
     # the frozen backbone is kept in eval mode on purpose; Lightning warns about that
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
@@ -226,14 +226,7 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
     # few-shot epochs are often shorter than the logging interval; epoch means are logged anyway
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     t = recipe.trainer
-    loggers = []
-    if not evaluation and recipe.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="logs", version=""))
-    if not evaluation and recipe.logger.wandb:
-        from pytorch_lightning.loggers import WandbLogger
-
-        loggers.append(WandbLogger(project=recipe.logger.project, save_dir=str(run_dir),
-                                   mode=recipe.logger.mode, name=str(run_dir)))
+    loggers = [] if evaluation else build_loggers(recipe, run_dir)
     callbacks = [] if evaluation else [RunCheckpoints(
         run_dir / "checkpoints", OmegaConf.to_container(recipe, resolve=True), t.max_epochs,
         every_n_epochs=t.checkpoint_every_n_epochs, every_minutes=t.checkpoint_every_minutes)]
@@ -254,7 +247,7 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
         deterministic=t.deterministic,
         default_root_dir=str(run_dir),
         logger=loggers or False,
-        callbacks=callbacks,
+        callbacks=callbacks + progress_callbacks(t.progress_bar),
         enable_checkpointing=not evaluation,
         plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
@@ -265,12 +258,8 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
     )
 
 
-def log_final_metrics(trainer: pl.Trainer, metrics: dict[str, float],
-                      scalars: Optional[dict[str, float]] = None) -> None:
-    """Write a run's final accuracies (and the method's scalars) through the loggers its
-    training used."""
-    values = {f"final/{k}": v for k, v in metrics.items()}
-    values.update({f"method/{k}": v for k, v in (scalars or {}).items()})
-    for logger in trainer.loggers:
-        logger.log_metrics(values, step=trainer.global_step)
-        logger.save()
+def log_final_metrics(trainer: pl.Trainer, results: dict) -> None:
+    """Write a run's final results through the loggers its training used, and close them."""
+    from adapt.loggers import log_final
+
+    log_final(trainer.loggers, results, step=trainer.global_step)

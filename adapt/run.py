@@ -28,6 +28,7 @@ from adapt.data.sharding import global_batch_message, shard_loader
 from adapt.engine import AdaptModule, TrainingDiverged, build_trainer, log_final_metrics
 from adapt.export import WEIGHTS_FILE, read_adapter_state, save_adapter
 from adapt.io import atomic_write_json, atomic_write_text
+from adapt.loggers import build_loggers, log_final
 from adapt.methods import Method
 from adapt.process import prepare_cpu_process
 from adapt.rundir import checkpoint_path, prepare_run_dir, write_status
@@ -168,9 +169,11 @@ def run_fit(recipe: DictConfig) -> dict:
         results["adapter_dir"] = str(adapter_dir)
     if recipe.baseline and exp.method.name != "zeroshot":
         results["zeroshot_metrics"] = zero_shot_metrics(exp)
-    if exp.fit_trainer is not None:
-        log_final_metrics(exp.fit_trainer, metrics, results["scalars"])
     _write_results(exp, results)
+    if exp.fit_trainer is not None:
+        log_final_metrics(exp.fit_trainer, results)
+    elif rank_zero_only.rank == 0:  # nothing trained: the loggers still get the recipe and results
+        log_final(build_loggers(recipe, exp.run_dir), results)
     _write_status(exp, "finished")
     return results
 

@@ -53,6 +53,8 @@ class Method(nn.Module):
     repoint_fix: ClassVar[str] = ""
     # True for test-time methods that take gradient steps while evaluating (TPT).
     grad_at_test: ClassVar[bool] = False
+    # what it learns, in a few words, for `adapt methods` ("text context", "vision prompts", ...)
+    trainable_kind: ClassVar[str] = ""
 
     def __init__(self, config, backbone: ClipBackbone, classnames: Sequence[str], templates: Sequence[str]):
         super().__init__()

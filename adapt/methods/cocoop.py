@@ -53,6 +53,7 @@ class CoCoOpConfig(CoOpConfig):
 @register_method("cocoop")
 class CoCoOp(Method):
     Config = CoCoOpConfig
+    trainable_kind = "text context + meta-net"
     supports_feature_cache = True
 
     def __init__(self, config: CoCoOpConfig, backbone, classnames, templates):

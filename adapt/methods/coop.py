@@ -31,6 +31,7 @@ class CoOpConfig:
 @register_method("coop")
 class CoOp(Method):
     Config = CoOpConfig
+    trainable_kind = "text context"
     supports_feature_cache = True
 
     def __init__(self, config: CoOpConfig, backbone, classnames, templates):

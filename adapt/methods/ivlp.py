@@ -37,6 +37,7 @@ class IVLPConfig:
 @register_method("ivlp")
 class IVLP(Method):
     Config = IVLPConfig
+    trainable_kind = "deep text + vision prompts"
 
     def __init__(self, config: IVLPConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)

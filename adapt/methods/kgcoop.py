@@ -48,6 +48,7 @@ class KgCoOpConfig(CoOpConfig):
 @register_method("kgcoop")
 class KgCoOp(CoOp):
     Config = KgCoOpConfig
+    trainable_kind = "text context"
 
     def rebuild_classes(self) -> None:
         super().rebuild_classes()

@@ -41,6 +41,7 @@ class MaPLeConfig:
 @register_method("maple")
 class MaPLe(Method):
     Config = MaPLeConfig
+    trainable_kind = "deep text prompts + vision couplings"
 
     def __init__(self, config: MaPLeConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)

@@ -85,6 +85,7 @@ def gpa_weights(max_epochs: int, mean: float, std: float) -> list[float]:
 @register_method("promptsrc")
 class PromptSRC(IVLP):
     Config = PromptSRCConfig
+    trainable_kind = "deep text + vision prompts"
 
     def __init__(self, config: PromptSRCConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)

@@ -79,6 +79,7 @@ def search_grid(maximum: float, steps: int) -> list[float]:
 @register_method("tipadapter")
 class TipAdapter(HandWrittenClassifier):
     Config = TipAdapterConfig
+    trainable_kind = "none (cache); -F: cache keys"
     supports_feature_cache = True
     repointable = False  # the values are one-hot over the classes the cache was built for
 

@@ -128,6 +128,7 @@ def resized_crops(image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 @register_method("tpt")
 class TPT(Method):
     Config = TPTConfig
+    trainable_kind = "text context, per test image"
     grad_at_test = True  # the engine evaluates with inference mode off
 
     def __init__(self, config: TPTConfig, backbone, classnames, templates):

@@ -60,6 +60,7 @@ def frame_width(pad: int, image_size: int, reference_size: int = 224, scale: boo
 @register_method("vp")
 class VP(HandWrittenClassifier):
     Config = VPConfig
+    trainable_kind = "pixel frame"
 
     def __init__(self, config: VPConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)

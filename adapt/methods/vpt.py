@@ -44,6 +44,7 @@ class VPTConfig:
 @register_method("vpt")
 class VPT(HandWrittenClassifier):
     Config = VPTConfig
+    trainable_kind = "vision prompts"
 
     def __init__(self, config: VPTConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)

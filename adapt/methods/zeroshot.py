@@ -24,6 +24,7 @@ class ZeroShotConfig:
 @register_method("zeroshot")
 class ZeroShot(HandWrittenClassifier):
     Config = ZeroShotConfig
+    trainable_kind = "nothing"
     supports_feature_cache = True
 
     def __init__(self, config, backbone, classnames, templates):

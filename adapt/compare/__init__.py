@@ -1,0 +1,68 @@
+"""``adapt compare`` / ``adapt report``: many runs -> comparison.md / .csv / .json / .png.
+
+    from adapt.compare import compare, report
+    compare(["recipes/coop/base2novel.yaml"], seeds=[1, 2, 3], out="cmp/")
+    report(["runs/coop/*"], out="cmp/")
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from adapt.compare.runs import Missing, RunRecord, collect, expand_recipes, plan_runs, run_all
+from adapt.compare.table import aggregate, markdown, run_row, to_csv, to_json
+from adapt.io import atomic_save, atomic_write_text
+
+FILES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png")
+
+
+def compare(recipes: Sequence[str | Path], seeds: Sequence[int] = (1, 2, 3), out: str | Path = "comparison",
+            overrides: Sequence[str] = (), fit: Optional[Callable] = None, progress: bool = True) -> dict:
+    """Run every recipe x seed not already finished under ``out/runs``, then write the
+    comparison files into ``out``. Returns {"files": [...], "trained": N, "missing": [...]}."""
+    if fit is None:
+        from adapt.run import run_fit as fit
+    out = Path(out)
+    plan = plan_runs(expand_recipes(recipes), list(seeds), out, overrides)
+    records, missing, trained = run_all(plan, fit, progress=progress)
+    files = write_comparison(records, out, missing, expected_seeds=seeds)
+    _log_to_wandb(plan, out)
+    return {"files": files, "trained": trained, "missing": missing, "records": records}
+
+
+def report(targets: Sequence[str], out: str | Path = ".") -> dict:
+    records = collect(targets)
+    return {"files": write_comparison(records, Path(out)), "records": records}
+
+
+def write_comparison(records: Sequence[RunRecord], out: Path, missing: Sequence[Missing] = (),
+                     expected_seeds: Sequence[int] = ()) -> list[Path]:
+    from adapt.compare.plot import plot
+
+    out.mkdir(parents=True, exist_ok=True)
+    groups = aggregate(records, expected_seeds)
+    rows = [run_row(r) for r in records]
+    texts = {"comparison.md": markdown(groups, missing), "comparison.csv": to_csv(rows),
+             "comparison.json": json.dumps(to_json(groups, rows, missing), indent=2)}
+    for name, text in texts.items():
+        atomic_write_text(out / name, text)
+    if groups:
+        atomic_save(out / "comparison.png", lambda p: plot(groups, p))
+    return [out / name for name in FILES if (out / name).exists()]
+
+
+def _log_to_wandb(plan, out: Path) -> None:
+    """With ``logger.wandb=true``: the comparison's rows as a wandb Table (offline by default)."""
+    if not plan.items or not plan.items[0][2].logger.wandb:
+        return
+    import csv
+
+    import wandb
+
+    logger = plan.items[0][2].logger
+    rows = list(csv.reader(open(out / "comparison.csv")))
+    run = wandb.init(project=logger.project, mode=logger.mode, dir=str(out), name=f"compare {out.name}",
+                     job_type="compare", reinit=True)
+    run.log({"comparison": wandb.Table(columns=rows[0], data=rows[1:])})
+    run.finish()

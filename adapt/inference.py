@@ -1,0 +1,172 @@
+"""Use an exported adapter: ``load_adapter`` -> an eval-mode model with its preprocessing;
+``predict_files`` -> top-k labels and probabilities per image (``adapt predict``).
+
+    import adapt
+    from PIL import Image
+    model = adapt.load_adapter("runs/.../adapter", classnames=["cat", "dog"])   # new classes
+    x = model.preprocess(Image.open("pet.jpg")).unsqueeze(0).to(model.device)
+    probs = model.predict(x).softmax(-1)
+
+Prompt adapters (CoOp, CoCoOp, KgCoOp, IVLP, MaPLe, ...) accept any class names; class-specific
+ones (CSC CoOp, Tip-Adapter's cache, linear heads) refuse names they were not trained on, as the
+method declares (``repointable``).
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from adapt.data.transforms import test_transform
+from adapt.io import atomic_save
+from adapt.methods import Method
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def load_adapter(path: str | Path, classnames: Optional[Sequence[str]] = None,
+                 device: Optional[str | torch.device] = None, backbone=None) -> Method:
+    """The adapter at ``path`` (an adapter directory, or a run directory holding ``adapter/``) on
+    its backbone, in eval mode, on ``device`` (default: CUDA when available), re-pointed at
+    ``classnames`` when given. ``model.preprocess`` maps a PIL image to the tensor it expects;
+    ``model.device`` is where inputs go. ``backbone``: an already built one (else it is built
+    from the name and weights the adapter records)."""
+    from adapt.backbone import BackboneConfig, build_backbone
+    from adapt.export import AdapterError, load_adapter as load_onto, read_adapter_meta
+
+    path = Path(path)
+    if not (path / "adapter.json").is_file() and (path / "adapter" / "adapter.json").is_file():
+        path = path / "adapter"
+    meta = read_adapter_meta(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if backbone is None:
+        if meta["backbone"]["pretrained"] is None:
+            raise AdapterError(f"{path} was trained on a randomly initialised {meta['backbone']['name']} "
+                               "(backbone.pretrained=null), which cannot be rebuilt here; pass the "
+                               "backbone object it was trained with (backbone=...)")
+        backbone = build_backbone(BackboneConfig(name=meta["backbone"]["name"],
+                                                 pretrained=meta["backbone"]["pretrained"]))
+    backbone = backbone.to(device)
+    method = load_onto(path, backbone=backbone, classnames=classnames).to(device).eval()
+    method.preprocess = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+    method.device = device
+    return method
+
+
+def image_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files, in order: files as given, folders searched recursively (sorted)."""
+    files: list[Path] = []
+    for raw in inputs:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise FileNotFoundError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {p}")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p} is neither an image file nor a folder")
+    return files
+
+
+def predict_files(model: Method, inputs: Sequence[str | Path], top_k: int = 5, batch_size: int = 64,
+                  progress: bool = True) -> list[dict]:
+    """One row per image: path, then label_i / prob_i for the ``top_k`` most probable classes."""
+    from tqdm.auto import tqdm
+
+    from adapt.data.image_dataset import load_image
+
+    files = image_files(inputs)
+    k = max(1, min(top_k, len(model.classnames)))
+    rows = []
+    device = getattr(model, "device", next(model.parameters()).device)
+    bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start:start + batch_size]
+        x = torch.stack([model.preprocess(load_image(f)) for f in chunk]).to(device)
+        # test-time methods (TPT) take gradient steps inside predict; the rest need none
+        with torch.set_grad_enabled(model.grad_at_test), torch.inference_mode(not model.grad_at_test):
+            probs = model.predict(x).float().softmax(dim=-1)
+        top = probs.topk(k, dim=-1)
+        for f, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
+            row = {"path": str(f)}
+            for rank, (pi, ii) in enumerate(zip(p, i), start=1):
+                row[f"label_{rank}"] = model.classnames[ii]
+                row[f"prob_{rank}"] = round(pi, 6)
+            rows.append(row)
+        bar.update(len(chunk))
+    bar.close()
+    return rows
+
+
+def check_predictions_path(out: str | Path) -> Path:
+    """``out`` may be written: it is new, or an earlier predictions CSV (header ``path,label_1``)."""
+    out = Path(out)
+    if out.exists():
+        with open(out, newline="") as fh:
+            header = fh.readline()
+        if not header.startswith("path,label_1"):
+            raise FileExistsError(f"{out} exists and is not a predictions CSV written by adapt; "
+                                  "choose another --out")
+    return out
+
+
+def write_predictions(rows: Sequence[dict], out: str | Path) -> Path:
+    """Write the CSV atomically; an existing file is replaced only if it is an earlier
+    predictions file (its header starts with ``path,label_1``), never anything else."""
+    out = check_predictions_path(out)
+    fields = list(rows[0]) if rows else ["path", "label_1", "prob_1"]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return atomic_save(out, write)
+
+
+def export_plain_prompts(model: Method, out: str | Path) -> Path:
+    """The adapter as plain tensors, loadable with ``safetensors.torch.load_file`` alone:
+
+    - ``ctx``: the learned context vectors, [M, D] (shared) or [C, M, D] (class-specific), for
+      methods built on text context (CoOp, CoCoOp, KgCoOp);
+    - ``ctx_positions``: int64 [C, M], the token positions those vectors replace in each class's
+      prompt ``"X X ... X <class name>."`` tokenized by the tokenizer named in the metadata;
+    - ``state.<name>``: every trained tensor of the method under its own name (deep prompts per
+      layer, meta-nets, couplings, ...);
+    - metadata (strings): ``method``, ``tokenizer`` (open_clip.get_tokenizer(name)),
+      ``backbone``, ``pretrained``, ``classnames`` (one per line), ``class_token_position``.
+    """
+    from safetensors.torch import save_file
+
+    from adapt.methods.prompts import ContextPrompts
+
+    tensors = {f"state.{k}": v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}
+    bb = model.backbone.config
+    meta = {"format": "adapt-plain-prompts", "method": model.name, "tokenizer": bb.name,
+            "backbone": bb.name, "pretrained": str(bb.pretrained), "classnames": "\n".join(model.classnames)}
+    prompts = [m for m in model.modules() if isinstance(m, ContextPrompts)]
+    if prompts:
+        p = prompts[0]
+        tensors["ctx"] = p.ctx.detach().cpu().clone()  # its own storage: safetensors refuses shared ones
+        tensors["ctx_positions"] = context_positions(p.position, p.n_ctx, p.name_lens)
+        meta["class_token_position"] = p.position
+    return atomic_save(out, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def context_positions(position: str, n_ctx: int, name_lens: Sequence[int]) -> torch.Tensor:
+    """[C, M] token indices of the context vectors (index 0 is the start-of-text token)."""
+    rows = []
+    half = n_ctx // 2
+    for length in name_lens:
+        if position == "end":
+            rows.append(list(range(1, 1 + n_ctx)))
+        elif position == "middle":
+            rows.append(list(range(1, 1 + half)) + list(range(1 + half + length, 1 + n_ctx + length)))
+        else:
+            rows.append(list(range(1 + length, 1 + length + n_ctx)))
+    return torch.tensor(rows, dtype=torch.int64)
