@@ -9,7 +9,7 @@ from adapt.methods import ivlp  # noqa: E402,F401
 from adapt.methods import maple  # noqa: E402,F401
 from adapt.methods import promptsrc  # noqa: E402,F401
 from adapt.methods import tip_adapter  # noqa: E402,F401
-from adapt.methods import tpt  # noqa: E402,F401
+from adapt.methods import tpt, zero, tda, dmn  # noqa: E402,F401
 from adapt.methods import cocoop, kgcoop, vp  # noqa: E402,F401
 
 __all__ = ["Method", "build_method", "get_method", "list_methods", "method_config", "register_method",

@@ -27,6 +27,11 @@ class Method(nn.Module):
     repoint_fix: ClassVar[str] = ""
     # True for test-time methods that take gradient steps while evaluating (TPT).
     grad_at_test: ClassVar[bool] = False
+    # How a test-time method carries state over the test set: "episodic" (adapts to each image
+    # alone and forgets it: TPT, Zero) or "online" (a memory grows along the test stream: TDA,
+    # DMN). The engine resets episodic state after every image and online state at the start
+    # of every evaluation set, feeds online methods a seeded order and refuses them under DDP.
+    test_time: ClassVar[str] = ""
 
     def __init__(self, config, backbone: ClipBackbone, classnames: Sequence[str], templates: Sequence[str]):
         super().__init__()
@@ -78,6 +83,9 @@ class Method(nn.Module):
 
     def rebuild_classes(self) -> None:
         """Rebuild whatever depends on ``self.classnames`` (tokenized prompts, classifiers)."""
+
+    def reset_test_state(self) -> None:
+        """Forget what test-time adaptation has gathered (an online memory, per-image state)."""
 
     # ------------------------------------------------------------------ state ------------------
     @property
