@@ -23,7 +23,6 @@ The returned scores are the combined probabilities [B, C].
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 from adapt.methods.base import Method, check_templates
 from adapt.methods.registry import register_method
-from adapt.methods.views import ViewConfig, confident, test_views
+from adapt.methods.views import ViewConfig, confident, test_views, with_view_seed
 
 
 @dataclass
@@ -68,8 +67,7 @@ class DMN(Method):
         self.reset_test_state()
 
     def setup(self, datamodule) -> None:
-        if self.config.seed is None:  # recorded in the resolved config
-            self.config = dataclasses.replace(self.config, seed=int(datamodule.seed))
+        self.config = with_view_seed(self.config, datamodule)
 
     def reset_test_state(self) -> None:
         self.memory: Optional[torch.Tensor] = None  # [C, M, d], empty slots zero

@@ -24,7 +24,6 @@ original scales the loss (GradScaler); here no scaler is used (bf16 needs none).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -35,7 +34,7 @@ from adapt.methods.base import Method
 from adapt.methods.prompts import ContextPrompts
 from adapt.methods.registry import register_method
 from adapt.methods.views import (ViewConfig, averaged_entropy, confident, crop_boxes, entropy,  # noqa: F401
-                                 resized_crops, test_views)
+                                 resized_crops, test_views, with_view_seed)
 
 
 @dataclass
@@ -113,8 +112,7 @@ class TPT(Method):
             self.prompts.build(self.classnames)
 
     def setup(self, datamodule) -> None:
-        if self.config.seed is None:  # the resolved config records it, so an export reproduces
-            self.config = dataclasses.replace(self.config, seed=int(datamodule.seed))
+        self.config = with_view_seed(self.config, datamodule)
 
     def reset_test_state(self) -> None:
         """The adapter's own values back on every tuned tensor (the default context is a copy)."""
@@ -151,47 +149,40 @@ class TPT(Method):
             return self.source.image_context(feats[:1])[0]
         return self.prompts.ctx
 
-    def tune(self, feats: torch.Tensor, ctx0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """A fresh copy of the starting context and a fresh optimizer, tuned on one image's view
-        features [n_views, d]; returns the tuned context."""
+    def entropy_steps(self, params: list[torch.Tensor], logits_of) -> None:
+        """``steps`` AdamW steps (a fresh optimizer) on the averaged entropy of the views chosen
+        from ``logits_of()``'s first output (TPT keeps the first selection)."""
         cfg = self.config
-        ctx = (self.prompts.ctx if ctx0 is None else ctx0).detach().clone().float()
-        if cfg.steps == 0:
-            return ctx
-        ctx.requires_grad_(True)
-        opt = torch.optim.AdamW([ctx], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         chosen = None
         with torch.enable_grad():
             for _ in range(cfg.steps):
-                logits = self.backbone.logits(feats, self.prompts.text_features(ctx))
+                logits = logits_of()
                 if chosen is None:
                     chosen = self.select(logits.detach())
                 loss = averaged_entropy(logits[chosen])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+
+    def tune(self, feats: torch.Tensor, ctx0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A fresh copy of the starting context, tuned on one image's view features [n_views, d];
+        returns the tuned context."""
+        ctx = (self.prompts.ctx if ctx0 is None else ctx0).detach().clone().float()
+        if self.config.steps:
+            ctx.requires_grad_(True)
+            self.entropy_steps([ctx], lambda: self.backbone.logits(feats, self.prompts.text_features(ctx)))
         return ctx.detach()
 
     def tune_source(self, views: torch.Tensor) -> torch.Tensor:
         """Logits [1, C] of the original view after tuning every learned tensor of the adapter
         through its own forward on the views (MaPLe); the tensors are restored afterwards."""
-        cfg = self.config
         params = [p for n, p in self.source.named_parameters() if n in self.tuned_names]
         try:
-            if cfg.steps:
+            if self.config.steps:
                 for p in params:
                     p.requires_grad_(True)
-                opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-                chosen = None
-                with torch.enable_grad():
-                    for _ in range(cfg.steps):
-                        logits = self.source(views)
-                        if chosen is None:
-                            chosen = self.select(logits.detach())
-                        loss = averaged_entropy(logits[chosen])
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
+                self.entropy_steps(params, lambda: self.source(views))
             with torch.no_grad():
                 self.source._text_cache = None
                 return self.source(views[:1])

@@ -7,6 +7,7 @@ view depends only on the image and the seed, never on batch size, order or devic
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -38,6 +39,14 @@ class ViewConfig:
             raise ValueError(f"augmix_severity must be > 0.1 (levels are drawn in [0.1, severity]), got {self.augmix_severity}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(self.crop_scale)}")
+
+
+def with_view_seed(config, datamodule):
+    """``config`` with ``seed`` filled from the recipe's when null (the resolved config then
+    records it, so an export reproduces the views)."""
+    if config.seed is None:
+        return dataclasses.replace(config, seed=int(datamodule.seed))
+    return config
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ The returned scores are the vote counts [B, C] (argmax = the prediction).
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,7 +23,7 @@ import torch
 
 from adapt.methods.base import Method, check_templates
 from adapt.methods.registry import register_method
-from adapt.methods.views import ViewConfig, confident, entropy, test_views
+from adapt.methods.views import ViewConfig, confident, entropy, test_views, with_view_seed
 
 
 @dataclass
@@ -55,8 +54,7 @@ class Zero(Method):
         self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
 
     def setup(self, datamodule) -> None:
-        if self.config.seed is None:  # recorded in the resolved config
-            self.config = dataclasses.replace(self.config, seed=int(datamodule.seed))
+        self.config = with_view_seed(self.config, datamodule)
 
     def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits (no views)."""
