@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from adapt.checkpointing import RunInterrupted
 from adapt.config import RecipeError, load_recipe
 
 
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     export = sub.add_parser("export", help="write a run's adapter to a directory")
     export.add_argument("run_dir")
     export.add_argument("out_dir")
+    export.add_argument("--overwrite", action="store_true", help="replace an adapter already in out_dir")
     sub.add_parser("methods", help="list the registered methods")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -30,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return _dispatch(args)
+    except RunInterrupted as err:
+        print(f"\nadapt {args.command}: {err}", file=sys.stderr)
+        if "checkpoint after epoch" in str(err):
+            print(f"resume with: {_resume_command(args)}", file=sys.stderr)
+        return err.exit_code
     except (RecipeError, FileNotFoundError, ValueError, KeyError, TypeError, RuntimeError) as err:
         print(f"adapt {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -57,10 +64,17 @@ def _dispatch(args) -> int:
     if args.command == "export":
         from adapt.export import export_run
 
-        out = export_run(Path(args.run_dir), Path(args.out_dir))
+        out = export_run(Path(args.run_dir), Path(args.out_dir), overwrite=args.overwrite)
         print(f"adapter written to {out}")
         return 0
     return 1
+
+
+def _resume_command(args) -> str:
+    import shlex
+
+    kept = [o for o in args.overrides if not o.startswith(("resume=", "overwrite="))]
+    return shlex.join(["adapt", "fit", args.recipe, *kept, "resume=true"])
 
 
 def _report(results: dict) -> None:

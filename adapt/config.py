@@ -58,6 +58,10 @@ class TrainerConfig:
     gradient_clip_val: Optional[float] = None
     log_every_n_steps: int = 10
     progress_bar: bool = True
+    # checkpoints/last.ckpt at epoch ends: every N epochs (null = four times per run), and at the
+    # first epoch end after this many minutes of wall time (null = no time rule); and at the end
+    checkpoint_every_n_epochs: Optional[int] = None
+    checkpoint_every_minutes: Optional[float] = 10.0
     # validate every N epochs on the few-shot val split (for logging; the last epoch is evaluated)
     check_val_every_n_epoch: int = 0
     deterministic: bool = False
@@ -83,7 +87,12 @@ class Recipe:
     # runs are written to output_dir/run_name; run_name null = method/dataset/setting/shotsK_seedS
     output_dir: str = "runs"
     run_name: Optional[str] = None
+    # continue the run in the run directory from its checkpoints/last.ckpt (same recipe; only
+    # trainer.max_epochs may grow)
     resume: bool = False
+    # a run directory that holds a run is refused unless this is true: then the old run is moved
+    # aside to <name>.replaced-<time> (never deleted) and the new one starts
+    overwrite: bool = False
     # also evaluate the zero-shot model on the same sets and report it beside the method
     baseline: bool = False
     # train and evaluate on cached frozen image features where the method allows it (its image

@@ -21,6 +21,18 @@ from adapt.methods.base import Method
 METHOD_PREFIX = "method."
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss or the trained state became non-finite (nan / inf)."""
+
+
+def check_finite_state(state: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to save a state holding nan / inf: a checkpoint or adapter of a diverged run."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingDiverged(f"the trained state has non-finite values ({', '.join(bad[:5])}); "
+                               f"no {what} with nan / inf is written")
+
+
 class AdaptModule(pl.LightningModule):
     def __init__(self, method: Method, optim: DictConfig, max_epochs: int, inputs: str = "images"):
         super().__init__()
@@ -42,11 +54,24 @@ class AdaptModule(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = self.method.loss(logits, y)
+        self._check_finite(loss)
         self.train_acc(logits.detach(), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=y.shape[0],
                  sync_dist=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         return loss
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        """Stop at the first non-finite loss, before its backward pass can spoil the state.
+        Under DDP the processes agree first, so that all of them stop at the same step."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
+            raise TrainingDiverged(
+                f"training diverged: the loss is {loss.item()} at step {self.global_step} (epoch "
+                f"{self.current_epoch}) with optim.lr={self.optim_cfg.lr}; lower optim.lr or set "
+                "trainer.gradient_clip_val")
 
     def on_train_start(self) -> None:
         # Lightning keeps whatever mode the module is in; a method evaluated before fitting
@@ -110,7 +135,9 @@ class AdaptModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints ------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {METHOD_PREFIX + k: v for k, v in self.method.trainable_state().items()}
+        state = self.method.trainable_state()
+        check_finite_state(state, "checkpoint")
+        checkpoint["state_dict"] = {METHOD_PREFIX + k: v for k, v in state.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = {k[len(METHOD_PREFIX):]: v for k, v in checkpoint["state_dict"].items()
@@ -153,13 +180,17 @@ def default_precision(accelerator: str) -> str:
 def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True,
                   evaluation: bool = False) -> pl.Trainer:
     """``evaluation=True`` for the evaluation passes after fitting:
+    - no checkpoints (``adapt.checkpointing`` writes them while fitting);
     - no loggers: accuracies go to results.json (and through the fit's loggers, see
       ``log_final_metrics``); a logger per pass would overwrite the training log;
-    - no distributed sampler: under DDP it pads each rank's share with repeated images, which
-      biases the accuracy; the runner gives each rank an unpadded share instead
-      (``adapt.data.sharding``), and the synced micro accuracy sums them exactly."""
-    from pytorch_lightning.callbacks import ModelCheckpoint
+    Lightning's distributed sampler is never used: for evaluation it pads each rank's share with
+    repeated images, which biases the accuracy (the runner gives each rank an unpadded share, and
+    the synced micro accuracy sums them exactly); for training the data module splits every
+    global batch across the processes itself (``adapt.data.sharding``)."""
     from pytorch_lightning.loggers import CSVLogger
+    from omegaconf import OmegaConf
+
+    from adapt.checkpointing import AtomicCheckpointIO, RunCheckpoints
 
     # the frozen backbone is kept in eval mode on purpose; Lightning warns about that
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode.*")
@@ -176,7 +207,9 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
 
         loggers.append(WandbLogger(project=recipe.logger.project, save_dir=str(run_dir),
                                    mode=recipe.logger.mode, name=str(run_dir)))
-    checkpoints = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0)
+    callbacks = [] if evaluation else [RunCheckpoints(
+        run_dir / "checkpoints", OmegaConf.to_container(recipe, resolve=True), t.max_epochs,
+        every_n_epochs=t.checkpoint_every_n_epochs, every_minutes=t.checkpoint_every_minutes)]
     return pl.Trainer(
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
@@ -193,9 +226,13 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
         deterministic=t.deterministic,
         default_root_dir=str(run_dir),
         logger=loggers or False,
-        callbacks=[checkpoints],
+        callbacks=callbacks,
+        enable_checkpointing=not evaluation,
+        plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
-        use_distributed_sampler=not evaluation,
+        # adapt shards its own loaders: training by global batch (adapt.data.sharding), evaluation
+        # in unpadded shares
+        use_distributed_sampler=False,
         inference_mode=inference_mode,
     )
 

@@ -1,41 +1,63 @@
 """Adapters on disk: ``adapter.safetensors`` (the method's trainable state) + ``adapter.json``.
 
-Loading reads tensors with safetensors and metadata with json: nothing is unpickled. An adapter
-is checked against the backbone it is loaded onto and re-pointed at new class names when the
-method allows it.
+Loading reads tensors with safetensors and metadata with json: nothing is unpickled. The
+metadata records the weights file's sha256, which loading verifies, and loading refuses nan / inf
+values. An adapter is checked against the backbone it is loaded onto and re-pointed at new class
+names when the method allows it. Both files are written atomically, the weights first: the
+metadata (which names the weights' hash) appears only once the weights it describes are complete.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import adapt
 from adapt.backbone import BackboneConfig, ClipBackbone, build_backbone
+from adapt.io import atomic_save, atomic_write_json
 from adapt.methods import Method, build_method, method_config
 
+log = logging.getLogger(__name__)
+
 FORMAT = "adapt-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adapter.json records the weights' sha256
 WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
+REQUIRED_META = ("format_version", "method", "method_config", "backbone", "classnames", "templates")
 
 
 class AdapterError(ValueError):
-    """An adapter that does not fit what it is being loaded onto."""
+    """An adapter that cannot be read, or does not fit what it is being loaded onto."""
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_adapter(method: Method, out_dir: str | Path) -> Path:
+    from adapt.engine import check_finite_state
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in method.trainable_state().items()}
-    save_file(state, str(out / WEIGHTS_FILE))
+    check_finite_state(state, "adapter")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save(out / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
     bb = method.backbone.config
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "weights_sha256": sha256_of(out / WEIGHTS_FILE),
         "adapt_version": adapt.__version__,
         "method": method.name,
         "method_config": dataclasses.asdict(method.config),
@@ -43,7 +65,7 @@ def save_adapter(method: Method, out_dir: str | Path) -> Path:
         "classnames": list(method.classnames),
         "templates": list(method.templates),
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2))
+    atomic_write_json(out / META_FILE, meta)
     return out
 
 
@@ -52,10 +74,48 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
     if not path.is_file():
         raise AdapterError(f"{path} not found: is {adapter_dir} an adapter directory written by "
                            "`adapt fit` or `adapt export`?")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise AdapterError(f"{path} is not an adapt adapter (format={meta.get('format')!r})")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as err:
+        raise AdapterError(f"{path} is not valid JSON ({err}); the adapter's metadata is damaged: "
+                           "export it again from its run directory") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise AdapterError(f"{path} is not an adapt adapter (format={found!r})")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise AdapterError(f"{path} lacks the field(s) {', '.join(missing)}; the metadata is "
+                           "damaged or hand-edited: export the adapter again from its run directory")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise AdapterError(f"{path} has format version {meta['format_version']}, newer than this "
+                           f"adapt ({adapt.__version__}) reads ({FORMAT_VERSION}); upgrade adapt")
     return meta
+
+
+def read_adapter_state(adapter_dir: str | Path, meta: Optional[dict] = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, checked: the sha256 its metadata records, readable, finite."""
+    adapter_dir = Path(adapter_dir)
+    meta = meta or read_adapter_meta(adapter_dir)
+    path = adapter_dir / WEIGHTS_FILE
+    if not path.is_file():
+        raise AdapterError(f"{path} not found: the adapter's weights are missing")
+    want = meta.get("weights_sha256")
+    if want is None:
+        log.warning("%s: format version %s records no checksum; the weights are not verified",
+                    adapter_dir, meta["format_version"])
+    elif sha256_of(path) != want:
+        raise AdapterError(f"{path} does not match the sha256 recorded in {META_FILE}: the file "
+                           "was changed or is damaged (truncated copy?); export it again")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{path} is not a readable safetensors file ({err}); it is damaged "
+                           "(truncated copy?): export it again") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise AdapterError(f"{path} holds nan / inf values ({', '.join(bad[:5])}): it comes from a "
+                           "diverged run and cannot be used")
+    return state
 
 
 def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = None,
@@ -72,9 +132,18 @@ def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = Non
             f"adapter was exported for backbone {want['name']} / {want['pretrained']} but is being "
             f"loaded onto {have.name} / {have.pretrained}; build that backbone (or omit it and "
             "let load_adapter build it)")
+    state = read_adapter_state(adapter_dir, meta)
     config = method_config(meta["method"], meta["method_config"])
     method = build_method(meta["method"], config, backbone, meta["classnames"], meta["templates"])
-    method.load_trainable_state(load_file(str(Path(adapter_dir) / WEIGHTS_FILE)))
+    expected = {k: tuple(v.shape) for k, v in method.trainable_state().items()}
+    wrong = [f"{k}: {tuple(v.shape)} in the file, {expected[k]} for this backbone"
+             for k, v in state.items() if k in expected and tuple(v.shape) != expected[k]]
+    if wrong:
+        raise AdapterError(
+            f"{adapter_dir}: its metadata names backbone {want['name']} / {want['pretrained']}, "
+            f"but its tensors do not fit a {meta['method']} built on it ({'; '.join(wrong[:3])}); "
+            "the adapter was made on another architecture or its files were mixed up")
+    method.load_trainable_state(state)
     if classnames is not None and list(classnames) != meta["classnames"]:
         if not method.repointable:
             raise AdapterError(
@@ -85,17 +154,39 @@ def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = Non
     return method.to(next(backbone.parameters()).device)
 
 
-def export_run(run_dir: Path, out_dir: Path) -> Path:
-    """Copy a finished run's adapter (weights + metadata, checked) to ``out_dir``."""
-    import shutil
+def export_run(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
+    """Copy a finished run's adapter (weights + metadata, verified) to ``out_dir``."""
+    from adapt.rundir import read_status
 
     src = Path(run_dir) / "adapter"
+    out = Path(out_dir)
     if not (src / WEIGHTS_FILE).is_file():
-        raise AdapterError(
-            f"{run_dir} has no adapter/{WEIGHTS_FILE}: either the method trains nothing (zero-shot) "
-            "or the run did not finish; finish it with `adapt fit <recipe> resume=true`")
-    read_adapter_meta(src)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS_FILE, META_FILE):
-        shutil.copy2(src / name, Path(out_dir) / name)
-    return Path(out_dir)
+        raise AdapterError(f"{run_dir} has no adapter/{WEIGHTS_FILE}: {_why_no_adapter(Path(run_dir), read_status(run_dir))}")
+    meta = read_adapter_meta(src)
+    read_adapter_state(src, meta)  # never export a damaged or non-finite adapter
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{out} is a file; give a folder to export the adapter into")
+    if out.is_dir() and src.resolve() == out.resolve():
+        raise AdapterError(f"{out} is the run's own adapter folder; export into another folder")
+    if (out / WEIGHTS_FILE).exists() or (out / META_FILE).exists():
+        if not overwrite:
+            raise AdapterError(f"{out} already holds an adapter; pass --overwrite to replace it, or "
+                               "choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    # weights first, metadata last: an interrupted export never pairs new metadata with old weights
+    atomic_save(out / WEIGHTS_FILE, lambda tmp: tmp.write_bytes((src / WEIGHTS_FILE).read_bytes()))
+    atomic_write_json(out / META_FILE, meta)
+    return out
+
+
+def _why_no_adapter(run_dir: Path, status: dict) -> str:
+    state = status.get("state")
+    if state == "diverged":
+        return (f"the run diverged ({status.get('message', '')}); it has no usable adapter. Train "
+                "it again with a lower optim.lr (overwrite=true moves this run aside)")
+    if state in ("interrupted", "running") and (run_dir / "checkpoints").is_dir():
+        return ("the run did not finish; continue it with "
+                f"`adapt fit {run_dir / 'recipe.yaml'} resume=true`, then export")
+    if (run_dir / "results.json").is_file():
+        return "the method trains nothing (zero-shot or training-free), so there is no adapter to export"
+    return "it is not a finished adapt run directory"

@@ -5,7 +5,6 @@ A run directory holds ``recipe.yaml`` (resolved), ``manifest.json`` (the exact i
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -18,17 +17,21 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 import adapt
 from adapt.backbone import build_backbone
-from adapt.config import method_config_of, run_dir_of
+from adapt.checkpointing import RunCheckpoints
+from adapt.config import RecipeError, method_config_of, run_dir_of
 from adapt.data.datamodule import AdaptDataModule
 from adapt.data.feature_cache import FeatureData
-from adapt.data.sharding import shard_loader, stream_loader
-from adapt.engine import AdaptModule, build_trainer, log_final_metrics
-from adapt.export import WEIGHTS_FILE, save_adapter
+from adapt.data.sharding import global_batch_message, shard_loader, stream_loader
+from adapt.engine import AdaptModule, TrainingDiverged, build_trainer, log_final_metrics
+from adapt.export import WEIGHTS_FILE, read_adapter_state, save_adapter
+from adapt.io import atomic_write_json, atomic_write_text
 from adapt.methods import Method, build_method
 from adapt.process import prepare_cpu_process
+from adapt.rundir import checkpoint_path, prepare_run_dir, write_status
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +39,20 @@ log = logging.getLogger(__name__)
 class Experiment:
     """The objects of one recipe, built once: backbone, data module, method, Lightning module."""
 
-    def __init__(self, recipe: DictConfig, run_dir: Optional[Path] = None):
+    def __init__(self, recipe: DictConfig, run_dir: Optional[Path] = None, evaluation: bool = False,
+                 resume_from: Optional[Path] = None):
+        """``evaluation``: re-evaluating a finished run, which writes only its own results file
+        (never the run's manifest). ``resume_from``: the checkpoint ``fit`` continues from."""
         self.recipe = recipe
         self.run_dir = Path(run_dir) if run_dir is not None else run_dir_of(recipe)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.resume_from = resume_from
+        if not evaluation:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         pl.seed_everything(recipe.seed, workers=True, verbose=False)
         self.backbone = build_backbone(recipe.backbone)
         self.data = AdaptDataModule(recipe.data, self.backbone.image_size, self.backbone.image_mean,
-                                    self.backbone.image_std, seed=recipe.seed, run_dir=self.run_dir)
+                                    self.backbone.image_std, seed=recipe.seed,
+                                    run_dir=None if evaluation else self.run_dir)
         self.data.setup()
         self.data.use_feature_cache = bool(recipe.cache)
         self.method: Method = build_method(recipe.method.name, method_config_of(recipe), self.backbone,
@@ -82,18 +91,29 @@ class Experiment:
         self.setup_method()
         if not self.method.is_trainable:
             return 0.0
-        ckpt = self.run_dir / "checkpoints" / "last.ckpt"
-        if self.recipe.resume and not ckpt.is_file():
-            raise FileNotFoundError(f"resume=true but {ckpt} does not exist; run without resume first")
         start = time.perf_counter()
+        self.fit_trainer = self.trainer()
+        world, rank = self.fit_trainer.world_size, self.fit_trainer.global_rank
+        if self.recipe.data.batch_size % world:  # before any feature is encoded
+            raise RecipeError(global_batch_message(self.recipe.data.batch_size, world))
         data = self.features or self.data
         val = data.val_dataloader() if self.recipe.trainer.check_val_every_n_epoch else None
-        self.fit_trainer = self.trainer()
-        world = self.fit_trainer.world_size  # batches per process decide whether to drop the last
-        train = (self.features.train_dataloader(self.recipe.seed, world) if self.features is not None
-                 else self.data.train_dataloader(world))
-        self.fit_trainer.fit(self.module, train_dataloaders=train, val_dataloaders=val or None,
-                             ckpt_path=str(ckpt) if self.recipe.resume else None)
+        train = (self.features.train_dataloader(self.recipe.seed, world, rank) if self.features is not None
+                 else self.data.train_dataloader(world, rank))
+        guard = next(c for c in self.fit_trainer.callbacks if isinstance(c, RunCheckpoints))
+        try:
+            self.fit_trainer.fit(self.module, train_dataloaders=train, val_dataloaders=val or None,
+                                 ckpt_path=str(self.resume_from) if self.resume_from else None)
+        except TrainingDiverged as err:
+            last = (f"the last good checkpoint is {guard.path} (after epoch {guard.saved_epoch})"
+                    if guard.saved_epoch else "no checkpoint was written before it")
+            _write_status(self, "diverged", message=str(err))
+            raise TrainingDiverged(f"{err}; {last}. No adapter was written.") from None
+        except (KeyboardInterrupt, SystemExit, SIGTERMException):
+            if guard.interrupted is None:
+                raise
+            _write_status(self, "interrupted", message=str(guard.interrupted))
+            raise guard.interrupted from None
         return time.perf_counter() - start
 
     def evaluate(self) -> dict[str, float]:
@@ -135,9 +155,17 @@ def harmonic_mean(a: float, b: float) -> float:
 
 def run_fit(recipe: DictConfig) -> dict:
     prepare_cpu_process(recipe.trainer.accelerator)
-    exp = Experiment(recipe)
+    run_dir = run_dir_of(recipe)
+    # before anything is built: never land on a finished run, never resume another recipe. Under
+    # DDP the other processes start once rank zero has done this (and written into run_dir).
+    if rank_zero_only.rank == 0:
+        resume_from = prepare_run_dir(recipe, run_dir)
+    else:
+        resume_from = checkpoint_path(run_dir) if recipe.resume else None
+    exp = Experiment(recipe, run_dir, resume_from=resume_from)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this function
-        OmegaConf.save(recipe, exp.run_dir / "recipe.yaml")
+        atomic_write_text(exp.run_dir / "recipe.yaml", OmegaConf.to_yaml(recipe))
+    _write_status(exp, "running")
     fit_s = exp.fit()
     start = time.perf_counter()
     metrics = summarize(recipe.data.setting, exp.evaluate())
@@ -152,19 +180,19 @@ def run_fit(recipe: DictConfig) -> dict:
     if exp.fit_trainer is not None:
         log_final_metrics(exp.fit_trainer, metrics)
     _write_results(exp, results)
+    _write_status(exp, "finished")
     return results
 
 
 def run_test(recipe: DictConfig, run_dir: Optional[Path] = None) -> dict:
-    """Evaluate a recipe, or a finished run (its adapter is loaded) when ``run_dir`` is given."""
-    from safetensors.torch import load_file
-
+    """Evaluate a recipe, or a finished run (its adapter is loaded) when ``run_dir`` is given:
+    then only ``test_results.json`` is written into it."""
     prepare_cpu_process(recipe.trainer.accelerator)
-    exp = Experiment(recipe, run_dir)
+    exp = Experiment(recipe, run_dir, evaluation=run_dir is not None)
     exp.setup_method()
     adapter = exp.run_dir / "adapter" / WEIGHTS_FILE
     if run_dir is not None and adapter.is_file():
-        exp.method.load_trainable_state(load_file(str(adapter)))
+        exp.method.load_trainable_state(read_adapter_state(adapter.parent))
     elif exp.method.is_trainable:
         log.warning("%s: no trained adapter found, evaluating the untrained initialisation", exp.method.name)
     start = time.perf_counter()
@@ -218,4 +246,9 @@ def test_time_record(method: Method, seed: int) -> dict:
 
 def _write_results(exp: Experiment, results: dict, name: str = "results.json") -> None:
     if rank_zero_only.rank == 0:
-        (exp.run_dir / name).write_text(json.dumps(results, indent=2))
+        atomic_write_json(exp.run_dir / name, results)
+
+
+def _write_status(exp: Experiment, state: str, **extra) -> None:
+    if rank_zero_only.rank == 0:
+        write_status(exp.run_dir, state, **extra)

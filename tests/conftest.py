@@ -23,7 +23,10 @@ _RGB = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "ye
 def _private_feature_cache(tmp_path_factory):
     """Tests write cached features to a temporary folder, never the user's ~/.cache (the world's
     materialised images, deterministic and slow to make, stay shared)."""
+    from adapt.data.world.build import cache_root
+
     mp = pytest.MonkeyPatch()
+    mp.setenv("ADAPT_WORLD_CACHE", str(cache_root()))  # resolved before ADAPT_CACHE_DIR moves
     mp.setenv("ADAPT_CACHE_DIR", str(tmp_path_factory.mktemp("adapt_cache")))
     yield
     mp.undo()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from adapt.data.world import vocab
-from adapt.data.world.build import materialise, split_file_name
+from adapt.data.world.build import MARKER, materialise, split_file_name
 from adapt.data.world.captions import caption
 from adapt.data.world.domains import DOMAINS
 from adapt.data.world.render import render
@@ -126,9 +127,11 @@ def test_main_tasks():
         assert "{}" in t.template and min(t.per_class) >= 50
 
 
-def test_materialise_writes_valid_zhou_json(tmp_path):
+def test_materialise_writes_valid_zhou_json(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPT_WORLD_CACHE", str(tmp_path))
     task = _small("world_colour")
-    folder = materialise(task, root=tmp_path / "wc")
+    folder = materialise(task)
+    assert folder.parent == tmp_path and (folder / MARKER).is_file()
     data = json.loads((folder / split_file_name(task)).read_text())
     assert set(data) == set(SPLITS)
     for i, s in enumerate(SPLITS):
@@ -146,25 +149,49 @@ def test_materialise_writes_valid_zhou_json(tmp_path):
     assert (folder / split_file_name(task)).stat().st_mtime_ns == mtime
 
 
-def test_materialise_rebuilds_an_outdated_folder(tmp_path):
+def test_materialise_rebuilds_an_outdated_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPT_WORLD_CACHE", str(tmp_path))
     task = _small("world_fill")
-    folder = materialise(task, root=tmp_path / "wf")
+    folder = materialise(task)
     meta = json.loads((folder / "world.json").read_text())
     assert meta["fingerprint"] == task.fingerprint()
     # a changed definition (here: the domain) no longer matches the folder and is rebuilt
     other = dataclasses.replace(task, domain="clean")
     assert other.fingerprint() != task.fingerprint()
-    assert materialise(other, root=folder) == folder
+    assert materialise(other) == folder
     assert json.loads((folder / "world.json").read_text())["fingerprint"] == other.fingerprint()
     rel = json.loads((folder / split_file_name(other)).read_text())["test"][0][0]
     assert np.array_equal(np.asarray(Image.open(folder / rel)), next(other.generate("test", 0))[0])
 
 
-def test_materialise_refuses_a_foreign_folder(tmp_path):
-    (tmp_path / "mine.txt").write_text("not a dataset")
-    with pytest.raises(FileExistsError):
-        materialise(_small("world_fill"), root=tmp_path)
-    assert (tmp_path / "mine.txt").exists()
+def test_materialise_never_writes_into_a_users_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPT_WORLD_CACHE", str(tmp_path / "cache"))
+    # a user's image folder with a train/ subfolder (the old code took it for a world build)
+    mine = tmp_path / "photos"
+    (mine / "train" / "cat").mkdir(parents=True)
+    (mine / "train" / "cat" / "1.jpg").write_bytes(b"my photo")
+    (mine / "notes.txt").write_text("keep")
+    before = sorted(str(p.relative_to(mine)) for p in mine.rglob("*"))
+    with pytest.raises(ValueError, match="data.dataset=imagefolder"):
+        materialise(_small("world_fill"), root=mine)
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == before
+    assert (mine / "train" / "cat" / "1.jpg").read_bytes() == b"my photo"
+    assert not (tmp_path / "cache").exists()  # refused before rendering anything
+
+
+def test_materialise_reads_a_copied_build_but_never_removes_unmarked_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADAPT_WORLD_CACHE", str(tmp_path / "cache"))
+    task = _small("world_fill")
+    built = materialise(task)
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    assert materialise(task, root=copy) == copy  # a complete build elsewhere is read as is
+    # an outdated cache folder without adapt's marker is not removed
+    (built / MARKER).unlink()
+    other = dataclasses.replace(task, domain="clean")
+    with pytest.raises(FileExistsError, match="not written by adapt"):
+        materialise(other)
+    assert (built / "world.json").is_file()
 
 
 def test_registry_loader(tmp_path, monkeypatch):
@@ -175,7 +202,8 @@ def test_registry_loader(tmp_path, monkeypatch):
     real = wd.materialise
     monkeypatch.setattr(wd, "materialise",
                         lambda task, root=None: real(dataclasses.replace(task, per_class=(4, 2, 3)), root))
-    ds = build_dataset(DataConfig(dataset="world_colour", root=str(tmp_path / "wc")))
+    monkeypatch.setenv("ADAPT_WORLD_CACHE", str(tmp_path))
+    ds = build_dataset(DataConfig(dataset="world_colour"))
     task = get_task("world_colour")
     assert ds.name == "world_colour" and ds.classnames == task.classnames
     assert ds.templates == [task.template]

@@ -6,7 +6,6 @@ one evaluation set per class subset (``test``, or ``base`` and ``novel``), each 
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -21,6 +20,7 @@ from adapt.data.fewshot import few_shot_splits, write_manifest
 from adapt.data.image_dataset import ImageDataset
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.registry import build_dataset
+from adapt.data.sharding import EpochOrder, train_loader
 from adapt.data.splits import subsample_classes
 from adapt.data.transforms import test_transform, train_transform
 
@@ -35,12 +35,6 @@ def as_data_config(cfg: Union[DataConfig, DictConfig, dict]) -> DataConfig:
         obj = OmegaConf.to_object(cfg)
         return obj if isinstance(obj, DataConfig) else DataConfig(**obj)
     return DataConfig(**cfg)
-
-
-def drop_ragged_batch(n_items: int, batch_size: int, world_size: int = 1) -> bool:
-    """Drop a ragged last batch only when each process gets more than one batch: a 1-shot,
-    10-class run with batch 32 must still train, also when DDP splits it over several GPUs."""
-    return math.ceil(n_items / max(1, world_size)) > batch_size
 
 
 class AdaptDataModule(pl.LightningDataModule):
@@ -125,11 +119,16 @@ class AdaptDataModule(pl.LightningDataModule):
     def test_transform(self):
         return test_transform(self.image_size, self.mean, self.std)
 
-    def train_dataloader(self, world_size: int = 1) -> DataLoader:
+    def train_dataloader(self, world_size: int = 1, rank: int = 0) -> DataLoader:
+        """This process's training loader: its slice of every global batch (``data.batch_size``)
+        of an epoch order drawn from the seed. Workers are not kept across epochs: each epoch's
+        workers are seeded from the global generator at that epoch, which a checkpoint restores,
+        so a resumed run draws the augmentations of an uninterrupted one."""
         self.setup()
-        bs = self.cfg.batch_size
-        return self.dataloader(self.train_items, self.train_transform(), bs, shuffle=True,
-                               drop_last=drop_ragged_batch(len(self.train_items), bs, world_size))
+        workers = self.cfg.num_workers
+        return train_loader(ImageDataset(self.train_items, self.dataset.root, self.train_transform()),
+                            EpochOrder(len(self.train_items), self.seed), self.cfg.batch_size, rank,
+                            world_size, num_workers=workers, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self):
         self.setup()

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-from adapt.data.datamodule import drop_ragged_batch
+from adapt.data.sharding import train_loader
 from adapt.data.image_dataset import load_image
 from adapt.data.items import Item
 
@@ -398,12 +398,11 @@ class FeatureData:
                 device=self.device)
         return self._loaded[split, train]
 
-    def train_dataloader(self, seed: int, world_size: int = 1) -> DataLoader:
+    def train_dataloader(self, seed: int, world_size: int = 1, rank: int = 0) -> DataLoader:
         cached = self.features(self.dm.train_items, "train", train=True)
-        bs = self.dm.cfg.batch_size
         sampler = EpochViewSampler(len(cached.labels), cached.features.shape[0], shuffle=True, seed=seed)
-        return DataLoader(CachedViewsDataset(cached.features, cached.labels), batch_size=bs,
-                          sampler=sampler, drop_last=drop_ragged_batch(len(cached.labels), bs, world_size))
+        return train_loader(CachedViewsDataset(cached.features, cached.labels), sampler,
+                            self.dm.cfg.batch_size, rank, world_size)
 
     def eval_dataloader(self, items: Sequence[Item], split: str) -> DataLoader:
         cached = self.features(items, split, train=False)

@@ -1,9 +1,9 @@
 """Materialise a world task to disk: PNG files plus a split JSON in the community "zhou" format
 ``{"train": [[relative_path, label, classname], ...], "val": [...], "test": [...]}``.
 
-The folder is written next to its final place and renamed into it in one step, so a crashed or
-concurrent build never leaves a half-written dataset behind; an existing complete folder is
-reused as is.
+The folder is written next to its final place (in adapt's cache, never in a user's folder) and
+renamed into it in one step, so a crashed or concurrent build never leaves a half-written dataset
+behind; an existing complete folder is reused as is.
 """
 from __future__ import annotations
 
@@ -22,9 +22,12 @@ DEFAULT_SEED = 0
 
 
 def cache_root() -> Path:
-    """``$ADAPT_WORLD_CACHE`` if set, else ``~/.cache/adapt/world``."""
+    """``$ADAPT_WORLD_CACHE`` if set, else ``$ADAPT_CACHE_DIR/world``, else ``~/.cache/adapt/world``."""
     env = os.environ.get("ADAPT_WORLD_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "adapt" / "world"
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("ADAPT_CACHE_DIR")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "adapt") / "world"
 
 
 def split_file_name(task: WorldTask) -> str:
@@ -74,29 +77,46 @@ def _write(task: WorldTask, folder: Path, seed: int) -> None:
     (folder / split_file_name(task)).write_text(json.dumps(splits))
 
 
+# written into every build: the proof that adapt made the folder, checked before any removal
+MARKER = ".adapt-world-build"
+
+
 def materialise(task: Union[str, WorldTask], root: Optional[Union[str, Path]] = None,
                 seed: int = DEFAULT_SEED) -> Path:
     """Return the folder holding ``task``'s images and split JSON, writing it if needed.
 
-    ``root`` (a recipe's ``data.root``) names the folder itself; default
-    ``<cache_root()>/<task>-v<version>-seed<seed>``. A folder written by an older definition of
-    the task (another fingerprint) is rebuilt in place.
+    Generated data lives in adapt's own cache (``<cache_root()>/<task>-v<version>-seed<seed>``),
+    never in a user's folder. ``root`` (a recipe's ``data.root``) may name a complete build of
+    this task made earlier (a copied cache folder), which is read as is; any other folder is an
+    error, and nothing is written into it. A cache folder from an older definition of the task is
+    rebuilt only if it carries adapt's build marker.
     """
     if isinstance(task, str):
         task = get_task(task)
-    folder = Path(root).expanduser() if root else default_folder(task, seed)
+    if root:
+        folder = Path(root).expanduser()
+        if is_complete(folder, task, seed):
+            return folder
+        raise ValueError(
+            f"data.root={str(root)!r} is not a generated build of the world task {task.name!r} "
+            f"(no complete {split_file_name(task)} / world.json from adapt in it). World tasks are "
+            f"generated into adapt's cache ({cache_root()}), never into your folder: drop data.root "
+            "to use the cache, or, if the folder holds your own images, set data.dataset=imagefolder "
+            "(or csv / zhou) to train on them. Nothing in the folder was changed.")
+    folder = default_folder(task, seed)
     if is_complete(folder, task, seed):
         return folder
-    _refuse_foreign(folder)  # before rendering thousands of images for nothing
+    _refuse_unproven(folder)  # before rendering thousands of images for nothing
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         _write(task, tmp, seed)
+        (tmp / MARKER).write_text(json.dumps({"task": task.name, "seed": seed}))
         if folder.exists():
             if is_complete(folder, task, seed):  # another process finished first
                 return folder
-            _refuse_foreign(folder)
-            shutil.rmtree(folder)  # empty, or a partial or outdated build of a world task
+            _refuse_unproven(folder)
+            shutil.rmtree(folder)  # adapt's own partial or outdated build (marker checked)
         try:
             os.replace(tmp, folder)
         except OSError:
@@ -108,9 +128,8 @@ def materialise(task: Union[str, WorldTask], root: Optional[Union[str, Path]] = 
     return folder
 
 
-def _refuse_foreign(folder: Path) -> None:
-    """A non-empty folder that is not a (partial) world build is the user's: never replaced."""
-    if (folder.is_dir() and any(folder.iterdir()) and not (folder / "world.json").exists()
-            and not (folder / "train").exists()):
-        raise FileExistsError(f"{folder} exists, is not empty and is not a world dataset; "
-                              "choose another data.root")
+def _refuse_unproven(folder: Path) -> None:
+    """A non-empty folder without adapt's build marker is not adapt's to replace."""
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise FileExistsError(f"{folder} exists, is not empty and was not written by adapt (no "
+                              f"{MARKER} marker); move it away or set ADAPT_WORLD_CACHE to another folder")
