@@ -248,7 +248,11 @@ class _TextTower:
         self.owner = owner
 
     def __getattr__(self, name):
-        owner = self.__dict__["owner"]
+        # only called for names not found normally; ``copy``/``pickle`` call it on an instance
+        # built without __init__, before ``owner`` exists
+        owner = self.__dict__.get("owner")
+        if owner is None or name.startswith("__"):
+            raise AttributeError(name)
         aliases = {"pool_type": "text_pool_type", "eos_id": "text_eos_id"}
         if hasattr(owner, name):
             return getattr(owner, name)

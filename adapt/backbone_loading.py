@@ -3,15 +3,21 @@
 Accepted forms of ``name`` / ``pretrained``:
 
 * a built-in or shipped model name + a pretrained tag (``ViT-B-16`` + ``openai``);
-* a model name + a local checkpoint file (open_clip / safetensors state dicts, or the OpenAI
-  ``.pt`` files the original CLIP code downloads: TorchScript archives or plain state dicts,
-  rebuilt with QuickGELU as those weights need);
+* a model name + a local checkpoint file: a state dict (torch or safetensors, plain or in a
+  training checkpoint's ``state_dict``) whose shapes fit the named model is loaded into it; the
+  OpenAI ``.pt`` files the original CLIP code downloads (TorchScript archives) and plain state
+  dicts in OpenAI's layout of another size are rebuilt from their weights with QuickGELU, as
+  those weights need (the format is told by the keys, never the dtype); anything else is an
+  error that names the architectures its shapes fit;
 * ``hf-hub:org/repo`` or ``local-dir:/path`` (``pretrained`` is ignored, open_clip reads the config);
 * ``pretrained: null`` — random initialisation, and only then.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,56 +122,158 @@ def load_open_clip(cfg: BackboneConfig):
     return model, tokenizer, preprocess_cfg
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can the Hugging Face hub (``HF_ENDPOINT``) be reached? A few seconds at most, where
+    huggingface_hub's own retries take about a minute to give up on an offline machine."""
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline():
+    """huggingface_hub's offline mode for one call: cached files load, nothing is requested."""
+    import huggingface_hub.constants as hub
+
+    old, hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = old
+
+
 def _from_tag(cfg: BackboneConfig):
     tag_cfg = open_clip.get_pretrained_cfg(cfg.name, cfg.pretrained)
     quick_gelu = tag_cfg.get("quick_gelu", False) if cfg.quick_gelu is None else cfg.quick_gelu
+    online = hub_reachable()
     try:
-        return open_clip.create_model(
-            cfg.name, pretrained=cfg.pretrained, force_quick_gelu=quick_gelu, cache_dir=cfg.cache_dir)
+        with contextlib.nullcontext() if online else _hub_offline():
+            return open_clip.create_model(
+                cfg.name, pretrained=cfg.pretrained, force_quick_gelu=quick_gelu, cache_dir=cfg.cache_dir)
     except Exception as err:  # open_clip wraps download failures in RuntimeError
+        why = "the hub is not reachable from this machine and they are not in the local cache" if not online else err
         raise RuntimeError(
-            f"could not load pretrained weights {cfg.name!r} / {cfg.pretrained!r}: {err}\n"
+            f"could not load pretrained weights {cfg.name!r} / {cfg.pretrained!r}: {why}.\n"
             "If this machine is offline, copy the checkpoint here and set "
             "backbone.pretrained=/path/to/checkpoint (OpenAI .pt files work), or set "
             "backbone.cache_dir to where open_clip already cached it.") from None
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# top-level keys of the original CLIP's state dict (open_clip's CLIP class keeps the same names)
+CLIP_KEYS = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection")
+
+
+def known_tags(name: str) -> list[str]:
+    """open_clip's pretrained tags of ``name`` plus the weights shipped with adapt."""
+    shipped = [p.stem[len(name) + 1:] for p in WEIGHTS_DIR.glob(f"{name}-*.safetensors")]
+    return sorted(set(open_clip.list_pretrained_tags_by_model(name)) | set(shipped))
+
+
 def _from_file(cfg: BackboneConfig):
     path = Path(cfg.pretrained).expanduser()
     if not path.is_file():
-        tags = open_clip.list_pretrained_tags_by_model(cfg.name)
+        tags = ", ".join(known_tags(cfg.name)) or "none"
+        if path.suffix in CHECKPOINT_SUFFIXES or os.sep in cfg.pretrained:
+            raise FileNotFoundError(
+                f"checkpoint file {str(path)!r} not found (backbone.pretrained). Give an existing "
+                f"file, a pretrained tag of {cfg.name!r} ({tags}), or null for random weights.")
         raise FileNotFoundError(
             f"backbone.pretrained={cfg.pretrained!r} is neither a pretrained tag of {cfg.name!r} "
-            f"(known tags: {', '.join(tags) or 'none'}) nor an existing checkpoint file. "
+            f"(known tags: {tags}) nor an existing checkpoint file. "
             "Give a valid tag, a path to a checkpoint, or null for random weights.")
-    openai_state = _openai_state_dict(path)
-    if openai_state is not None:
-        # The original CLIP release: the architecture is read off the weights, with QuickGELU.
-        log.info("loading OpenAI-format checkpoint %s", path)
-        model = build_model_from_openai_state_dict(openai_state, quick_gelu=True, cast_dtype=None)
-        model.visual.image_mean, model.visual.image_std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
-        return model
-    return open_clip.create_model(cfg.name, pretrained=str(path), force_quick_gelu=bool(cfg.quick_gelu))
+    if _is_torchscript(path):  # the original CLIP release: architecture read off the weights
+        return _openai_model(torch.jit.load(str(path), map_location="cpu").state_dict(), path, cfg)
+    state = _read_state_dict(path)
+    named = open_clip.create_model(cfg.name, pretrained=None, force_quick_gelu=bool(cfg.quick_gelu))
+    if _fits(named, state):
+        named.load_state_dict(state, strict=False)  # _fits checked every key of the model
+        return named
+    if all(k in state for k in CLIP_KEYS) and any(k.startswith("visual.") for k in state):
+        # a plain state dict in OpenAI's layout (any dtype) of another size than the named model
+        return _openai_model(state, path, cfg)
+    fitting = architectures_fitting(state)
+    hint = (f" Its shapes fit {', '.join(fitting)}: set backbone.name to one of them." if fitting
+            else " Its shapes fit none of open_clip's model configs.")
+    raise ValueError(f"checkpoint {path} holds weights of another architecture than {cfg.name!r}."
+                     f"{hint} (backbone.pretrained)")
 
 
-def _openai_state_dict(path: Path) -> Optional[dict]:
-    """The weights of an OpenAI-format file (TorchScript archive, or unwrapped fp16 state dict), or
-    None for anything else (open_clip / safetensors checkpoints go through open_clip's loader)."""
-    if _is_torchscript(path):
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
-    elif path.suffix == ".pt":
-        try:
+def _read_state_dict(path: Path) -> dict:
+    """A checkpoint's tensors (weights-only loads), unwrapped from training checkpoints."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            return None
-        scale = state.get("logit_scale") if isinstance(state, dict) else None
-        if not (isinstance(scale, torch.Tensor) and scale.dtype == torch.float16):
-            return None  # open_clip saves fp32; OpenAI's release is fp16
-    else:
-        return None
+    except Exception as err:
+        raise ValueError(f"cannot read checkpoint {path}: it is not a torch or safetensors file of "
+                         f"model weights ({type(err).__name__}: {str(err)[:200]})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"cannot read checkpoint {path}: it holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _fits(model: torch.nn.Module, state: dict) -> bool:
+    own = model.state_dict()
+    return all(k in state and tuple(state[k].shape) == tuple(v.shape) for k, v in own.items())
+
+
+def _openai_model(state: dict, path: Path, cfg: BackboneConfig):
     # scalars and masks that TorchScript archives carry beside the weights
     drop = ("input_resolution", "context_length", "vocab_size", "attn_mask")
-    return {k: v for k, v in state.items() if k not in drop}
+    state = {k: v for k, v in state.items() if k not in drop}
+    quick_gelu = True if cfg.quick_gelu is None else cfg.quick_gelu  # OpenAI's weights use QuickGELU
+    log.info("loading OpenAI-format checkpoint %s (architecture read off the weights)", path)
+    model = build_model_from_openai_state_dict(state, quick_gelu=quick_gelu, cast_dtype=None)
+    model.visual.image_mean, model.visual.image_std = open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD
+    return model
+
+
+def _state_dims(state: dict) -> dict:
+    def layers(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
+
+    dims = {}
+    if "visual.conv1.weight" in state and "visual.positional_embedding" in state:
+        w = state["visual.conv1.weight"]
+        grid = int(round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5))
+        dims.update(v_width=w.shape[0], patch=w.shape[-1], v_layers=layers("visual.transformer.resblocks."),
+                    image=grid * w.shape[-1])
+    if "token_embedding.weight" in state:
+        dims.update(t_width=state["token_embedding.weight"].shape[1], t_layers=layers("transformer.resblocks."))
+    if "text_projection" in state:
+        dims["embed"] = state["text_projection"].shape[-1]
+    return dims
+
+
+def architectures_fitting(state: dict, limit: int = 6) -> list[str]:
+    """open_clip model names whose config has the widths, depths and patch size of ``state``."""
+    have = _state_dims(state)
+    if not have:
+        return []
+    found = []
+    for name in open_clip.list_models():
+        c = open_clip.get_model_config(name) or {}
+        v, t = c.get("vision_cfg", {}), c.get("text_cfg", {})
+        if not isinstance(v.get("layers"), int):
+            continue
+        want = {"v_width": v.get("width"), "patch": v.get("patch_size"), "v_layers": v.get("layers"),
+                "image": v.get("image_size"), "t_width": t.get("width"), "t_layers": t.get("layers"),
+                "embed": c.get("embed_dim")}
+        if all(want.get(k) == val for k, val in have.items()):
+            found.append(name)
+    return found[:limit]
 
 
 def _is_torchscript(path: Path) -> bool:

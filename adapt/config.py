@@ -103,6 +103,10 @@ class Recipe:
 def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Read a recipe (following ``_base_`` includes), apply overrides, validate everything."""
     layers = [_read_yaml(Path(path))] if path is not None else []
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} has no '=': overrides are key=value, e.g. "
+                              f"{item.split('=')[0] or 'data.shots'}=4")
     try:
         cli = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
@@ -189,17 +193,25 @@ def _unknown_key_message(err, base: DictConfig, where: str) -> str:
     return f"{where}: unknown key {full_key!r}.{hint} Valid keys here: {', '.join(valid)}"
 
 
-def _read_yaml(path: Path) -> DictConfig:
+def _read_yaml(path: Path, included_by: Optional[Path] = None) -> DictConfig:
     if not path.is_file():
+        if included_by is not None:
+            raise RecipeError(f"recipe {str(included_by)!r} includes _base_: {path.name!r}, which was "
+                              f"not found (looked for {str(path.resolve())!r}; _base_ is relative to "
+                              "the including recipe's folder)")
         raise RecipeError(f"recipe file {str(path)!r} not found")
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:
         raise RecipeError(f"cannot read recipe {str(path)!r}: {err}") from None
+    if not isinstance(cfg, DictConfig):
+        raise RecipeError(f"recipe {str(path)!r} is a YAML {type(cfg).__name__.replace('Config', '').lower()}, "
+                          "but a recipe is a mapping of sections (backbone:, method:, data:, optim:, "
+                          "trainer:, ...), e.g. 'method: {name: coop}'")
     base = cfg.pop("_base_", None)
     if base is None:
         return cfg
-    return OmegaConf.merge(_read_yaml(path.parent / base), cfg)
+    return OmegaConf.merge(_read_yaml(path.parent / base, included_by=path), cfg)
 
 
 def _check_choice(key: str, value: str, choices: Sequence[str]) -> None:

@@ -135,15 +135,13 @@ def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = Non
     state = read_adapter_state(adapter_dir, meta)
     config = method_config(meta["method"], meta["method_config"])
     method = build_method(meta["method"], config, backbone, meta["classnames"], meta["templates"])
-    expected = {k: tuple(v.shape) for k, v in method.trainable_state().items()}
-    wrong = [f"{k}: {tuple(v.shape)} in the file, {expected[k]} for this backbone"
-             for k, v in state.items() if k in expected and tuple(v.shape) != expected[k]]
-    if wrong:
+    try:
+        method.load_trainable_state(state)
+    except ValueError as err:  # names the tensor and both shapes
         raise AdapterError(
             f"{adapter_dir}: its metadata names backbone {want['name']} / {want['pretrained']}, "
-            f"but its tensors do not fit a {meta['method']} built on it ({'; '.join(wrong[:3])}); "
-            "the adapter was made on another architecture or its files were mixed up")
-    method.load_trainable_state(state)
+            f"but its tensors do not fit a {meta['method']} built on it ({err}); the adapter was "
+            "made on another architecture, or its files were mixed up") from None
     if classnames is not None and list(classnames) != meta["classnames"]:
         if not method.repointable:
             raise AdapterError(

@@ -49,11 +49,12 @@ class Experiment:
         if not evaluation:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         pl.seed_everything(recipe.seed, workers=True, verbose=False)
-        self.backbone = build_backbone(recipe.backbone)
-        self.data = AdaptDataModule(recipe.data, self.backbone.image_size, self.backbone.image_mean,
-                                    self.backbone.image_std, seed=recipe.seed,
+        # the data first: local paths and files are checked before any weights are loaded
+        self.data = AdaptDataModule(recipe.data, None, None, None, seed=recipe.seed,
                                     run_dir=None if evaluation else self.run_dir)
         self.data.setup()
+        self.backbone = build_backbone(recipe.backbone)
+        self.data.set_preprocess(self.backbone.image_size, self.backbone.image_mean, self.backbone.image_std)
         self.data.use_feature_cache = bool(recipe.cache)
         self.method: Method = build_method(recipe.method.name, method_config_of(recipe), self.backbone,
                                            self.data.train_classnames, self.data.templates)
@@ -225,6 +226,9 @@ def _results(recipe: DictConfig, exp: Experiment, metrics: dict, fit_s: float, e
         "metrics": metrics,
         "trainable_params": sum(p.numel() for p in exp.method.trainable_parameters()),
         "classes": {name: len(c) for name, (c, _) in exp.data.eval_sets.items()},
+        # training images per class as sampled (fewer than "shots" with data.allow_fewer_shots)
+        "train_counts": exp.data.train_counts,
+        "skipped_images": exp.data.skipped_images,
         "run_dir": str(exp.run_dir),
         "timing": {"fit_seconds": round(fit_s, 3), "eval_seconds": round(eval_s, 3)},
         "inputs": exp.inputs,  # "features": trained/evaluated on cached frozen image features

@@ -101,5 +101,7 @@ def test_openai_format_checkpoints(tmp_path, kind):
 def test_loading_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="Did you mean"):
         build_backbone(BackboneConfig(name="ViT-B-61", pretrained=None))
-    with pytest.raises(FileNotFoundError, match="neither a pretrained tag"):
+    with pytest.raises(FileNotFoundError, match="checkpoint file .*missing.pt' not found"):
         build_backbone(BackboneConfig(name="adapt-tiny-vit", pretrained=str(tmp_path / "missing.pt")))
+    with pytest.raises(FileNotFoundError, match=r"neither a pretrained tag .*known tags: world\)"):
+        build_backbone(BackboneConfig(name="tiny-vit-p4", pretrained="wrold"))

@@ -153,14 +153,14 @@ def test_imagefolder_errors_name_the_path(tmp_path):
 def test_csv_loader(tmp_path):
     root = tmp_path / "ds"
     rows = [("img/1.png", "zebra", "train"), ("img/2.png", "ant_eater", "train"),
-            ("img/3.png", "zebra", "val"), ("img/4.png", "ant_eater", "test")]
+            ("img/3.png", "zebra", "val"), ("img/4.png", "ant_eater", "test"), ("img/5.png", "zebra", "test")]
     for p, _, _ in rows:
         png(root / p)
     (root / "data.csv").write_text("path,label,split\n" + "".join(f"{p},{l},{s}\n" for p, l, s in rows))
     ds = build_dataset(DataConfig(dataset="csv", root=str(root)))
     assert ds.classnames == ["ant eater", "zebra"]
     assert ds.train == [Item("img/1.png", 1), Item("img/2.png", 0)]
-    assert ds.val == [Item("img/3.png", 1)] and ds.test == [Item("img/4.png", 0)]
+    assert ds.val == [Item("img/3.png", 1)] and ds.test == [Item("img/4.png", 0), Item("img/5.png", 1)]
     (root / "bad.csv").write_text("file,class,split\nimg/1.png,zebra,train\n")
     with pytest.raises(ValueError, match=r"missing column\(s\) path, label.*'path,label,split'"):
         build_dataset(DataConfig(dataset="csv", root=str(root), split_file="bad.csv"))

@@ -93,7 +93,7 @@ def test_fit_on_cached_features_equals_fit_on_the_same_images(image_folder, tmp_
     sampler = EpochViewSampler(n, 2, shuffle=True, seed=recipe.seed)
     loader = torch.utils.data.DataLoader(SameViews(), batch_size=dm.cfg.batch_size, sampler=sampler,
                                          drop_last=n > dm.cfg.batch_size)
-    dm.train_dataloader = lambda world_size=1: loader
+    dm.train_dataloader = lambda world_size=1, rank=0: loader
     plain.fit()
     trained = cached.method.prompts.ctx.detach()
     assert not torch.allclose(trained, init, atol=1e-3)  # it trained
@@ -113,7 +113,7 @@ def test_every_view_is_used_once_per_cycle_of_epochs():
 
 def test_evaluation_on_cached_features_matches_images(image_folder, tmp_path):
     over = tiny_overrides(image_folder, tmp_path, **{
-        "method.n_ctx": 2, "data.setting": "base2novel", "run_name": "b2n",
+        "method.n_ctx": 4, "data.setting": "base2novel", "run_name": "b2n",
         "data.cache_dir": str(tmp_path / "cache")})
     results = run_fit(load_recipe(RECIPES / "coop/base2novel.yaml", over))
     assert results["inputs"] == "features"

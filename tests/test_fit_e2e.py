@@ -44,7 +44,7 @@ def test_short_coop_fit_lowers_loss_and_keeps_backbone(image_folder, tmp_path):
 
 
 def test_run_directory_results_resume_and_export(image_folder, tmp_path):
-    over = tiny_overrides(image_folder, tmp_path, **{"method.n_ctx": 2, "data.setting": "base2novel",
+    over = tiny_overrides(image_folder, tmp_path, **{"method.n_ctx": 4, "data.setting": "base2novel",
                                                      "run_name": "b2n"})
     results = run_fit(load_recipe(RECIPES / "coop/base2novel.yaml", over))
     run = tmp_path / "b2n"

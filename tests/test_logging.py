@@ -56,6 +56,8 @@ def test_evaluation_trainers_neither_log_nor_shard_the_test_set(tmp_path):
     recipe = load_recipe(RECIPES / "coop/tiny.yaml", ["logger.wandb=false"])
     fit, evaluation = build_trainer(recipe, tmp_path), build_trainer(recipe, tmp_path, evaluation=True)
     assert fit.loggers and not evaluation.loggers
-    # a DistributedSampler pads each rank's share with repeats; evaluation reads whole sets
-    assert fit._accelerator_connector.use_distributed_sampler
+    # a DistributedSampler pads each rank's share with repeats: evaluation reads unpadded shares,
+    # training its slice of every global batch (adapt.data.sharding); Lightning's is never used
+    assert not fit._accelerator_connector.use_distributed_sampler
     assert not evaluation._accelerator_connector.use_distributed_sampler
+    assert not evaluation.checkpoint_callbacks and len(fit.checkpoint_callbacks) == 1

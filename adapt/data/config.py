@@ -24,6 +24,12 @@ class DataConfig:
     # a class with fewer than K training images is an error unless this is true; then all of its
     # images are taken, as the CoOp protocol's sampler does
     allow_fewer_shots: bool = False
+    # unreadable (truncated, corrupt) images among the selected files: ``error`` names them and
+    # stops before training; ``skip`` leaves them out and counts them in results.json
+    bad_images: str = "error"
+    # optional text file (one class name per line, relative to root) that fixes the class set and
+    # its order, for csv datasets; a label outside it is an error naming the CSV lines
+    classnames_file: Optional[str] = None
     # rerun on exactly the images of an earlier run: path to its ``manifest.json``
     manifest: Optional[str] = None
     batch_size: int = 32
@@ -41,6 +47,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.setting not in SETTINGS:
             raise ValueError(f"data.setting={self.setting!r} is not one of {SETTINGS}")
+        if self.bad_images not in ("error", "skip"):
+            raise ValueError(f"data.bad_images={self.bad_images!r} is not one of error, skip")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
         if self.cache_views < 0:

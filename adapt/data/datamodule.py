@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from adapt.data.checks import check_images, class_counts, warn_short_classes
 from adapt.data.config import DataConfig
 from adapt.data.fewshot import few_shot_splits, write_manifest
 from adapt.data.image_dataset import ImageDataset
@@ -38,13 +39,15 @@ def as_data_config(cfg: Union[DataConfig, DictConfig, dict]) -> DataConfig:
 
 
 class AdaptDataModule(pl.LightningDataModule):
-    def __init__(self, cfg: Union[DataConfig, DictConfig], image_size: int, mean: Sequence[float],
-                 std: Sequence[float], seed: int, run_dir: Optional[Union[str, Path]] = None):
+    def __init__(self, cfg: Union[DataConfig, DictConfig], image_size: Optional[int],
+                 mean: Optional[Sequence[float]], std: Optional[Sequence[float]], seed: int,
+                 run_dir: Optional[Union[str, Path]] = None):
+        """``image_size`` / ``mean`` / ``std`` may come later (``set_preprocess``): the runner
+        loads and checks the data before it loads the backbone, so that a wrong path costs
+        seconds, not a model download."""
         super().__init__()
         self.cfg = as_data_config(cfg)
-        # data.image_size overrides the backbone's resolution (null = the backbone's own)
-        self.image_size = int(self.cfg.image_size or image_size)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.set_preprocess(image_size, mean, std)
         self.seed = int(seed)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.dataset: Optional[DatasetSplits] = None
@@ -53,8 +56,19 @@ class AdaptDataModule(pl.LightningDataModule):
         self.train_items: list[Item] = []
         self.val_items: list[Item] = []
         self.eval_sets: "OrderedDict[str, tuple[list[str], list[Item]]]" = OrderedDict()
+        self.skipped_images: dict[str, int] = {}  # split -> unreadable files left out (bad_images=skip)
+        self.train_counts: dict[str, int] = {}  # class -> training images (all classes, before base2novel)
+        self.short_classes: list[str] = []
         # the recipe's ``cache``: encodings a method asks for (``encode``) go through the cache
         self.use_feature_cache = True
+
+    def set_preprocess(self, image_size: Optional[int], mean: Optional[Sequence[float]],
+                       std: Optional[Sequence[float]]) -> None:
+        # data.image_size overrides the backbone's resolution (null = the backbone's own)
+        size = self.cfg.image_size or image_size
+        self.image_size = int(size) if size else None
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.dataset is not None:  # idempotent: Lightning calls setup once per stage
@@ -65,6 +79,13 @@ class AdaptDataModule(pl.LightningDataModule):
         if cfg.setting == "base2novel" and len(names) < 2:
             raise ValueError(f"data.setting=base2novel needs at least 2 classes; {dataset.name!r} has {len(names)}")
         train, val = few_shot_splits(dataset, cfg.shots, self.seed, cfg.allow_fewer_shots, cfg.manifest)
+        # every selected file, before any model time is spent (missing / unreadable images)
+        before = {"train": train, "val": val, "test": dataset.test}
+        kept = check_images(dataset.root, before, cfg.bad_images)
+        self.skipped_images = {s: len(before[s]) - len(kept[s]) for s in before if len(before[s]) != len(kept[s])}
+        train, val, dataset.test = kept["train"], kept["val"], kept["test"]
+        self.train_counts = class_counts(train, names)
+        self.short_classes = warn_short_classes(self.train_counts, cfg.shots)
         train_subset = "base" if cfg.setting == "base2novel" else "all"
         self.train_items, self.train_classnames = subsample_classes(train, names, train_subset)
         self.val_items, _ = subsample_classes(val, names, train_subset)

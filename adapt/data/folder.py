@@ -2,8 +2,8 @@
 
 Every loader returns paths relative to ``data.root`` so that manifests stay portable, labels in
 sorted class order, and class names with underscores turned into spaces (the CoOp convention).
-Nothing here opens an image: a dataset with a million files should load in seconds, and a broken
-file is reported by name when it is read (``image_dataset.py``).
+Nothing here opens an image: a dataset with a million files should load in seconds; the files a
+run selects are checked up front by ``checks.py``.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def load_csv(cfg: DataConfig) -> DatasetSplits:
     file = root / (cfg.split_file or "data.csv")
     if not file.is_file():
         raise FileNotFoundError(f"CSV file {file} does not exist; the csv dataset expects {CSV_LAYOUT}")
-    rows: list[tuple[str, str, str]] = []
+    rows: list[tuple[str, str, str, int]] = []  # path, label, split, line number
     with open(file, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a spreadsheet's BOM
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
@@ -127,15 +127,50 @@ def load_csv(cfg: DataConfig) -> DatasetSplits:
             if not path or not label or split.lower() not in SPLITS:
                 raise ValueError(f"{file}, line {line}: need a path, a label and a split in "
                                  f"{'/'.join(SPLITS)}; got {path!r}, {label!r}, {split!r}")
-            rows.append((_relative(root, path), label, split.lower()))
-    labels = sorted({label for _, label, _ in rows})
+            rows.append((_relative(root, path), label, split.lower(), line))
+    labels = _csv_classes(cfg, root, file, rows)
     index = {label: i for i, label in enumerate(labels)}
-    splits = {s: [Item(p, index[label]) for p, label, sp in rows if sp == s] for s in SPLITS}
+    splits = {s: [Item(p, index[label]) for p, label, sp, _ in rows if sp == s] for s in SPLITS}
     for s in ("train", "test"):
         if not splits[s]:
             raise ValueError(f"{file} has no rows with split={s}; expected {CSV_LAYOUT}")
     return DatasetSplits(name="csv", root=root, classnames=[clean_classname(c) for c in labels],
                          templates=dataset_templates(cfg, [DEFAULT_TEMPLATE]), **splits)
+
+
+def _csv_classes(cfg: DataConfig, root: Path, file: Path, rows) -> list[str]:
+    """The class list: ``data.classnames_file`` if given, else the sorted labels, checked so that a
+    typo cannot become a class of its own: every class needs training and test rows, and a
+    validation row must name a training class."""
+    lines: dict[str, dict[str, list[int]]] = {}
+    for _, label, split, line in rows:
+        lines.setdefault(label, {}).setdefault(split, []).append(line)
+
+    def where(label: str) -> str:
+        found = lines[label]
+        return "; ".join(f"{s} on line(s) {', '.join(map(str, found[s][:5]))}" for s in SPLITS if s in found)
+
+    if cfg.classnames_file:
+        cls_file = root / cfg.classnames_file
+        if not cls_file.is_file():
+            raise FileNotFoundError(f"data.classnames_file {cls_file} does not exist (one class name per line)")
+        labels = [ln.strip() for ln in cls_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        stray = [label for label in lines if label not in labels]
+        if stray:
+            raise ValueError(f"{file}: label {stray[0]!r} is not in {cls_file} ({where(stray[0])})"
+                             + (f", and {len(stray) - 1} more unknown label(s)" if len(stray) > 1 else "")
+                             + "; fix the label or add the class to the class-list file")
+        return labels
+    labels = sorted(lines)
+    for label in labels:
+        absent = [s for s in ("train", "test") if s not in lines[label]]
+        if absent or ("val" in lines[label] and "train" not in lines[label]):
+            missing = " and ".join(absent) or "train"
+            raise ValueError(
+                f"{file}: class {label!r} has no {missing} rows but appears in {where(label)}; a "
+                "misspelt label becomes a class of its own. Fix the label, or list the classes in "
+                "data.classnames_file")
+    return labels
 
 
 # ------------------------------------------------------------------------------------------ zhou

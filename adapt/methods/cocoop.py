@@ -11,20 +11,22 @@ The image features are the frozen encoder's, so CoCoOp trains on cached features
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 from torch import nn
 
 from adapt.methods.base import Method
-from adapt.methods.prompts import ContextPrompts, check_context_config
+from adapt.methods.prompts import ContextPrompts, check_context_config, check_init_length, n_ctx_of
 from adapt.methods.registry import register_method
 
 
 @dataclass
 class CoCoOpConfig:
     # KaiyangZhou/CoOp, configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml: N_CTX 4,
-    # CTX_INIT "a photo of a" (the text's tokens set M; n_ctx is used only when ctx_init is "")
-    n_ctx: int = 4
+    # CTX_INIT "a photo of a" (the text's tokens set M; n_ctx null = that count, or
+    # DEFAULT_N_CTX with ctx_init ""; a value that disagrees with ctx_init is an error)
+    n_ctx: Optional[int] = None
     ctx_init: str = "a photo of a"
     # the original always puts the class name at the end
     class_token_position: str = "end"
@@ -35,6 +37,7 @@ class CoCoOpConfig:
     # classes) are built per text-tower call; a larger batch is split into groups of whole images
     # (identical results). 0 = the whole batch at once
     max_prompts_per_pass: int = 8192
+    DEFAULT_N_CTX: ClassVar[int] = 4
 
     def __post_init__(self) -> None:
         check_context_config(self.n_ctx, self.ctx_init, self.class_token_position)
@@ -51,8 +54,9 @@ class CoCoOp(Method):
 
     def __init__(self, config: CoCoOpConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)
-        self.prompts = ContextPrompts(backbone, config.n_ctx, config.ctx_init, False,
+        self.prompts = ContextPrompts(backbone, n_ctx_of(config), config.ctx_init, False,
                                       config.class_token_position, len(self.classnames), config.init_std)
+        check_init_length(config.n_ctx, config.ctx_init, self.prompts)
         vis_dim, ctx_dim = backbone.embed_dim, backbone.text_width
         hidden = vis_dim // config.reduction
         if hidden < 1:

@@ -2,24 +2,27 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Optional
 
 import torch
 
 from adapt.methods.base import Method
-from adapt.methods.prompts import ContextPrompts, check_context_config
+from adapt.methods.prompts import ContextPrompts, check_context_config, check_init_length, n_ctx_of
 from adapt.methods.registry import register_method
 
 
 @dataclass
 class CoOpConfig:
-    # M context vectors; ignored when ctx_init is set (its word count sets M)
-    n_ctx: int = 16
+    # M context vectors; null = the token count of ctx_init, or DEFAULT_N_CTX without it (a value
+    # that disagrees with ctx_init is an error: the text sets M)
+    n_ctx: Optional[int] = None
     # "" = random N(0, 0.02) init (the paper's main setting); e.g. "a photo of a" (M=4)
     ctx_init: str = ""
     # class-specific context (one set per class) instead of one shared set
     csc: bool = False
     class_token_position: str = "end"  # end | middle | front
     init_std: float = 0.02
+    DEFAULT_N_CTX: ClassVar[int] = 16  # the paper's M for random initialisation
 
     def __post_init__(self) -> None:
         check_context_config(self.n_ctx, self.ctx_init, self.class_token_position)
@@ -34,8 +37,9 @@ class CoOp(Method):
         super().__init__(config, backbone, classnames, templates)
         self.repointable = not config.csc
         self.repoint_fix = "method.csc=false"
-        self.prompts = ContextPrompts(backbone, config.n_ctx, config.ctx_init, config.csc,
+        self.prompts = ContextPrompts(backbone, n_ctx_of(config), config.ctx_init, config.csc,
                                       config.class_token_position, len(self.classnames), config.init_std)
+        check_init_length(config.n_ctx, config.ctx_init, self.prompts)
         self.rebuild_classes()
 
     def rebuild_classes(self) -> None:

@@ -13,7 +13,7 @@ averaged with ``ensemble: true``, or ``templates`` given in the recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from adapt.methods.registry import register_method
 @dataclass
 class KgCoOpConfig(CoOpConfig):
     # configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml (CTX_INIT True -> "a photo of a", M=4)
-    n_ctx: int = 4
+    n_ctx: Optional[int] = None
     ctx_init: str = "a photo of a"
     # λ, the weight of the knowledge-guided term (TRAINER.COOP.W = 8.0)
     weight: float = 8.0
@@ -34,6 +34,7 @@ class KgCoOpConfig(CoOpConfig):
     templates: Optional[list[str]] = None
     # with the dataset's templates: the first only (the original) or the mean over all of them
     ensemble: bool = False
+    DEFAULT_N_CTX: ClassVar[int] = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -6,7 +6,7 @@ so a trained context can be applied to any class list).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -16,12 +16,28 @@ from adapt.backbone import ClipBackbone
 POSITIONS = ("end", "middle", "front")
 
 
-def check_context_config(n_ctx: int, ctx_init: str, class_token_position: str) -> None:
+def check_context_config(n_ctx: Optional[int], ctx_init: str, class_token_position: str) -> None:
     """The checks every CoOp-style Config runs in ``__post_init__``."""
     if class_token_position not in POSITIONS:
         raise ValueError(f"class_token_position={class_token_position!r} is not one of {POSITIONS}")
-    if n_ctx < 1 and not ctx_init:
+    if n_ctx is not None and n_ctx < 1 and not ctx_init:
         raise ValueError("n_ctx must be >= 1 (or give ctx_init)")
+
+
+def check_init_length(n_ctx: Optional[int], ctx_init: str, prompts: "ContextPrompts") -> None:
+    """CoOp-style methods take M from the initialisation text (``n_ctx: null``); an ``n_ctx``
+    that says otherwise would be ignored without a word, so it is refused."""
+    if ctx_init and n_ctx is not None and n_ctx != prompts.n_ctx:
+        raise ValueError(
+            f"method.n_ctx={n_ctx} but method.ctx_init={ctx_init!r} has {prompts.n_ctx} tokens, and the "
+            f"initialisation text sets the number of context vectors; set method.n_ctx={prompts.n_ctx}, "
+            f"or method.ctx_init='' for {n_ctx} random vectors")
+
+
+def n_ctx_of(config) -> int:
+    """The Config's ``n_ctx``, or its method's default M when it is null (with ``ctx_init`` the
+    text's token count wins inside ``ContextPrompts``)."""
+    return config.n_ctx if config.n_ctx is not None else type(config).DEFAULT_N_CTX
 
 
 class ContextPrompts(nn.Module):
