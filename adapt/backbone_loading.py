@@ -3,12 +3,12 @@
 Accepted forms of ``name`` / ``pretrained``:
 
 * a built-in or shipped model name + a pretrained tag (``ViT-B-16`` + ``openai``);
-* a model name + a local checkpoint file: a state dict (torch or safetensors, plain or in a
-  training checkpoint's ``state_dict``) whose shapes fit the named model is loaded into it; the
-  OpenAI ``.pt`` files the original CLIP code downloads (TorchScript archives) and plain state
-  dicts in OpenAI's layout of another size are rebuilt from their weights with QuickGELU, as
-  those weights need (the format is told by the keys, never the dtype); anything else is an
-  error that names the architectures its shapes fit;
+* a model name + a local checkpoint file: a state dict (torch or safetensors, any dtype, plain
+  or in a training checkpoint's ``state_dict``) whose shapes fit the named model is loaded into
+  it, with the name's activation; the OpenAI ``.pt`` files the original CLIP code downloads
+  (TorchScript archives) and plain state dicts in OpenAI's layout (told by their keys, never the
+  dtype) of a size no model config has are rebuilt from their weights with QuickGELU, as those
+  weights need; a state dict that fits another config is an error naming the configs it fits;
 * ``hf-hub:org/repo`` or ``local-dir:/path`` (``pretrained`` is ignored, open_clip reads the config);
 * ``pretrained: null`` — random initialisation, and only then.
 """
@@ -195,11 +195,12 @@ def _from_file(cfg: BackboneConfig):
     if _fits(named, state):
         named.load_state_dict(state, strict=False)  # _fits checked every key of the model
         return named
-    if all(k in state for k in CLIP_KEYS) and any(k.startswith("visual.") for k in state):
-        # a plain state dict in OpenAI's layout (any dtype) of another size than the named model
-        return _openai_model(state, path, cfg)
     fitting = architectures_fitting(state)
-    hint = (f" Its shapes fit {', '.join(fitting)}: set backbone.name to one of them." if fitting
+    if not fitting and all(k in state for k in CLIP_KEYS) and any(k.startswith("visual.") for k in state):
+        # OpenAI's layout (any dtype) of a size no model config has: read off the weights
+        return _openai_model(state, path, cfg)
+    hint = (f" Its shapes fit {', '.join(fitting)}: set backbone.name to one of them (OpenAI's own "
+            "weights need QuickGELU: a -quickgelu name or backbone.quick_gelu=true)." if fitting
             else " Its shapes fit none of open_clip's model configs.")
     raise ValueError(f"checkpoint {path} holds weights of another architecture than {cfg.name!r}."
                      f"{hint} (backbone.pretrained)")
@@ -216,7 +217,7 @@ def _read_state_dict(path: Path) -> dict:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"cannot read checkpoint {path}: it is not a torch or safetensors file of "
-                         f"model weights ({type(err).__name__}: {str(err)[:200]})") from None
+                         f"model weights ({type(err).__name__}: {str(err).split('. ')[0][:120]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -52,6 +52,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"  # an int, a list of ids, or "auto"
     strategy: str = "auto"  # "ddp" for several GPUs
+    num_nodes: int = 1  # machines, each running `devices` processes (SLURM / torchrun / env vars)
     # null: 32-true on CPU, bf16-mixed on GPUs that support it, else 16-mixed
     precision: Optional[str] = None
     accumulate_grad_batches: int = 1

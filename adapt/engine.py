@@ -214,6 +214,7 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
         devices=t.devices,
+        num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision=t.precision or default_precision(t.accelerator),
         accumulate_grad_batches=t.accumulate_grad_batches,

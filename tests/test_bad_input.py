@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from adapt.backbone import BackboneConfig, build_backbone
 from adapt.cli import main
@@ -58,7 +59,7 @@ def test_a_truncated_jpeg_is_caught_by_the_cheap_check(tmp_path):
     Image.new("RGB", (64, 64), (200, 10, 10)).save(path, quality=90)
     assert image_problem(path, decode=False) is None and image_problem(path, decode=True) is None
     path.write_bytes(path.read_bytes()[:-200])
-    assert "truncated JPEG" in image_problem(path, decode=False)
+    assert image_problem(path, decode=False) is not None  # PIL's verify or the end-of-image check
     assert image_problem(path, decode=True) is not None
 
 
@@ -130,7 +131,7 @@ def test_unreachable_hub_fails_fast_with_the_offline_message(monkeypatch):
 
     monkeypatch.setattr(bl, "hub_reachable", lambda timeout=3.0: False)
     monkeypatch.setattr(open_clip, "create_model", fake_create)
-    with pytest.raises(RuntimeError, match="hub is not reachable .* backbone.pretrained=/path/to/checkpoint"):
+    with pytest.raises(RuntimeError, match="(?s)hub is not reachable .* backbone.pretrained=/path/to/checkpoint"):
         bl._from_tag(BackboneConfig(name="ViT-B-16", pretrained="openai"))
     assert seen["offline"] is True  # no request, so none of huggingface_hub's retries
     assert hub.HF_HUB_OFFLINE == before  # restored afterwards
@@ -158,18 +159,32 @@ def test_checkpoint_file_errors(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_openai_layout_state_dict_of_another_size_is_read_off_its_weights(tmp_path, dtype):
+def test_openai_layout_state_dicts_load_whatever_their_dtype(tmp_path, dtype):
+    import open_clip
+
+    # named as its architecture: loaded into it (the config's QuickGELU), fp32 as well as fp16
     src = make_backbone("test-vit-openai", seed=5)
     path = tmp_path / "ViT-x.pt"
     torch.save({k: v.to(dtype) for k, v in src.model.state_dict().items()}, path)
-    # named as another model: the OpenAI layout (told by its keys, any dtype) is rebuilt from the weights
-    loaded = build_backbone(BackboneConfig(name="adapt-tiny-vit", pretrained=str(path)))
+    loaded = build_backbone(BackboneConfig(name="test-vit-openai", pretrained=str(path)))
+    # a size no model config has: the architecture is read off the weights, with QuickGELU
+    # (OpenAI's builder infers one head per 64 channels)
+    odd = open_clip.model.CLIP(embed_dim=40, quick_gelu=True,
+                               vision_cfg=dict(image_size=32, layers=3, width=64, head_width=64, patch_size=8),
+                               text_cfg=dict(context_length=20, vocab_size=49408, width=64, heads=1, layers=1))
+    torch.save({k: v.to(dtype) for k, v in odd.state_dict().items()}, tmp_path / "odd.pt")
+    rebuilt = build_backbone(BackboneConfig(name="adapt-tiny-vit", pretrained=str(tmp_path / "odd.pt")))
+    odd = odd.to(dtype).float().eval()
     tokens = src.tokenize(["a photo of a cat."])
     images = torch.randn(2, 3, 32, 32)
     tol = 1e-5 if dtype == torch.float32 else 5e-2
     with torch.no_grad():
         assert (loaded.encode_text(tokens) - src.encode_text(tokens)).abs().max() <= tol
         assert (loaded.encode_image(images) - src.encode_image(images)).abs().max() <= tol
+        want = F.normalize(odd.encode_image(images), dim=-1)
+        # OpenAI's builder differs from the direct build in its kernels' summation order (~1e-4);
+        # the wrong activation or a lost tensor moves features by ~1e-2
+        assert (rebuilt.encode_image(images) - want).abs().max() <= 1e-3
 
 
 # ------------------------------------------------------------------ recipes (16)
@@ -201,7 +216,7 @@ def test_global_batch_must_divide_over_processes():
 
     from adapt.data.sharding import GlobalBatchShard
 
-    with pytest.raises(ValueError, match="data.batch_size=30 is the global batch .* multiple of 4"):
+    with pytest.raises(ValueError, match="data.batch_size=30 is the global batch, .* multiple of 4"):
         GlobalBatchShard(SequentialSampler(range(10)), 30, 0, 4)
     # every process reads its slice of every global batch; together: each batch exactly once
     base = list(range(23))
