@@ -78,7 +78,7 @@ class LoggerConfig:
     tensorboard: bool = False  # run_dir/tensorboard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
-        _check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
+        check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
 @dataclass

@@ -133,7 +133,10 @@ class AdaptModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation -------------
     def start_evaluation(self) -> None:
-        """Fresh accuracy metric sized to the method's current class list."""
+        """Fresh accuracy metric sized to the method's current class list; a test-time method
+        starts every evaluation set with no adaptation state (a new stream)."""
+        check_test_time_world(self.method, self.trainer.world_size)
+        self.method.reset_test_state()
         self.eval_acc = MulticlassAccuracy(num_classes=len(self.method.classnames), average="micro").to(self.device)
 
     def on_validation_epoch_start(self) -> None:
@@ -144,9 +147,19 @@ class AdaptModule(pl.LightningModule):
 
     def _eval_step(self, batch, stage: str):
         x, y = batch
-        logits = self.method.predict(x)
+        if self.method.test_time == "episodic":
+            # one image at a time, state reset after each: no image's adaptation reaches another
+            logits = torch.cat([self._predict_episode(xi) for xi in x.split(1)])
+        else:  # online methods take the batch in stream order and update as they go
+            logits = self.method.predict(x)
         self.eval_acc(logits, y)
         self.log(f"{stage}/acc", self.eval_acc, on_step=False, on_epoch=True, batch_size=y.shape[0])
+
+    def _predict_episode(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.method.predict(x)
+        finally:
+            self.method.reset_test_state()
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
@@ -180,6 +193,16 @@ class AdaptModule(pl.LightningModule):
         state = {k[len(METHOD_PREFIX):]: v for k, v in checkpoint["state_dict"].items()
                  if k.startswith(METHOD_PREFIX)}
         self.method.load_trainable_state(state)
+
+
+def check_test_time_world(method: Method, world_size: int) -> None:
+    """An online method's predictions depend on the whole stream before each image; split over
+    processes, the number would silently depend on the device count, so it is refused."""
+    if method.test_time == "online" and world_size > 1:
+        raise RuntimeError(
+            f"{method.name} adapts online along the test stream, so its accuracy would depend on "
+            f"how {world_size} processes split that stream; evaluate it on one device "
+            "(trainer.devices=1 trainer.strategy=auto)")
 
 
 def epoch_lr_factor(scheduler: str, warmup_epochs: int, warmup_factor: float, max_epochs: int):

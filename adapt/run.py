@@ -24,7 +24,7 @@ from adapt.backbone import build_backbone
 from adapt.checkpointing import RunCheckpoints
 from adapt.config import RecipeError, run_dir_of
 from adapt.data.datamodule import AdaptDataModule
-from adapt.data.sharding import global_batch_message, shard_loader
+from adapt.data.sharding import global_batch_message, shard_loader, stream_loader
 from adapt.engine import AdaptModule, TrainingDiverged, build_trainer, log_final_metrics
 from adapt.export import WEIGHTS_FILE, read_adapter_state, save_adapter
 from adapt.io import atomic_write_json, atomic_write_text
@@ -76,7 +76,9 @@ class Experiment:
         self.fit_trainer: Optional[pl.Trainer] = None  # kept for its loggers
 
     def trainer(self, evaluation: bool = False) -> pl.Trainer:
-        return build_trainer(self.recipe, self.run_dir, inference_mode=not self.method.grad_at_test,
+        # test-time state must stay ordinary tensors (inference tensors refuse later updates)
+        grad_free = not (self.method.grad_at_test or self.method.test_time)
+        return build_trainer(self.recipe, self.run_dir, inference_mode=grad_free,
                              evaluation=evaluation)
 
     def setup_method(self) -> None:
@@ -123,8 +125,10 @@ class Experiment:
             # a cross-dataset target brings its own hand-written template(s)
             self.method.templates = list(self.data.eval_templates.get(name, templates))
             self.method.set_classnames(classnames)
-            # under DDP each process takes an unpadded share (Lightning's sampler is off here)
-            loader = shard_loader(loader, trainer.global_rank, trainer.world_size)
+            if self.method.test_time == "online":  # the whole set, in the seed's order
+                loader = stream_loader(loader, self.recipe.seed)
+            else:  # under DDP each process takes an unpadded share (Lightning's sampler is off here)
+                loader = shard_loader(loader, trainer.global_rank, trainer.world_size)
             out = trainer.test(self.module, dataloaders=loader, verbose=False)
             accs[name] = 100.0 * float(out[0]["test/acc"])
         self.method.templates = templates
@@ -227,9 +231,20 @@ def _results(recipe: DictConfig, exp: Experiment, metrics: dict, fit_s: float, e
         "run_dir": str(exp.run_dir),
         "timing": {"fit_seconds": round(fit_s, 3), "eval_seconds": round(eval_s, 3)},
         "inputs": exp.inputs,  # "features": trained/evaluated on cached frozen image features
+        **test_time_record(exp.method, recipe.seed),
         "versions": {"adapt": adapt.__version__, "torch": torch.__version__,
                      "open_clip": open_clip.__version__, "python": platform.python_version()},
     }
+
+
+def test_time_record(method: Method, seed: int) -> dict:
+    """How a test-time method met the test set: episodic, or online along the stream of ``seed``."""
+    if not method.test_time:
+        return {}
+    record = {"mode": method.test_time}
+    if method.test_time == "online":
+        record["stream_seed"] = int(seed)
+    return {"test_time": record}
 
 
 def _write_results(exp: Experiment, results: dict, name: str = "results.json") -> None:

@@ -286,8 +286,8 @@ def test_tpt_adapts_inside_the_lightning_test_loop(tmp_path, monkeypatch):
     moved = []
     original = TPT.tune
 
-    def spy(self, feats):
-        ctx = original(self, feats)
+    def spy(self, feats, ctx0=None):
+        ctx = original(self, feats, ctx0)
         moved.append(float((ctx - self.prompts.ctx).abs().max()))
         return ctx
 

@@ -123,3 +123,29 @@ def train_loader(dataset, base: Sampler, batch: int, rank: int, world: int, **kw
     """The training loader of one process (see ``GlobalBatchShard``)."""
     shard = GlobalBatchShard(base, batch, rank, world, drop_ragged=len(base) > batch)
     return DataLoader(dataset, batch_size=batch // world, sampler=shard, drop_last=False, **kwargs)
+
+
+class StreamSampler(Sampler):
+    """All ``n`` indices in one order fixed by ``seed``: the test stream of an online method
+    (TDA and DMN shuffle their test loader once; here the order is a function of the seed)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = int(n), int(seed)
+
+    def order(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(self.n, generator=gen).tolist()
+
+    def __iter__(self):
+        return iter(self.order())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def stream_loader(loader: DataLoader, seed: int) -> DataLoader:
+    """``loader`` read whole, in the seeded order of ``StreamSampler``."""
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=StreamSampler(len(loader.dataset), seed),
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, drop_last=False,
+                      persistent_workers=loader.num_workers > 0 and loader.persistent_workers)

@@ -10,7 +10,7 @@ from adapt.methods import ivlp  # noqa: E402,F401
 from adapt.methods import maple  # noqa: E402,F401
 from adapt.methods import promptsrc  # noqa: E402,F401
 from adapt.methods import tip_adapter  # noqa: E402,F401
-from adapt.methods import tpt  # noqa: E402,F401
+from adapt.methods import tpt, zero, tda, dmn  # noqa: E402,F401
 from adapt.methods import cocoop, kgcoop, vp  # noqa: E402,F401
 from adapt.methods import linear_probe  # noqa: E402,F401
 from adapt.methods import zslp  # noqa: E402,F401

@@ -55,6 +55,11 @@ class Method(nn.Module):
     grad_at_test: ClassVar[bool] = False
     # what it learns, in a few words, for `adapt methods` ("text context", "vision prompts", ...)
     trainable_kind: ClassVar[str] = ""
+    # How a test-time method carries state over the test set: "episodic" (adapts to each image
+    # alone and forgets it: TPT, Zero) or "online" (a memory grows along the test stream: TDA,
+    # DMN). The engine resets episodic state after every image and online state at the start
+    # of every evaluation set, feeds online methods a seeded order and refuses them under DDP.
+    test_time: ClassVar[str] = ""
 
     def __init__(self, config, backbone: ClipBackbone, classnames: Sequence[str], templates: Sequence[str]):
         super().__init__()
@@ -126,6 +131,9 @@ class Method(nn.Module):
 
     def rebuild_classes(self) -> None:
         """Rebuild whatever depends on ``self.classnames`` (tokenized prompts, classifiers)."""
+
+    def reset_test_state(self) -> None:
+        """Forget what test-time adaptation has gathered (an online memory, per-image state)."""
 
     # ------------------------------------------------------------------ state ------------------
     @property
