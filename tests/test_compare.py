@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from adapt.cli import main
 from adapt.compare import compare, report
 from adapt.compare.runs import expand_recipes
-from adapt.run import harmonic_mean, run_fit
+from adapt.run import run_fit
+from adapt.settings.base2novel import harmonic_mean
 from tests.conftest import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

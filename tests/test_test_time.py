@@ -135,17 +135,19 @@ def test_episodic_predictions_do_not_depend_on_test_order(name, tiny_backbone):
 
 
 def test_the_engine_resets_an_episodic_method_after_every_image(tiny_backbone):
-    from omegaconf import OmegaConf
+    import dataclasses
 
     from adapt.config import OptimConfig
     from adapt.engine import AdaptModule
 
-    method = build_method("zero", {"n_views": 4, "seed": 1}, tiny_backbone, EVAL, TEMPLATES).eval()
+    module = AdaptModule("zero", {"n_views": 4, "seed": 1}, EVAL, TEMPLATES,
+                         dataclasses.asdict(tiny_backbone.config), dataclasses.asdict(OptimConfig()), 0,
+                         prebuilt_backbone=tiny_backbone)
+    method = module.method.eval()
     calls = []
     method.reset_test_state = lambda: calls.append("reset")
     original = method.predict
     method.predict = lambda x: (calls.append(len(x)), original(x))[1]
-    module = AdaptModule(method, OmegaConf.structured(OptimConfig), 0)
     module.eval_acc = lambda logits, y: None
     module.log = lambda *a, **k: None
     module._eval_step((_images(3), torch.tensor([0, 1, 2])), "test")
