@@ -76,9 +76,7 @@ class Experiment:
         self.fit_trainer: Optional[pl.Trainer] = None  # kept for its loggers
 
     def trainer(self, evaluation: bool = False) -> pl.Trainer:
-        # test-time state must stay ordinary tensors (inference tensors refuse later updates)
-        grad_free = not (self.method.grad_at_test or self.method.test_time)
-        return build_trainer(self.recipe, self.run_dir, inference_mode=grad_free,
+        return build_trainer(self.recipe, self.run_dir, inference_mode=self.method.inference_mode_ok,
                              evaluation=evaluation)
 
     def setup_method(self) -> None:

@@ -92,6 +92,13 @@ class Method(nn.Module):
     def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement forward or forward_features")
 
+    @property
+    def inference_mode_ok(self) -> bool:
+        """Whether evaluation may run under torch's inference mode: not for methods that need
+        gradients at test time (TPT), nor for test-time state, which must stay ordinary tensors
+        (inference tensors refuse later in-place updates)."""
+        return not (self.grad_at_test or self.test_time)
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Evaluation logits; test-time methods (TPT) override this to adapt per sample."""
         return self(x)
