@@ -410,7 +410,7 @@ class Bench:
             return F.normalize(got.features.mean(0), dim=-1)
 
         t_warm, m_warm = timed(warm, 1, 1, self.memory)
-        scale = float(bb.logit_scale)
+        scale = 100.0  # the original code's hard-coded CLIP logit multiplier, Tip-Adapter's default
         clip_w = method.text_features
 
         def original_search():

@@ -49,6 +49,7 @@ class CLIPAdapterConfig:
 @register_method("clipadapter")
 class CLIPAdapter(HandWrittenClassifier):
     Config = CLIPAdapterConfig
+    trainable_kind = "image-feature bottleneck"
     supports_feature_cache = True
     normalize_features = False  # the blend is on the encoder's raw output
 

@@ -56,6 +56,7 @@ class DMNConfig(ViewConfig):
 @register_method("dmn")
 class DMN(Method):
     Config = DMNConfig
+    trainable_kind = "nothing (test-time memory)"
     test_time = "online"
 
     def __init__(self, config: DMNConfig, backbone, classnames, templates):

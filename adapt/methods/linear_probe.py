@@ -76,6 +76,7 @@ def fit_logistic_regression(x: torch.Tensor, y: torch.Tensor, n_classes: int, c:
 @register_method("linearprobe")
 class LinearProbe(Method):
     Config = LinearProbeConfig
+    trainable_kind = "linear head (fitted at setup)"
     supports_feature_cache = True
     normalize_features = False  # lpclip fits the encoder's raw features
     repointable = False  # one weight row per training class

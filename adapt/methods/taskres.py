@@ -44,6 +44,7 @@ class TaskResConfig:
 @register_method("taskres")
 class TaskRes(Method):
     Config = TaskResConfig
+    trainable_kind = "text-classifier residual"
     supports_feature_cache = True
 
     def __init__(self, config: TaskResConfig, backbone, classnames, templates):

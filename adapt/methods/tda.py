@@ -85,6 +85,7 @@ class ClassCache:
 @register_method("tda")
 class TDA(Method):
     Config = TDAConfig
+    trainable_kind = "nothing (test-time caches)"
     supports_feature_cache = True  # one view: the frozen features are all it reads
     test_time = "online"
 

@@ -44,6 +44,7 @@ class ZeroConfig(ViewConfig):
 @register_method("zero")
 class Zero(Method):
     Config = ZeroConfig
+    trainable_kind = "nothing (test-time vote)"
     test_time = "episodic"
 
     def __init__(self, config: ZeroConfig, backbone, classnames, templates):

@@ -40,6 +40,7 @@ class ZSLPConfig:
 @register_method("zslp")
 class ZSLP(Method):
     Config = ZSLPConfig
+    trainable_kind = "linear head from zero-shot"
     supports_feature_cache = True
 
     def __init__(self, config: ZSLPConfig, backbone, classnames, templates):
