@@ -69,6 +69,7 @@ class ScaledZeroShot(HandWrittenClassifier):
 
     Config = ScaledConfig
     supports_feature_cache = True
+    trainable_kind = "one logit scale"  # `adapt methods` lists it while this module is imported
 
     def __init__(self, config, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)
