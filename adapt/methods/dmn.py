@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from adapt.methods.base import Method, check_templates, is_features
+from adapt.methods.base import HandWrittenClassifier, check_templates, is_features
 from adapt.methods.registry import register_method
 from adapt.methods.views import ViewConfig, confident, test_views, with_view_seed
 
@@ -54,7 +54,7 @@ class DMNConfig(ViewConfig):
 
 
 @register_method("dmn")
-class DMN(Method):
+class DMN(HandWrittenClassifier):
     Config = DMNConfig
     trainable_kind = "nothing (test-time memory)"
     test_time = "online"
@@ -64,7 +64,7 @@ class DMN(Method):
         self.rebuild_classes()
 
     def rebuild_classes(self) -> None:
-        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
+        super().rebuild_classes()  # the hand-written text classifier of the new class list
         self.reset_test_state()
 
     def setup(self, datamodule) -> None:

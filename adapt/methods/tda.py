@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from adapt.methods.base import Method, check_templates
+from adapt.methods.base import HandWrittenClassifier, check_templates
 from adapt.methods.registry import register_method
 from adapt.methods.views import entropy
 
@@ -83,7 +83,7 @@ class ClassCache:
 
 
 @register_method("tda")
-class TDA(Method):
+class TDA(HandWrittenClassifier):
     Config = TDAConfig
     trainable_kind = "nothing (test-time caches)"
     supports_feature_cache = True  # one view: the frozen features are all it reads
@@ -94,7 +94,7 @@ class TDA(Method):
         self.rebuild_classes()
 
     def rebuild_classes(self) -> None:
-        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
+        super().rebuild_classes()  # the hand-written text classifier of the new class list
         self.reset_test_state()
 
     def reset_test_state(self) -> None:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from adapt.methods.base import Method, check_templates, is_features
+from adapt.methods.base import HandWrittenClassifier, check_templates, is_features
 from adapt.methods.registry import register_method
 from adapt.methods.views import ViewConfig, confident, entropy, test_views, with_view_seed
 
@@ -42,7 +42,7 @@ class ZeroConfig(ViewConfig):
 
 
 @register_method("zero")
-class Zero(Method):
+class Zero(HandWrittenClassifier):
     Config = ZeroConfig
     trainable_kind = "nothing (test-time vote)"
     test_time = "episodic"
@@ -50,9 +50,6 @@ class Zero(Method):
     def __init__(self, config: ZeroConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)
         self.rebuild_classes()
-
-    def rebuild_classes(self) -> None:
-        self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
 
     def setup(self, datamodule) -> None:
         self.config = with_view_seed(self.config, datamodule)
