@@ -20,9 +20,14 @@ strided views of it (a fused kernel, causal for the text tower), the head merge 
 gradients the image batch may go in chunks (``image_chunk_size``; one pass measured fastest).
 Blocks it does not know (other classes, wrapped attention, hooks)
 run open_clip's own forward.
+
+Frozen by default: a method that changes backbone weights (LoRA, LayerNorm / bias tuning,
+WiSE-FT: ``Method.changes_backbone``) works on its own ``clone()``, so nothing it injects or trains
+reaches any other model built on the same backbone (the zero-shot baseline, another run).
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import torch
@@ -38,7 +43,8 @@ __all__ = ["BackboneConfig", "ClipBackbone", "build_backbone"]
 
 
 class ClipBackbone(nn.Module):
-    """A frozen open_clip model with prompt hooks; always in eval mode, never trained."""
+    """A frozen open_clip model with prompt hooks; always in eval mode (open_clip's dropout and
+    any batch statistics never change; a method's own injected modules set their mode)."""
 
     def __init__(self, model: nn.Module, tokenizer, config: BackboneConfig, preprocess_cfg: dict):
         super().__init__()
@@ -49,8 +55,28 @@ class ClipBackbone(nn.Module):
         self.image_mean = tuple(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
         self.image_std = tuple(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
         self.text = _text_tower(model)
+        self.preprocess_cfg = dict(preprocess_cfg)
         self.model.requires_grad_(False)
         self.model.eval()
+
+    def clone(self) -> "ClipBackbone":
+        """An independent copy: its own weights and modules (frozen), the same tokenizer and
+        config. What a method changes on the copy never reaches this one."""
+        return ClipBackbone(copy.deepcopy(self.model), self.tokenizer, self.config, self.preprocess_cfg)
+
+    def blocks(self, tower: str) -> list[tuple[str, nn.Module]]:
+        """``(name under model, block)`` for each transformer block of ``tower`` ("text" or
+        "image"), in depth order: where weight-space methods put their updates."""
+        blocks = self.text.transformer.resblocks if tower == "text" else self._vit().transformer.resblocks
+        names = {id(m): n for n, m in self.model.named_modules()}
+        return [(names[id(b)], b) for b in blocks]
+
+    def tower_of(self, name: str) -> Optional[str]:
+        """The tower ("image" / "text") a parameter or module name under ``model`` belongs to;
+        None for the shared logit scale / bias."""
+        if name.startswith("visual."):
+            return "image"
+        return None if name.split(".")[0] in ("logit_scale", "logit_bias") else "text"
 
     # -- frozen and always in eval mode: dropout / batch-norm statistics must never change -----
     def train(self, mode: bool = True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -34,21 +35,41 @@ class OptimConfig:
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    scheduler: str = "cosine"  # cosine | constant (per epoch, after warm-up)
-    # CoOp's warm-up: the first epochs at a constant small lr, then the schedule over max_epochs
+    scheduler: str = "cosine"  # cosine | constant (after warm-up)
+    # epoch: the lr changes once per epoch (CoOp's trainer); step: once per optimizer step over
+    # the run's total steps (CLIP-LoRA's and WiSE-FT's iteration schedules)
+    interval: str = "epoch"
+    # CoOp's warm-up (interval=epoch): the first epochs at a constant small lr, then the
+    # schedule over max_epochs
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
+    # interval=step: a linear warm-up over the first steps (WiSE-FT: 500), then cosine down to
+    # min_lr (CLIP-LoRA's eta_min 1e-6)
+    warmup_steps: int = 0
+    min_lr: float = 0.0
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, ("sgd", "adam", "adamw"))
         check_choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
+        check_choice("optim.interval", self.interval, ("epoch", "step"))
         if self.lr <= 0:
             raise RecipeError(f"optim.lr must be > 0, got {self.lr}")
+        if self.interval == "step" and self.warmup_epochs:
+            raise RecipeError("optim.warmup_epochs counts epochs, but optim.interval=step schedules "
+                              "per step: set optim.warmup_epochs=0 and use optim.warmup_steps")
+        if self.interval == "epoch" and self.warmup_steps:
+            raise RecipeError("optim.warmup_steps needs optim.interval=step (with interval=epoch, "
+                              "use optim.warmup_epochs)")
+        if not 0 <= self.min_lr < self.lr:
+            raise RecipeError(f"optim.min_lr must be in [0, optim.lr), got {self.min_lr}")
 
 
 @dataclass
 class TrainerConfig:
     max_epochs: int = 200
+    # train for this many optimizer steps instead (the epochs follow from the training set's
+    # size); e.g. CLIP-LoRA's 500 per shot: max_steps: ${mul:500,${data.shots}}
+    max_steps: Optional[int] = None
     accelerator: str = "auto"
     devices: Any = "auto"  # an int, a list of ids, or "auto"
     strategy: str = "auto"  # "ddp" for several GPUs
@@ -66,6 +87,10 @@ class TrainerConfig:
     # validate every N epochs on the few-shot val split (for logging; the last epoch is evaluated)
     check_val_every_n_epoch: int = 0
     deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_steps, int) and self.max_steps <= 0:
+            raise RecipeError(f"trainer.max_steps must be > 0 (or null for trainer.max_epochs), got {self.max_steps}")
 
 
 @dataclass
@@ -104,6 +129,14 @@ class Recipe:
     # train and evaluate on cached frozen image features where the method allows it (its image
     # encoder is frozen and outside the trained path); see data.cache_views / data.cache_dir
     cache: bool = True
+
+
+# recipes may scale a number by others, e.g. trainer.max_steps: ${mul:500,${data.shots}}
+def _mul(*xs):  # unannotated: OmegaConf checks annotations, and ints and floats both come
+    return math.prod(xs)
+
+
+OmegaConf.register_resolver("mul", _mul, replace=True)
 
 
 def load_recipe(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -185,6 +218,18 @@ def _read_yaml(path: Path, included_by: Optional[Path] = None) -> DictConfig:
     # later files and then this one win
     bases = [base] if isinstance(base, str) else list(base)
     return OmegaConf.merge(*[_read_yaml(path.parent / b, included_by=path) for b in bases], cfg)
+
+
+def epochs_of(recipe: DictConfig, n_train: int) -> int:
+    """The run's epochs: ``trainer.max_epochs``, or, with ``trainer.max_steps``, as many as those
+    steps take on ``n_train`` training images (global batches of ``data.batch_size``, a ragged
+    last batch dropped, ``accumulate_grad_batches`` per optimizer step)."""
+    t = recipe.trainer
+    if t.max_steps is None:
+        return int(t.max_epochs)
+    bs = recipe.data.batch_size
+    batches = max(1, n_train // bs) if n_train > bs else 1
+    return max(1, math.ceil(t.max_steps / math.ceil(batches / t.accumulate_grad_batches)))
 
 
 def run_dir_of(recipe: DictConfig) -> Path:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -66,8 +67,10 @@ class AdaptModule(pl.LightningModule):
 
     @classmethod
     def from_recipe(cls, recipe: DictConfig, classnames: Sequence[str], templates: Sequence[str],
-                    method: Optional[str] = None, backbone=None) -> "AdaptModule":
-        """The recipe's method (or ``method`` with its defaults) for ``classnames``."""
+                    method: Optional[str] = None, backbone=None,
+                    max_epochs: Optional[int] = None) -> "AdaptModule":
+        """The recipe's method (or ``method`` with its defaults) for ``classnames``;
+        ``max_epochs``: the run's epochs when they follow from ``trainer.max_steps``."""
         plain = lambda section: OmegaConf.to_container(section, resolve=True)  # noqa: E731
         if method is None:
             section = plain(recipe.method)
@@ -75,7 +78,8 @@ class AdaptModule(pl.LightningModule):
         else:
             section = None
         return cls(method, section, list(classnames), list(templates), plain(recipe.backbone),
-                   plain(recipe.optim), int(recipe.trainer.max_epochs), prebuilt_backbone=backbone)
+                   plain(recipe.optim), int(max_epochs or recipe.trainer.max_epochs),
+                   prebuilt_backbone=backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method(x)
@@ -115,6 +119,9 @@ class AdaptModule(pl.LightningModule):
                 f"training diverged: the loss is {loss.item()} at step {self.global_step} (epoch "
                 f"{self.current_epoch}) with optim.lr={self.optim_cfg.lr}; lower optim.lr or set "
                 "trainer.gradient_clip_val")
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(parameter_summary(self.method))
 
     def on_train_start(self) -> None:
         # Lightning keeps whatever mode the module is in; a method evaluated before fitting
@@ -179,9 +186,13 @@ class AdaptModule(pl.LightningModule):
         else:
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                     weight_decay=cfg.weight_decay)
-        factor = epoch_lr_factor(cfg.scheduler, cfg.warmup_epochs, cfg.warmup_lr / cfg.lr, self.max_epochs)
+        if cfg.interval == "step":
+            factor = step_lr_factor(cfg.scheduler, cfg.warmup_steps, cfg.min_lr / cfg.lr,
+                                    int(self.trainer.estimated_stepping_batches))
+        else:
+            factor = epoch_lr_factor(cfg.scheduler, cfg.warmup_epochs, cfg.warmup_lr / cfg.lr, self.max_epochs)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": cfg.interval}}
 
     # ------------------------------------------------------------------ checkpoints ------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -220,6 +231,39 @@ def epoch_lr_factor(scheduler: str, warmup_epochs: int, warmup_factor: float, ma
     return factor
 
 
+def step_lr_factor(scheduler: str, warmup_steps: int, min_factor: float, total_steps: int):
+    """lr multiplier per optimizer step: a linear warm-up ``(s + 1) / warmup_steps`` (WiSE-FT's),
+    then cosine from the full lr down to ``min_factor`` over the remaining steps (CLIP-LoRA's
+    ``CosineAnnealingLR(total_iters, eta_min)`` when there is no warm-up)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if scheduler == "constant":
+            return 1.0
+        span = max(1, total_steps - warmup_steps)
+        return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * (step - warmup_steps) / span))
+
+    return factor
+
+
+def parameter_summary(method: Method) -> str:
+    """What trains: the method's own parameters and, for methods that change the backbone, which
+    backbone tensors (by the names the method declares in ``backbone_state``)."""
+    own = sum(p.numel() for n, p in method.named_parameters() if p.requires_grad and not n.startswith("backbone."))
+    line = f"{method.name}: {own + sum(t.numel() for t in method.backbone_state().values()):,} trainable parameters"
+    owned = method.backbone_state()
+    if not owned:
+        return line + " (backbone frozen)"
+    towers: dict[str, int] = {}
+    for name, t in owned.items():
+        tower = method.backbone.tower_of(name.removeprefix("model.")) or "shared"
+        towers[tower] = towers.get(tower, 0) + t.numel()
+    parts = ", ".join(f"{k} tower {v:,}" for k, v in sorted(towers.items()))
+    example = next(iter(owned))
+    return f"{line}: method {own:,}; backbone {parts} in {len(owned)} tensors (e.g. {example})"
+
+
 def default_precision(accelerator: str) -> str:
     """fp32 on CPU (bf16 matmuls are ~100x slower there); bf16 / fp16 autocast on GPUs."""
     if accelerator != "cpu" and torch.cuda.is_available():
@@ -228,8 +272,9 @@ def default_precision(accelerator: str) -> str:
 
 
 def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True,
-                  evaluation: bool = False) -> pl.Trainer:
-    """``evaluation=True`` for the evaluation passes after fitting:
+                  evaluation: bool = False, max_epochs: Optional[int] = None) -> pl.Trainer:
+    """``max_epochs``: the run's epochs when they follow from ``trainer.max_steps``.
+    ``evaluation=True`` for the evaluation passes after fitting:
     - no checkpoints (``adapt.checkpointing`` writes them while fitting);
     - no loggers: accuracies go to results.json (and through the fit's loggers, see
       ``log_final_metrics``); a logger per pass would overwrite the training log;
@@ -249,12 +294,14 @@ def build_trainer(recipe: DictConfig, run_dir: Path, inference_mode: bool = True
     # few-shot epochs are often shorter than the logging interval; epoch means are logged anyway
     warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
     t = recipe.trainer
+    max_epochs = int(max_epochs or t.max_epochs)
     loggers = [] if evaluation else build_loggers(recipe, run_dir)
     callbacks = [] if evaluation else [RunCheckpoints(
-        run_dir / "checkpoints", OmegaConf.to_container(recipe, resolve=True), t.max_epochs,
+        run_dir / "checkpoints", OmegaConf.to_container(recipe, resolve=True), max_epochs,
         every_n_epochs=t.checkpoint_every_n_epochs, every_minutes=t.checkpoint_every_minutes)]
     return pl.Trainer(
-        max_epochs=t.max_epochs,
+        max_epochs=max_epochs,
+        max_steps=t.max_steps or -1,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,

@@ -53,6 +53,10 @@ def save_adapter(method: Method, out_dir: str | Path) -> Path:
     check_finite_state(state, "adapter")
     out.mkdir(parents=True, exist_ok=True)
     atomic_save(out / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    extra = method.export_files()  # e.g. LoRA's peft adapter, readable without adapt
+    for rel, blob in extra.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(out / rel, lambda tmp, blob=blob: tmp.write_bytes(blob))
     bb = method.backbone.config
     meta = {
         "format": FORMAT,
@@ -64,6 +68,7 @@ def save_adapter(method: Method, out_dir: str | Path) -> Path:
         "backbone": {"name": bb.name, "pretrained": bb.pretrained, "embed_dim": method.backbone.embed_dim},
         "classnames": list(method.classnames),
         "templates": list(method.templates),
+        "files": sorted(extra),
     }
     atomic_write_json(out / META_FILE, meta)
     return out
@@ -173,6 +178,11 @@ def export_run(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     # weights first, metadata last: an interrupted export never pairs new metadata with old weights
     atomic_save(out / WEIGHTS_FILE, lambda tmp: tmp.write_bytes((src / WEIGHTS_FILE).read_bytes()))
+    for rel in meta.get("files", []):  # the method's extra files (LoRA's peft adapter)
+        if not (src / rel).is_file():
+            raise AdapterError(f"{src / rel} is missing: the adapter is incomplete; export it again")
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(out / rel, lambda tmp, rel=rel: tmp.write_bytes((src / rel).read_bytes()))
     atomic_write_json(out / META_FILE, meta)
     return out
 

@@ -22,7 +22,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 import adapt
 from adapt.backbone import build_backbone
 from adapt.checkpointing import RunCheckpoints
-from adapt.config import RecipeError, run_dir_of
+from adapt.config import RecipeError, epochs_of, run_dir_of
 from adapt.data.datamodule import AdaptDataModule
 from adapt.data.sharding import global_batch_message, shard_loader, stream_loader
 from adapt.engine import AdaptModule, TrainingDiverged, build_trainer, log_final_metrics
@@ -54,13 +54,14 @@ class Experiment:
         self.data = AdaptDataModule(recipe.data, None, None, None, seed=recipe.seed,
                                     run_dir=None if evaluation else self.run_dir)
         self.data.setup()
+        self.max_epochs = epochs_of(recipe, len(self.data.train_items))
         self.backbone = build_backbone(recipe.backbone)
         self.data.set_preprocess(self.backbone.image_size, self.backbone.image_mean, self.backbone.image_std)
         self.data.use_feature_cache = bool(recipe.cache)
         # the setting's work that needs the model (UPL's pseudo-labels), before the method exists
         self.setting_report = self.data.setting.prepare(self.data, self.backbone, _encode_device(recipe))
         self.module = AdaptModule.from_recipe(recipe, self.data.train_classnames, self.data.templates,
-                                              backbone=self.backbone)
+                                              backbone=self.backbone, max_epochs=self.max_epochs)
         self.method: Method = self.module.method
         others = [n for n, (c, _) in self.data.eval_sets.items() if list(c) != list(self.data.train_classnames)]
         if others and not self.method.repointable:
@@ -70,14 +71,14 @@ class Experiment:
                 f"cannot classify the novel classes of evaluation set(s) {', '.join(others)} "
                 f"(data.setting={recipe.data.setting}); use data.setting=all{fix}")
         # cached frozen image features replace images where the method only reads those
-        views = min(recipe.data.cache_views, max(1, recipe.trainer.max_epochs))
+        views = min(recipe.data.cache_views, max(1, self.max_epochs))
         self.inputs = self.data.serve(self.method, self.backbone, cache=bool(recipe.cache), views=views,
                                       device=_encode_device(recipe))
         self.fit_trainer: Optional[pl.Trainer] = None  # kept for its loggers
 
     def trainer(self, evaluation: bool = False) -> pl.Trainer:
         return build_trainer(self.recipe, self.run_dir, inference_mode=self.method.inference_mode_ok,
-                             evaluation=evaluation)
+                             evaluation=evaluation, max_epochs=self.max_epochs)
 
     def setup_method(self) -> None:
         """The method's own preparation (Tip-Adapter's cache, ...) on the device it will run
@@ -133,6 +134,18 @@ class Experiment:
         self.method.set_classnames(trained_on)
         return accs
 
+    def sweep(self, name: str, values, apply, chosen) -> dict:
+        """The setting's metrics at each of ``values`` (the method's ``evaluation_sweep``); the
+        chosen value is applied again afterwards. Reported only: nothing is selected on test."""
+        rows = []
+        try:
+            for value in values:
+                apply(value)
+                rows.append({name: value, "metrics": summarize(self.recipe.data.setting, self.evaluate())})
+        finally:
+            apply(chosen)
+        return {"name": name, "chosen": chosen, "values": rows}
+
 
 def _encode_device(recipe: DictConfig) -> torch.device:
     """Where cached features are computed: this process's GPU when training runs on GPUs."""
@@ -164,6 +177,9 @@ def run_fit(recipe: DictConfig) -> dict:
     metrics = summarize(recipe.data.setting, exp.evaluate())
     results = _results(recipe, exp, metrics, fit_s, time.perf_counter() - start)
     results["scalars"] = exp.module.final_scalars()
+    sweep = exp.method.evaluation_sweep()
+    if sweep is not None:
+        results["sweep"] = exp.sweep(*sweep)
     if exp.method.trainable_state():
         adapter_dir = exp.run_dir / "adapter"
         if rank_zero_only.rank == 0:

@@ -37,8 +37,19 @@ def test_logits_are_finite_and_shaped(name, tiny_backbone, tiny_datamodule):
 
 @pytest.mark.parametrize("name", list_methods())
 def test_only_method_parameters_train(name, tiny_backbone, tiny_datamodule):
+    """Only what the method names trains; a method that changes the backbone does so on its own
+    copy: the backbone it was given (shared with zero-shot, other runs) never changes."""
+    shared_before = {k: v.clone() for k, v in tiny_backbone.state_dict().items()}
     method = _build(name, tiny_backbone, tiny_datamodule)
-    assert not any(p.requires_grad for p in method.backbone.parameters())
+    trainable_backbone = {n for n, p in method.backbone.named_parameters() if p.requires_grad}
+    assert trainable_backbone == set(method.backbone_state())
+    assert not any(p.requires_grad for p in tiny_backbone.parameters())
+    if method.changes_backbone:
+        assert method.backbone is not tiny_backbone and trainable_backbone
+        saved = {k for k in method.trainable_state() if k.startswith("backbone.")}
+        assert saved <= {"backbone." + n for n in trainable_backbone}
+    else:
+        assert method.backbone is tiny_backbone and not trainable_backbone
     if not method.is_trainable:
         pytest.skip(f"{name} has no trainable parameters")
     trainable = {n for n, p in method.named_parameters() if p.requires_grad}
@@ -52,6 +63,9 @@ def test_only_method_parameters_train(name, tiny_backbone, tiny_datamodule):
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "one optimizer step changed nothing"
     assert changed <= trainable, f"frozen state changed: {sorted(changed - trainable)}"
+    shared_after = tiny_backbone.state_dict()
+    assert set(shared_after) == set(shared_before)  # nothing injected into the shared model
+    assert all(torch.equal(shared_before[k], shared_after[k]) for k in shared_before)
 
 
 @pytest.mark.parametrize("name", list_methods())

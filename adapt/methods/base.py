@@ -11,6 +11,7 @@ so neither the engine nor the runner ever needs to know which one it is passing.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Optional, Sequence, Union
 
@@ -60,11 +61,17 @@ class Method(nn.Module):
     # DMN). The engine resets episodic state after every image and online state at the start
     # of every evaluation set, feeds online methods a seeded order and refuses them under DDP.
     test_time: ClassVar[str] = ""
+    # True for methods that change the backbone's weights or modules (LoRA, LayerNorm / bias
+    # tuning, WiSE-FT). Such a method works on its own clone of the backbone it is given, so
+    # nothing it changes reaches another model in the process (the zero-shot baseline, the
+    # export check); its image features keep their graph (no frozen-feature cache), and the
+    # backbone tensors it owns are named by ``backbone_state``.
+    changes_backbone: ClassVar[bool] = False
 
     def __init__(self, config, backbone: ClipBackbone, classnames: Sequence[str], templates: Sequence[str]):
         super().__init__()
         self.config = config
-        self.backbone = backbone
+        self.backbone = backbone.clone() if self.changes_backbone else backbone
         self.classnames = [clean_classname(c) for c in classnames]
         self.templates = list(templates) or ["a photo of a {}."]
         self._text_cache: Optional[torch.Tensor] = None
@@ -80,7 +87,10 @@ class Method(nn.Module):
         return MethodOutput(self(x))
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen, unnormalized image features (what the feature cache stores)."""
+        """Unnormalized image features: frozen ones (what the feature cache stores), or, for a
+        method that changes the backbone, through its weights with their graph."""
+        if self.changes_backbone:
+            return self.backbone.encode_image(images, normalize=False)
         with torch.no_grad():
             return self.backbone.encode_image(images, normalize=False)
 
@@ -123,6 +133,12 @@ class Method(nn.Module):
     def on_fit_end(self) -> None:
         """Called after training (WiSE-FT's weight interpolation)."""
 
+    def evaluation_sweep(self):
+        """A setting the runner should also evaluate at several values after fitting, reported
+        in ``results.json`` beside the chosen one: ``(name, values, apply(value), chosen)``
+        (WiSE-FT's mixing coefficient α), or None."""
+        return None
+
     def set_classnames(self, classnames: Sequence[str]) -> None:
         """Re-point the classifier at new class names (novel classes, exported adapters)."""
         names = [clean_classname(c) for c in classnames]
@@ -150,14 +166,28 @@ class Method(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+    def backbone_state(self) -> dict[str, torch.Tensor]:
+        """The backbone tensors this method owns, by their names under ``backbone`` (LoRA's
+        factors, the tuned norms or biases, WiSE-FT's fine-tuned image tower): exactly what of
+        the backbone it trains and saves. Empty for methods that leave the backbone frozen."""
+        return {}
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """What export and checkpoints save: trainable parameters and persistent buffers outside
-        the frozen backbone. Buffers derived from class names are registered non-persistent."""
-        state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        """What export and checkpoints save: trainable parameters and persistent buffers of the
+        method outside the backbone, and the backbone tensors it names in ``backbone_state``.
+        Buffers derived from class names are registered non-persistent."""
+        state = {n: p.detach() for n, p in self.named_parameters()
+                 if p.requires_grad and not n.startswith("backbone.")}
         persistent = self.state_dict(keep_vars=True)
         state.update({n: b.detach() for n, b in self.named_buffers()
                       if not n.startswith("backbone.") and n in persistent})
+        state.update({"backbone." + n: t.detach() for n, t in self.backbone_state().items()})
         return state
+
+    def export_files(self) -> dict[str, bytes]:
+        """Extra files an adapter carries beside adapt's own (a peft adapter for LoRA), by path
+        inside the adapter folder."""
+        return {}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         own = self.trainable_state()
@@ -248,11 +278,17 @@ def check_crop_scale(scale: Sequence[float]) -> None:
 
 
 def text_feature_mean(backbone: ClipBackbone, classnames: Sequence[str], templates: Sequence[str],
-                      normalize_each: bool = True, normalize_mean: bool = True) -> torch.Tensor:
+                      normalize_each: bool = True, normalize_mean: bool = True,
+                      track_grad: bool = False) -> torch.Tensor:
     """Per class, the mean over ``templates`` of its prompts' text features [C, d]; each
     template's features normalized first or not, the mean normalized or not (TaskRes keeps the
-    raw mean of raw features, PromptSRC normalizes the mean of raw ones)."""
-    with torch.no_grad(), torch.autocast(backbone.logit_scale.device.type, enabled=False):
+    raw mean of raw features, PromptSRC normalizes the mean of raw ones). ``track_grad``: keep
+    the graph (and the trainer's precision), for methods that train the text tower's weights."""
+    frozen = contextlib.ExitStack()
+    if not track_grad:
+        frozen.enter_context(torch.no_grad())
+        frozen.enter_context(torch.autocast(backbone.logit_scale.device.type, enabled=False))
+    with frozen:
         per_template = []
         for template in templates:
             tokens = backbone.tokenize([template.format(c) for c in classnames])

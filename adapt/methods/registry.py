@@ -24,6 +24,9 @@ def register_method(name: str):
             raise ValueError(f"method {name!r} is registered twice")
         if not hasattr(cls, "Config"):
             raise TypeError(f"method {name!r} needs a Config dataclass attribute")
+        if cls.changes_backbone and cls.supports_feature_cache:
+            raise TypeError(f"method {name!r} changes the backbone, so its image features cannot "
+                            "come from the frozen-feature cache (supports_feature_cache=False)")
         cls.name = name
         _METHODS[name] = cls
         return cls
