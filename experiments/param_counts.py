@@ -31,6 +31,8 @@ REFERENCE = {
     "vp": (69840, "30 px frame at 224 px: 2*3*30*224 + 2*3*164*30 "
                   "(hjbahng/visual_prompting models/prompters.py shapes; the paper used ViT-B/32)"),
     "maple": (3_550_000, "3.55M (MaPLe paper)"),
+    "lora": (184_320, "184K (CLIP-LoRA paper, r=2 on q,k,v of both towers): 12 layers x 3 targets x "
+                      "r(d_in+d_out) = 12*3*2*(768+768) + 12*3*2*(512+512)"),
 }
 
 
