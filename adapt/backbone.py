@@ -157,8 +157,10 @@ class ClipBackbone(nn.Module):
         for many classes (recipe flags, or chosen by ``text_memory_plan`` when left automatic).
         """
         causal, n = self._text_is_causal(), x.shape[0]
+        # a backward pass will run: through the prompts, or into the tower's own weights (LoRA)
         grad = torch.is_grad_enabled() and (x.requires_grad or any(
-            p is not None and p.requires_grad for p in deep_prompts or ()))
+            p is not None and p.requires_grad for p in deep_prompts or ()) or any(
+            p.requires_grad for p in self.text.transformer.parameters()))
         eot = self.eot_positions(tokens)
         length = int(eot.max()) + 1 if causal else x.shape[1]
         chunk, ckpt = text_memory_plan(self.config, n, length, self.text_width, self.text_depth,

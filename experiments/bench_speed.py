@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import tempfile
@@ -67,8 +66,8 @@ sys.path.insert(0, str(ROOT))
 
 from adapt.process import return_freed_memory  # noqa: E402
 from experiments.benchlib import (PeakMemory, in_reference_mode, interleaved,  # noqa: E402
-                                  linear_estimate, load_average, matmul_gflops, rates_beside_matmul,
-                                  reference_mode, timed)
+                                  linear_estimate, load_average, matmul_gflops, output_dir,
+                                  rates_beside_matmul, reference_mode, targets_met, timed, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, many=1000, second=200, batch=32, steps=3, ref_steps=1,
             warmup=1, cocoop_ref_images=2, shots=16, views=10, val_shots=4, grid=(200, 20),
@@ -719,30 +718,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-COMMITTED = ROOT / "experiments" / "results"
 # in run order; tpt reads the CoOp reference's per-class memory, so it needs coop before it
 WORKLOADS = ("image_tower", "text_tower", "coop", "prompt_steps", "cocoop", "tip_adapter", "tpt",
              "zero_shot_eval", "gpu")
-
-
-def output_dir(out, quick: bool) -> Path:
-    """Where this run writes: ``--out`` if given, else a new temporary folder. A ``--quick`` run
-    (toy sizes, numbers mean nothing) never writes over the committed figures."""
-    if out is None:
-        return Path(tempfile.mkdtemp(prefix="bench_speed_out_"))
-    path = Path(out).expanduser().resolve()
-    if quick and path == COMMITTED.resolve():
-        raise SystemExit("--quick / --only figures are toy sizes or a partial run and must not "
-                         f"replace the committed ones in {COMMITTED}; give another --out, or run "
-                         "the full benchmark")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def gpu_line(gpu: dict) -> str:
@@ -770,7 +748,7 @@ def main(argv=None) -> int:
     if not set(only) <= set(WORKLOADS):
         raise SystemExit(f"--only: unknown workload(s) {sorted(set(only) - set(WORKLOADS))}; "
                          f"choose from {', '.join(WORKLOADS)}")
-    out = output_dir(args.out, args.quick or only != list(WORKLOADS))
+    out = output_dir(args.out, args.quick or only != list(WORKLOADS), "bench_speed")
     print(f"figures will be written to {out}", flush=True)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -803,15 +781,11 @@ def main(argv=None) -> int:
                     "allocator": "glibc mmap threshold fixed at 1 MiB" if allocator else "default",
                     "load_average_before": load_before, "load_average_after": load_average()},
         "rows": bench.rows, "ratios": ratios, "gpu": gpu, "checks": bench.checks, "info": bench.info,
-        "targets": {key: {"label": label, "goal": goal, "value": ratios[key], "met": bool(test(ratios[key]))}
-                    for key, label, goal, test in TARGETS if key in ratios},
+        "targets": targets_met(TARGETS, ratios),
         "workloads": only,
         "wall_seconds": time.perf_counter() - start,
     }
-    _write(out / "bench_speed.json", json.dumps(result, indent=2))
-    _write(out / "bench_speed.md", markdown(result))
-    print(markdown(result))
-    print(f"wrote {out / 'bench_speed.json'} and bench_speed.md in {result['wall_seconds']:.0f}s")
+    write_result(out, "bench_speed", result, markdown(result))
     return 0
 
 

@@ -29,12 +29,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import math
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,9 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapt.process import return_freed_memory  # noqa: E402
-from experiments.bench_speed import COMMITTED, _write  # noqa: E402
 from experiments.benchlib import (PeakMemory, current_rss_mb, interleaved, load_average,  # noqa: E402
-                                  matmul_gflops, timed)
+                                  matmul_gflops, output_dir, targets_met, timed, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, batch=32, warmup=1, steps=3, matmul_n=2048)
 QUICK = dict(model="adapt-tiny-vit", classes=10, batch=4, warmup=1, steps=1, matmul_n=256)
@@ -161,19 +158,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def output_dir(out, quick: bool) -> Path:
-    """``--out`` if given, else a new temporary folder; a ``--quick`` run never writes over the
-    committed figures."""
-    if out is None:
-        return Path(tempfile.mkdtemp(prefix="bench_weight_space_out_"))
-    path = Path(out).expanduser().resolve()
-    if quick and path == COMMITTED.resolve():
-        raise SystemExit(f"--quick figures are toy sizes and must not replace the committed ones in "
-                         f"{COMMITTED}; give another --out, or run the full benchmark")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def main(argv=None) -> int:
     from adapt.backbone import BackboneConfig, build_backbone
 
@@ -184,7 +168,7 @@ def main(argv=None) -> int:
                          "the committed figures only with an explicit --out experiments/results)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    out = output_dir(args.out, args.quick)
+    out = output_dir(args.out, args.quick, "bench_weight_space")
     print(f"figures will be written to {out}", flush=True)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
@@ -225,18 +209,14 @@ def main(argv=None) -> int:
                     "rss_after_backbone_mb": rss_backbone,
                     "load_average_before": load_before, "load_average_after": load_average()},
         "steps": steps, "attention": att, "ratios": ratios,
-        "targets": {key: {"label": label, "goal": goal, "value": ratios[key], "met": bool(test(ratios[key]))}
-                    for key, label, goal, test in TARGETS},
+        "targets": targets_met(TARGETS, ratios),
         "checks": {"split_attention_equal": att["equal"],
                    "fused_path_unsplit": att["fused_path_unsplit"] and not att["fused_path_split"],
                    "all_blocks_split": att["blocks_split"] == len(bb.blocks("image")),
                    "losses_finite": all(r["losses_finite"] for r in steps)},
         "wall_seconds": time.perf_counter() - start,
     }
-    _write(out / "bench_weight_space.json", json.dumps(result, indent=2))
-    _write(out / "bench_weight_space.md", markdown(result))
-    print(markdown(result))
-    print(f"wrote {out / 'bench_weight_space.json'} and bench_weight_space.md in {result['wall_seconds']:.0f}s")
+    write_result(out, "bench_weight_space", result, markdown(result))
     return 0
 
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
+import os
 import re
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -193,3 +197,37 @@ def rates_beside_matmul(modes: dict, flops: dict, rounds: int, memory: PeakMemor
                   "peak_rss_mb": peaks[name]} for name, s in best.items()}
     out["matmul_gflops"] = matmul
     return out
+
+
+# ------------------------------------------------------------------------------ results -------
+COMMITTED = Path(__file__).resolve().parent / "results"
+
+
+def output_dir(out, quick: bool, stem: str) -> Path:
+    """Where a benchmark writes: ``--out`` if given, else a new temporary folder. A ``--quick``
+    (or partial) run, whose numbers mean nothing, never writes over the committed figures."""
+    if out is None:
+        return Path(tempfile.mkdtemp(prefix=f"{stem}_out_"))
+    path = Path(out).expanduser().resolve()
+    if quick and path == COMMITTED.resolve():
+        raise SystemExit("--quick / --only figures are toy sizes or a partial run and must not "
+                         f"replace the committed ones in {COMMITTED}; give another --out, or run "
+                         "the full benchmark")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def targets_met(targets, ratios: dict) -> dict:
+    """``targets``: (key, label, goal text, test) rows -> the measured value and whether it met."""
+    return {key: {"label": label, "goal": goal, "value": ratios[key], "met": bool(test(ratios[key]))}
+            for key, label, goal, test in targets if key in ratios}
+
+
+def write_result(out: Path, stem: str, result: dict, text: str) -> None:
+    """``<stem>.json`` and ``<stem>.md`` in ``out``, each written to a temporary file and renamed."""
+    for name, body in ((f"{stem}.json", json.dumps(result, indent=2)), (f"{stem}.md", text)):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(body)
+        os.replace(tmp, out / name)
+    print(text)
+    print(f"wrote {out / (stem + '.json')} and {stem}.md in {result['wall_seconds']:.0f}s")

@@ -4,8 +4,12 @@ world_colour, 16 shots): few-shot test accuracy (setting all) and base-to-novel 
 own recipe (paper settings) with only the backbone and dataset swapped.
 
     python experiments/feature_adapters.py [--seeds 1 2 3] [--methods ...] [--out DIR]
+    python experiments/feature_adapters.py --methods lora dora lntuning bitfit wiseft \
+        --max-steps 200 --name weight_space --out experiments/results
 
-Writes feature_adapters.json and feature_adapters.md to --out (default: a new temporary folder).
+Writes feature_adapters.json and feature_adapters.md (``--name``) to --out (default: a new
+temporary folder). ``--max-steps N`` shortens recipes that count steps (the weight-space methods'
+500 per shot) to N steps, scaling their warm-up by the same factor; it is recorded per run.
 Parameters are counted on open_clip's ViT-B-16 with random weights (real shapes, no download)
 for 100 classes; the linear probe's head is fitted in setup (it is still d·C + C values).
 Methods that learn per-class state (linear probe, Tip-Adapter's one-hot cache) cannot classify
@@ -19,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -53,15 +58,21 @@ def recipe_of(method: str, setting: str) -> Path:
     raise FileNotFoundError(method)
 
 
-def run(method: str, setting: str, seed: int, out: Path, baseline: bool) -> dict:
-    recipe = load_recipe(recipe_of(method, setting), WORLD + [
-        f"data.setting={setting}", f"seed={seed}", f"output_dir={out}", f"baseline={str(baseline).lower()}",
-        f"run_name={method}_{setting}_{seed}"])
+def run(method: str, setting: str, seed: int, out: Path, baseline: bool,
+        max_steps: Optional[int] = None) -> dict:
+    over = WORLD + [f"data.setting={setting}", f"seed={seed}", f"output_dir={out}",
+                    f"baseline={str(baseline).lower()}", f"run_name={method}_{setting}_{seed}"]
+    recipe = load_recipe(recipe_of(method, setting), over)
+    if max_steps and recipe.trainer.max_steps:  # a shorter run of a step-counting recipe
+        warmup = round(recipe.optim.warmup_steps * max_steps / recipe.trainer.max_steps)
+        recipe = load_recipe(recipe_of(method, setting), over + [
+            f"trainer.max_steps={max_steps}", f"optim.warmup_steps={warmup}"])
     start = time.perf_counter()
     res = run_fit(recipe)
     return {"method": method, "setting": setting, "seed": seed, "metrics": res["metrics"],
             "zeroshot": res.get("zeroshot_metrics"), "scalars": res.get("scalars", {}),
             "inputs": res["inputs"], "epochs": recipe.trainer.max_epochs,
+            "max_steps": recipe.trainer.max_steps, "trainable_params": res["trainable_params"],
             "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -76,10 +87,11 @@ def table(runs: list[dict], params: dict[str, int], methods: list[str], seeds: l
              "own recipe. Params: trainable, on ViT-B/16 with 100 classes.", "",
              "| method | ViT-B/16 params | few-shot acc | base | novel | HM | s/run (few-shot) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    if zs["all"] and zs["base2novel"]:
-        b = zs["base2novel"]
-        lines.append(f"| zero-shot | 0 | {zs['all']['test_acc']:.1f} | {b['base_acc']:.1f} | "
-                     f"{b['novel_acc']:.1f} | {b['hm']:.1f} | |")
+    if zs["all"] or zs["base2novel"]:
+        a, b = zs["all"] or {}, zs["base2novel"] or {}
+        fmt = lambda d, k: f"{d[k]:.1f}" if k in d else "n/a"  # noqa: E731
+        lines.append(f"| zero-shot | 0 | {fmt(a, 'test_acc')} | {fmt(b, 'base_acc')} | "
+                     f"{fmt(b, 'novel_acc')} | {fmt(b, 'hm')} | |")
     for m in methods:
         secs = [r["wall_seconds"] for r in runs if (r["method"], r["setting"]) == (m, "all")]
         lines.append(f"| {m} | {params[m]:,} | {cell(m, 'all', 'test_acc')} | {cell(m, 'base2novel', 'base_acc')} | "
@@ -93,24 +105,30 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--out", type=Path, default=None, help="default: a new temporary folder")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="shorten step-counting recipes to this many steps (warm-up scaled)")
+    parser.add_argument("--name", default="feature_adapters", help="output file stem")
+    parser.add_argument("--settings", nargs="+", default=["all", "base2novel"], choices=["all", "base2novel"])
     args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="feature_adapters_"))
+    out = args.out or Path(tempfile.mkdtemp(prefix=f"{args.name}_"))
     params = vit_b16_params(args.methods)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:
-            for setting in ("all", "base2novel"):
+            for setting in args.settings:
                 if setting == "base2novel" and not get_method(method).repointable:
                     continue
                 for seed in args.seeds:  # zero-shot once per setting, beside the first method
                     baseline = method == args.methods[0] and seed == args.seeds[0]
-                    runs.append(run(method, setting, seed, Path(tmp), baseline))
+                    runs.append(run(method, setting, seed, Path(tmp), baseline, args.max_steps))
                     print(json.dumps(runs[-1]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "feature_adapters.json").write_text(json.dumps({"params_vit_b16_100_classes": params, "runs": runs},
-                                                          indent=2))
+    (out / f"{args.name}.json").write_text(json.dumps({"params_vit_b16_100_classes": params, "runs": runs,
+                                                       "max_steps": args.max_steps}, indent=2))
     lines = table(runs, params, args.methods, args.seeds)
-    (out / "feature_adapters.md").write_text("\n".join(lines) + "\n")
+    if args.max_steps:
+        lines += ["", f"Step-counting recipes shortened to {args.max_steps} steps (warm-up scaled alike)."]
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"written to {out}")
 

@@ -44,13 +44,15 @@ def test_bench_speed_quick_runs_and_reports(tmp_path):
     assert table.count("| reference |") == 8 and "| target | measured | goal | met |" in table
 
 
-def test_bench_speed_never_writes_committed_figures_by_default(tmp_path, monkeypatch):
+def test_benchmarks_never_write_committed_figures_by_default(tmp_path, monkeypatch):
+    """bench_speed and bench_weight_space write through benchlib.output_dir."""
     sys.path.insert(0, str(ROOT))
-    from experiments import bench_speed
+    from experiments import bench_speed, bench_weight_space, benchlib
 
-    monkeypatch.setattr(bench_speed.tempfile, "tempdir", str(tmp_path))
-    default = bench_speed.output_dir(None, quick=False)
-    assert default.parent == tmp_path and default != bench_speed.COMMITTED.resolve()
-    assert bench_speed.output_dir(str(tmp_path / "x"), quick=True) == (tmp_path / "x").resolve()
+    assert bench_speed.output_dir is bench_weight_space.output_dir is benchlib.output_dir
+    monkeypatch.setattr(benchlib.tempfile, "tempdir", str(tmp_path))
+    default = benchlib.output_dir(None, False, "bench_speed")
+    assert default.parent == tmp_path and default != benchlib.COMMITTED.resolve()
+    assert benchlib.output_dir(str(tmp_path / "x"), True, "bench_speed") == (tmp_path / "x").resolve()
     with pytest.raises(SystemExit, match="--quick"):
-        bench_speed.output_dir(str(bench_speed.COMMITTED), quick=True)
+        benchlib.output_dir(str(benchlib.COMMITTED), True, "bench_speed")

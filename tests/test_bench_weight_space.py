@@ -52,14 +52,3 @@ def test_bench_weight_space_quick_runs_and_reports(tmp_path):
     assert "| target | measured | goal | met |" in table
     assert all(r["mode"] in table for r in steps.values())
     assert "QUICK smoke run" in table
-
-
-def test_bench_weight_space_never_writes_committed_figures_by_default(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT))
-    from experiments import bench_weight_space as bench
-
-    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
-    default = bench.output_dir(None, quick=False)
-    assert default.parent == tmp_path and default != bench.COMMITTED.resolve()
-    with pytest.raises(SystemExit, match="--quick"):
-        bench.output_dir(str(bench.COMMITTED), quick=True)

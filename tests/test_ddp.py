@@ -97,3 +97,28 @@ def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "data.batch_size=5 is the global batch, split evenly over the 2 training processes" in proc.stderr
+
+
+def test_lora_under_ddp_trains_inside_the_backbone_and_evaluates_exactly(tmp_path):
+    """A method that trains inside the backbone (peft's LoRA on both towers) under DDP: the
+    injected factors train in both processes, one adapter is written, and one process evaluating
+    it gets DDP's accuracies. (Its random crops are drawn per process, so the learned values are
+    not compared with a one-process run: tests/test_ddp's CoOp case pins the gradient averaging.)"""
+    from safetensors.torch import load_file
+
+    root = write_image_folder(tmp_path / "images", per_split={"train": 4, "val": 2, "test": 3})
+    common = ["trainer.progress_bar=false", f"output_dir={tmp_path / 'runs'}", "seed=1",
+              "backbone.name=adapt-tiny-vit", "backbone.pretrained=null", "data.shots=4",
+              "data.dataset=imagefolder", f"data.root={root}", "data.batch_size=4", "data.num_workers=0",
+              "data.eval_batch_size=4", "trainer.max_steps=4", "optim.lr=0.01", "run_name=ddp"]
+    out = _adapt("fit", str(ROOT / "recipes/lora/fewshot.yaml"), "trainer.accelerator=cpu", "trainer.devices=2",
+                 "trainer.strategy=ddp", *common, cwd=tmp_path)
+    assert out.count("run directory:") == 1
+    run_dir = tmp_path / "runs" / "ddp"
+    state = load_file(str(run_dir / "adapter" / "adapter.safetensors"))
+    assert any(".lora_B." in k and float(v.abs().max()) > 0 for k, v in state.items())  # it trained
+    ddp = json.loads((run_dir / "results.json").read_text())
+    _adapt("test", str(run_dir), "trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto",
+           "trainer.progress_bar=false", cwd=tmp_path)
+    single = json.loads((run_dir / "test_results.json").read_text())
+    assert single["metrics"] == pytest.approx(ddp["metrics"], abs=1e-6)

@@ -229,3 +229,21 @@ def test_automatic_chunking_and_checkpointing_keep_the_gradients(monkeypatch):
         grads.append(torch.autograd.grad(F.cross_entropy(logits, labels), method.prompts.ctx)[0])
     assert len(used) == auto.text_depth * -(-len(CLASSES) * 3 // chunk)  # every block of every chunk
     assert (grads[0] - grads[1]).abs().max() <= 1e-5  # fp32 round-off of another summation order
+
+
+def test_weights_digest_follows_changes_to_the_weights(tiny_backbone):
+    """The cache key's weight digest sees an in-place update and an injected module, so no entry
+    made with other weights is ever read."""
+    from adapt.data.feature_cache import weights_digest
+    from adapt.split_attention import split_attention
+
+    bb = tiny_backbone.clone()
+    first = weights_digest(bb)
+    assert weights_digest(bb) == first == weights_digest(tiny_backbone)
+    with torch.no_grad():
+        bb.model.visual.proj.mul_(1.5)
+    moved = weights_digest(bb)
+    assert moved != first
+    split_attention(b for _, b in bb.blocks("image"))  # same numbers, other tensors and names
+    assert weights_digest(bb) not in (first, moved)
+    assert weights_digest(tiny_backbone) == first

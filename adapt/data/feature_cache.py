@@ -3,7 +3,7 @@
 Methods that only read frozen image features (``Method.supports_feature_cache``: CoOp, CoCoOp,
 KgCoOp, feature adapters, zero-shot) never need the image encoder inside the training loop; the
 data module then serves their batches from here. Their features are computed once per (backbone, dataset split, transform) and stored under a key that
-hashes everything that determines them: the backbone's name, tag and a digest of its weights, the
+hashes everything that determines them: the backbone's name, tag and a digest of its current weights, the
 dataset's name and root, the item list (paths, labels, file sizes and modification times), the
 transform's repr, the view seed, and the package versions. Anything changed gives a new key; the
 old entry is never read again (``stale_entries`` lists such superseded entries, ``prune`` removes
@@ -58,18 +58,24 @@ def default_cache_dir() -> Path:
 
 # ------------------------------------------------------------------------------ fingerprint ---
 def weights_digest(backbone) -> str:
-    """A digest of every tensor of the frozen model (names, shapes, dtypes, bytes); computed once
-    per backbone object (the backbone is frozen, its weights never change)."""
+    """A digest of every tensor of the model (names, shapes, dtypes, bytes). Recomputed whenever
+    the model may have changed since the last one: a tensor replaced, added or removed (an
+    injected adapter), or written in place (torch's version counter moves with every in-place
+    update, an optimizer step included); so features are never read from an entry made with
+    other weights."""
+    state = backbone.model.state_dict(keep_vars=True)
+    stamp = tuple((name, t.data_ptr(), t._version) for name, t in sorted(state.items()))
     cached = backbone.__dict__.get("_feature_cache_digest")
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
     h = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(backbone.model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    backbone.__dict__["_feature_cache_digest"] = digest = h.hexdigest()
+    digest = h.hexdigest()
+    backbone.__dict__["_feature_cache_digest"] = (stamp, digest)
     return digest
 
 
