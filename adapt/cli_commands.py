@@ -101,7 +101,8 @@ def methods_table() -> str:
     rows = [("method", "trains", "features", "description")]
     for name in list_methods():
         cls = get_method(name)
-        doc = (sys.modules[cls.__module__].__doc__ or cls.__doc__ or "").strip().split("\n\n")[0]
+        # the class's own docstring where a file holds several methods, else the file's
+        doc = (cls.__dict__.get("__doc__") or sys.modules[cls.__module__].__doc__ or "").strip().split("\n\n")[0]
         doc = " ".join(doc.split()).split(". ")[0].rstrip(".")
         rows.append((name, trainable_kind(cls), "yes" if cls.supports_feature_cache else "no",
                      doc if len(doc) <= 100 else doc[:99] + "…"))

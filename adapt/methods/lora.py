@@ -122,9 +122,9 @@ class DoRAConfig(LoRAConfig):
 
 @register_method("dora")
 class DoRA(LoRA):
-    """LoRA's placement and settings with peft's weight-decomposed updates (DoRA, Liu et al.,
-    ICML 2024): a learned magnitude per output row times the direction of ``W + s·B·A``. No
-    CLIP adaptation codebase offers it; its recipe is CLIP-LoRA's."""
+    """DoRA (Liu et al., ICML 2024) through peft with CLIP-LoRA's placement and recipe: a learned magnitude per output row times the direction of ``W + s·B·A``.
+
+    No CLIP adaptation codebase offers it."""
 
     Config = DoRAConfig
     trainable_kind = "low-rank attention updates + magnitudes"

@@ -51,6 +51,8 @@ class BitFitConfig(NormBiasConfig):
 
 @register_method("lntuning")
 class LNTuning(BackboneTuning):
+    """LayerNorm tuning: a trainable copy of every LayerNorm's scale and shift in both towers (peft)."""
+
     Config = LNTuningConfig
     trainable_kind = "LayerNorm scales and shifts"
 
@@ -68,6 +70,8 @@ class LNTuning(BackboneTuning):
 
 @register_method("bitfit")
 class BitFit(BackboneTuning):
+    """BitFit (Ben Zaken et al., ACL 2022): only the biases of both towers train."""
+
     Config = BitFitConfig
     trainable_kind = "biases"
 
