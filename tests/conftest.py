@@ -67,6 +67,7 @@ def tiny_overrides(root: Path, out: Path, method: str = "coop", **extra) -> list
         "backbone.name": "adapt-tiny-vit", "backbone.pretrained": "null",
         "data.dataset": "imagefolder", "data.root": str(root), "data.shots": 4,
         "data.batch_size": 8, "data.num_workers": 0, "trainer.max_epochs": 2,
+        "trainer.max_steps": "null",  # step-counting recipes (LoRA's 500 per shot) count epochs here
         "trainer.progress_bar": "false", "logger.csv": "false", "output_dir": str(out),
         "method.name": method,
     }
