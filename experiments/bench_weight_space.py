@@ -137,10 +137,10 @@ def markdown(result: dict) -> str:
              f"before/after {m['load_average_before'][:1]}/{m['load_average_after'][:1]}. "
              f"{'QUICK smoke run: toy sizes, numbers mean nothing.' if result['quick'] else ''}", "",
              "| mode | s/step | x full FT step | peak MB | trainable params |", "|---|---:|---:|---:|---:|"]
-    base = next(r for r in result["steps"] if r["key"] == "wiseft")
+    base = next((r for r in result["steps"] if r["key"] == "wiseft"), None)
     for r in result["steps"]:
-        lines.append(f"| {r['mode']} | {r['seconds_per_step']:.3f} | "
-                     f"{r['seconds_per_step'] / base['seconds_per_step']:.2f} | {r['peak_rss_mb']:.0f} | "
+        ratio = f"{r['seconds_per_step'] / base['seconds_per_step']:.2f}" if base else "–"
+        lines.append(f"| {r['mode']} | {r['seconds_per_step']:.3f} | {ratio} | {r['peak_rss_mb']:.0f} | "
                      f"{r['trainable_params']:,} |")
     lines += ["", f"| image tower forward, batch {att['batch']}, {att['image_size']} px, no grad | s/batch | peak MB |",
               "|---|---:|---:|",
@@ -167,13 +167,22 @@ def main(argv=None) -> int:
                     help="folder for bench_weight_space.json/.md (default: a new temporary folder; "
                          "the committed figures only with an explicit --out experiments/results)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)} "
+                    "(a partial run: never into the committed folder)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per mode (default 1)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per mode (default 3)")
     args = ap.parse_args(argv)
-    out = output_dir(args.out, args.quick, "bench_weight_space")
+    modes = args.modes.split(",") if args.modes else list(MODES)
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        ap.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
+    out = output_dir(args.out, args.quick or modes != list(MODES), "bench_weight_space")
     print(f"figures will be written to {out}", flush=True)
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     logging.getLogger("adapt").setLevel(logging.ERROR)
     cfg = dict(QUICK if args.quick else FULL)
+    cfg.update({k: v for k, v in (("warmup", args.warmup), ("steps", args.steps)) if v is not None})
     allocator = return_freed_memory()
     memory = PeakMemory()
     load_before = load_average()
@@ -190,15 +199,16 @@ def main(argv=None) -> int:
     att = attention(bb, images, cfg, memory)
     gc.collect()
     steps = []
-    for key in MODES:
+    for key in modes:
         memory.reset()
         steps.append(train_step(key, bb, images, labels, cfg, memory))
         gc.collect()  # the method, its clone and its optimizer go before the next one is built
     by = {r["key"]: r for r in steps}
-    full = by["wiseft"]
+    full = by.get("wiseft")
     ratios = {f"{k}_vs_full_ft_step": r["seconds_per_step"] / full["seconds_per_step"] for k, r in by.items()
-              if k != "wiseft"}
-    ratios["lora_image_vs_full_ft_peak"] = by["lora_image"]["peak_rss_mb"] / full["peak_rss_mb"]
+              if k != "wiseft" and full}
+    if full and "lora_image" in by:
+        ratios["lora_image_vs_full_ft_peak"] = by["lora_image"]["peak_rss_mb"] / full["peak_rss_mb"]
     ratios["split_vs_fused_forward"] = att["split"]["seconds_per_batch"] / att["fused"]["seconds_per_batch"]
     result = {
         "quick": args.quick, "config": {**cfg, "optimizer": {"AdamW": ADAMW}, "templates": TEMPLATE},
