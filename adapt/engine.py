@@ -251,8 +251,8 @@ def parameter_summary(method: Method) -> str:
     """What trains: the method's own parameters and, for methods that change the backbone, which
     backbone tensors (by the names the method declares in ``backbone_state``)."""
     own = sum(p.numel() for n, p in method.named_parameters() if p.requires_grad and not n.startswith("backbone."))
-    line = f"{method.name}: {own + sum(t.numel() for t in method.backbone_state().values()):,} trainable parameters"
     owned = method.backbone_state()
+    line = f"{method.name}: {own + sum(t.numel() for t in owned.values()):,} trainable parameters"
     if not owned:
         return line + " (backbone frozen)"
     towers: dict[str, int] = {}

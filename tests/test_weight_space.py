@@ -159,7 +159,6 @@ def test_zero_shot_baseline_after_a_lora_fit_equals_a_separate_zero_shot_run(ima
     zs = run_fit(load_recipe(RECIPES / "zeroshot/fewshot.yaml" if (RECIPES / "zeroshot/fewshot.yaml").is_file()
                              else RECIPES / "coop/fewshot.yaml",
                              tiny_overrides(image_folder, tmp_path, "zeroshot", run_name="zs")))
-    assert lora["metrics"] != lora["zeroshot_metrics"] or lora["trainable_params"] > 0
     assert lora["zeroshot_metrics"] == zs["metrics"]
     # towers x blocks x targets x r (in + out): the tiny model has 2 blocks of width 64 per tower
     assert lora["trainable_params"] == 2 * 2 * 3 * 2 * (64 + 64)
@@ -270,8 +269,8 @@ def test_wiseft_chooses_alpha_on_validation_only(image_folder, tmp_path, monkeyp
 
 # ------------------------------------------------------------------ the shipped world -----------
 # A short budget (the recipes' optimisation at a higher lr, or WiSE-FT with a short warm-up and
-# three alphas), so the five runs stay within CI's time. Measured at seed 1 with 60 steps:
-# LoRA 67.8, DoRA 73.5, LN tuning 76.7, BitFit 52.9 (lr 2e-4), WiSE-FT 90.6; zero-shot 49.6.
+# three alphas), so the five runs stay within CI's time; the recipes' own lr 2e-4 is set for
+# thousands of steps (experiments/results/weight_space.md: 200 steps at the recipes' settings).
 SHORT = ["trainer.max_steps=40", "optim.lr=0.001"]
 WORLD = {"lora": SHORT, "dora": SHORT, "lntuning": SHORT, "bitfit": SHORT,
          "wiseft": ["trainer.max_steps=40", "optim.warmup_steps=10", "method.alphas=[0.0,0.5,1.0]"]}
