@@ -19,7 +19,6 @@ every path at toy sizes on a tiny model (a smoke test; the numbers mean nothing)
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -32,8 +31,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapt.process import return_freed_memory  # noqa: E402
-from experiments.benchlib import PeakMemory, interleaved, load_average, timed  # noqa: E402
+from experiments.benchlib import (PeakMemory, interleaved, load_average, output_dir,  # noqa: E402
+                                  start_heap, timed, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, many=1000, rounds=3, slow_rounds=1, views=64, dmn_views=32)
 QUICK = dict(model="adapt-tiny-vit", classes=10, many=40, rounds=1, slow_rounds=1, views=8, dmn_views=4)
@@ -196,7 +195,9 @@ def main(argv=None) -> int:
     logging.getLogger("adapt").setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
     cfg = dict(QUICK if args.quick else FULL)
-    allocator = return_freed_memory()
+    out = output_dir(args.out, args.quick, "bench_test_time")
+    print(f"figures will be written to {out}", flush=True)
+    allocator = start_heap()
     memory = PeakMemory()
     load_before, start = load_average(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_test_time_") as tmp:
@@ -212,15 +213,10 @@ def main(argv=None) -> int:
                     "torch": torch.__version__, "load_average_before": load_before,
                     "load_average_after": load_average(),
                     "peak_memory_method": "VmHWM (clear_refs)" if memory.exact else "sampled RSS",
-                    "allocator": "glibc mmap threshold fixed at 1 MiB" if allocator else "default"},
+                    "allocator": allocator},
         "wall_seconds": time.perf_counter() - start,
     }
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_test_time_out_"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_test_time.json").write_text(json.dumps(result, indent=2))
-    (out / "bench_test_time.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"wrote {out / 'bench_test_time.json'} and bench_test_time.md in {result['wall_seconds']:.0f}s")
+    write_result(out, "bench_test_time", result, markdown(result))
     return 0
 
 

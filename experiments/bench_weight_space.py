@@ -41,9 +41,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapt.process import return_freed_memory  # noqa: E402
 from experiments.benchlib import (PeakMemory, current_rss_mb, interleaved, load_average,  # noqa: E402
-                                  matmul_gflops, output_dir, targets_met, timed, write_result)
+                                  matmul_gflops, output_dir, start_heap, targets_met, timed,
+                                  write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, batch=32, warmup=1, steps=3, matmul_n=2048)
 QUICK = dict(model="adapt-tiny-vit", classes=10, batch=4, warmup=1, steps=1, matmul_n=256)
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     logging.getLogger("adapt").setLevel(logging.ERROR)
     cfg = dict(QUICK if args.quick else FULL)
     cfg.update({k: v for k, v in (("warmup", args.warmup), ("steps", args.steps)) if v is not None})
-    allocator = return_freed_memory()
+    allocator = start_heap()
     memory = PeakMemory()
     load_before = load_average()
     start = time.perf_counter()
@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     gc.collect()
     steps = []
     for key in modes:
+        start_heap()  # each mode as its own run starts
         memory.reset()
         steps.append(train_step(key, bb, images, labels, cfg, memory))
         gc.collect()  # the method, its clone and its optimizer go before the next one is built
@@ -215,7 +216,7 @@ def main(argv=None) -> int:
         "machine": {"threads": args.threads, "cpu": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "python": platform.python_version(), "matmul_gflops": matmul,
                     "peak_memory_method": "VmHWM (clear_refs)" if memory.exact else "sampled RSS",
-                    "allocator": "glibc mmap threshold fixed at 1 MiB" if allocator else "default",
+                    "allocator": allocator,
                     "rss_after_backbone_mb": rss_backbone,
                     "load_average_before": load_before, "load_average_after": load_average()},
         "steps": steps, "attention": att, "ratios": ratios,

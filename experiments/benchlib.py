@@ -199,6 +199,21 @@ def rates_beside_matmul(modes: dict, flops: dict, rounds: int, memory: PeakMemor
     return out
 
 
+# ------------------------------------------------------------------------------ the heap -------
+HEAP_POLICY = ("adapt's heap policy as a run starts, reset before each workload: freed blocks up to "
+               "32 MiB reused, every one above 1 MiB returned once a pass checkpoints (adapt/process.py)")
+
+
+def start_heap() -> str:
+    """Put the heap under the policy a run starts with (adapt/process.py); call again before
+    each workload so each is measured as its own run would be. Returns the policy's label."""
+    from adapt import process
+
+    if process.manage_heap("reuse"):
+        return HEAP_POLICY
+    return "not managed (MALLOC_MMAP_THRESHOLD_ set, or not glibc)"
+
+
 # ------------------------------------------------------------------------------ results -------
 COMMITTED = Path(__file__).resolve().parent / "results"
 
