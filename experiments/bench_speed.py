@@ -18,10 +18,12 @@ CPU. Each workload runs a ``reference`` mode, doing what the original code does,
 * VPT / MaPLe / IVLP step at their recipes' batch 4: fast blocks against open_clip's (not slower).
 * CoOp step (batch 32; 100 and 1000 classes). reference: the image encoder on every batch and
   every class prompt through all 77 positions; default: cached image features, prompts cut to
-  the longest one, chunking + checkpointing where the automatic memory plan asks for them.
+  the longest one, chunking + checkpointing where the automatic memory plan asks for them;
+  default (images): the same with the image encoder in the loop (fast blocks).
 * CoCoOp step (batch 32, 100 classes). reference: the original's per-image loop at its batch
   size 1 (image encoder, then 100 prompts × 77 positions per image); default: all 32 × 100
-  prompts in one batched, truncated pass on cached features.
+  prompts in one batched, truncated pass on cached features; default (images): the batch's
+  images encoded in the loop, then that one pass.
 * Tip-Adapter cache build + α/β search (16 shots × 100 classes, 10 augmented views, 4 val shots).
   reference: encode every view, then the original's double loop (200 β × 20 α, recomputing the
   affinities in every iteration); default: the views read from the feature cache, the
@@ -37,7 +39,8 @@ CPU. Each workload runs a ``reference`` mode, doing what the original code does,
 * GPU (only when CUDA is present; otherwise skipped with a message): bf16-mixed, SDPA attention,
   absolute images/s and s/step.
 
-``--only image_tower,text_tower`` runs some workloads (a partial run never writes the committed
+The heap is under adapt's policy (adapt/process.py), reset before each workload as a run
+starts: freed blocks reused, until a pass checkpoints. ``--only image_tower,text_tower`` runs some workloads (a partial run never writes the committed
 figures); ``--rounds`` sets the interleaved rounds of the rate rows.
 
 Measurements that would not fit this machine's time or memory (reference 1000-class steps, the
@@ -64,10 +67,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapt.process import return_freed_memory  # noqa: E402
+from adapt import process  # noqa: E402
 from experiments.benchlib import (PeakMemory, in_reference_mode, interleaved,  # noqa: E402
                                   linear_estimate, load_average, matmul_gflops, output_dir,
-                                  rates_beside_matmul, reference_mode, targets_met, timed, write_result)
+                                  rates_beside_matmul, reference_mode, start_heap, targets_met, timed,
+                                  write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, many=1000, second=200, batch=32, steps=3, ref_steps=1,
             warmup=1, cocoop_ref_images=2, shots=16, views=10, val_shots=4, grid=(200, 20),
@@ -143,9 +147,11 @@ class Bench:
 
         name = f"CoOp step, {c['classes']} classes"
         got = interleaved({"default": (step(feats, False), c["steps"]),
+                           "default (images)": (step(images, True), c["ref_steps"]),
                            "reference": (in_reference_mode(bb, step(images, True)), c["ref_steps"])},
                           self.memory, c["warmup"])
         (t_def, m_def), (t_ref, m_ref) = got["default"], got["reference"]
+        t_img, m_img = got["default (images)"]
         with reference_mode(bb):
             with torch.no_grad():
                 ref_text = method.prompts.text_features()
@@ -156,6 +162,9 @@ class Bench:
         self.row(name, "reference", t_ref, "step", b, m_ref, note=f"image encoder + {full}-token prompts")
         r = self.row(name, "default", t_def, "step", b, m_def, note="cached features, truncated prompts")
         r["speedup"] = t_ref / t_def
+        r = self.row(name, "default (images)", t_img, "step", b, m_img,
+                     note="image encoder in the loop (fast blocks), truncated prompts")
+        r["speedup"] = t_ref / t_img
 
         # many classes: the automatic plan (chunking + checkpointing) against reference estimates
         many = c["many"]
@@ -349,12 +358,22 @@ class Bench:
             loss.backward()
             opt.step()
 
+        # its own stream: the later workloads' random inputs stay those of earlier runs
+        batch_images = torch.randn(b, 3, self.size, self.size, generator=torch.Generator().manual_seed(1))
+
+        def batched_images():  # the image encoder in the loop, the batch in one pass
+            loss = F.cross_entropy(method(batch_images), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
         with torch.no_grad():  # warm-up: a 2-image batched step's kernels, one per-image step
             method.forward_features(feats[:2])
         in_reference_mode(bb, per_image)()
         got = interleaved({"reference": (in_reference_mode(bb, per_image), c["cocoop_ref_images"]),
-                           "default": (batched, 1)}, self.memory)
+                           "default": (batched, 1), "default (images)": (batched_images, 1)}, self.memory)
         (t_def, m_def), (t_ref, m_ref) = got["default"], got["reference"]
+        t_img, m_img = got["default (images)"]
         # exactness: the batched, truncated pass against the per-image loop over full prompts
         with torch.no_grad():
             batched_logits = method.forward_features(feats[:2])
@@ -367,6 +386,10 @@ class Bench:
                      note=f"batch {b} in one truncated pass (registered cocoop)")
         r["speedup"] = t_ref / (t_def / b)
         r["seconds_per_step"] = t_def
+        r = self.row(name, "default (images)", t_img / b, "image", 1, m_img,
+                     note=f"batch {b}: image encoder in the loop, then one truncated prompt pass")
+        r["speedup"] = t_ref / (t_img / b)
+        r["seconds_per_step"] = t_img
 
     # ------------------------------------------------------------------ Tip-Adapter ------------
     def tip_adapter(self, workdir: Path) -> None:
@@ -665,6 +688,8 @@ def summarize(bench: Bench, matmul: float) -> dict:
         "coop_many_peak_gb": lambda: rows[("CoOp step/many", "default")]["peak_rss_mb"] / 1024,
         "coop_many_reference_peak_gb_estimated": lambda: rows[("CoOp step/many", "reference")]["peak_rss_mb"] / 1024,
         "cocoop_speedup": lambda: rows[("CoCoOp step", "default")]["speedup"],
+        "coop_images_speedup": lambda: rows[("CoOp step", "default (images)")]["speedup"],
+        "cocoop_images_speedup": lambda: rows[("CoCoOp step", "default (images)")]["speedup"],
         "text_fraction_of_matmul": lambda: info["coop_text"]["fraction"],
         "image_fraction_of_matmul": lambda: info["image_tower"]["default"]["fraction"],
         **steps,
@@ -713,6 +738,8 @@ def markdown(result: dict) -> str:
                   f"open_clip's blocks: {100 * text['eager_blocks_fraction']:.0f} %).",
               ]) + ["Every fraction is the best of interleaved rounds against a matmul timed between them "
               "(the machine may be shared: compare within one run).",
+              "Heap policy at the end of each workload: " + ", ".join(
+                  f"{k} {v}" for k, v in result["info"].get("heap_policy_at_end", {}).items()) + ".",
               gpu_line(result.get("gpu") or {}),
               "Exactness checks of this run: " + ", ".join(f"{k} = {v:.3g}" for k, v in result["checks"].items()) + "."]
     return "\n".join(lines) + "\n"
@@ -759,7 +786,7 @@ def main(argv=None) -> int:
 
     logging.getLogger("adapt").setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
-    allocator = return_freed_memory()
+    allocator = start_heap()
     memory = PeakMemory()
     load_before = load_average()
     start = time.perf_counter()
@@ -770,7 +797,9 @@ def main(argv=None) -> int:
         work = Path(tmp)
         for name in (n for n in only if n != "gpu"):
             fn = getattr(bench, name)
+            start_heap()  # each workload starts with the heap a run starts with
             fn(work) if name in ("tip_adapter", "zero_shot_eval") else fn()
+            bench.info.setdefault("heap_policy_at_end", {})[name] = process.heap_policy() or "not managed"
     gpu = gpu_figures(cfg) if "gpu" in only else {"skipped": "not in --only"}
     ratios = summarize(bench, matmul)
     result = {
@@ -778,7 +807,7 @@ def main(argv=None) -> int:
         "machine": {"threads": args.threads, "matmul_gflops": matmul, "cpu": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "python": platform.python_version(),
                     "peak_memory_method": "VmHWM (clear_refs)" if memory.exact else "sampled RSS",
-                    "allocator": "glibc mmap threshold fixed at 1 MiB" if allocator else "default",
+                    "allocator": allocator,
                     "load_average_before": load_before, "load_average_after": load_average()},
         "rows": bench.rows, "ratios": ratios, "gpu": gpu, "checks": bench.checks, "info": bench.info,
         "targets": targets_met(TARGETS, ratios),
