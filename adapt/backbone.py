@@ -19,8 +19,8 @@ that changes them stays exact): one fused q/k/v product, ``scaled_dot_product_at
 strided views of it (a fused kernel, causal for the text tower), the head merge for free; without
 gradients the image batch may go in chunks (``image_chunk_size``; one pass measured fastest).
 Blocks it does not know (other classes, wrapped attention, hooks)
-run open_clip's own forward. A checkpointed pass also tells the process's heap policy that this
-run now puts memory before speed (``adapt.process.bound_heap``).
+run open_clip's own forward. Each block also reports to the process's heap policy whether it built a
+graph and whether it was checkpointed (``adapt/process.py``).
 
 Frozen by default: a method that changes backbone weights (LoRA, LayerNorm / bias tuning,
 WiSE-FT: ``Method.changes_backbone``) works on its own ``clone()``, so nothing it injects or trains
@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from open_clip.transformer import ResidualAttentionBlock
 
 from adapt.backbone_loading import BackboneConfig, load_open_clip, text_memory_plan
-from adapt.process import bound_heap
+from adapt.process import bound_heap, reuse_heap
 
 __all__ = ["BackboneConfig", "ClipBackbone", "build_backbone"]
 
@@ -303,12 +303,16 @@ class ClipBackbone(nn.Module):
             fn, args = block, (x, None, None, mask)
         if ckpt is None:  # the image tower: only when the recipe asks for it
             ckpt = self.config.grad_checkpointing is True
-        if ckpt and torch.is_grad_enabled():
-            # memory over speed: the run's heap stops keeping freed activations (adapt/process.py)
+        # a backward pass will come through this block: its input or its own weights need it
+        graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters()))
+        # the run's heap policy follows its first graph-building pass (adapt/process.py)
+        if ckpt and graph:
             bound_heap()
             x = checkpoint(fn, *args, use_reentrant=False)
         else:
             x = fn(*args)
+            if graph:
+                reuse_heap()
         return x if (batch_first or fast) else x.transpose(0, 1)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

@@ -39,8 +39,9 @@ CPU. Each workload runs a ``reference`` mode, doing what the original code does,
 * GPU (only when CUDA is present; otherwise skipped with a message): bf16-mixed, SDPA attention,
   absolute images/s and s/step.
 
-The heap is under adapt's policy (adapt/process.py), reset before each workload as a run
-starts: freed blocks reused, until a pass checkpoints. ``--only image_tower,text_tower`` runs some workloads (a partial run never writes the committed
+The heap is under adapt's policy (adapt/process.py), started anew before each workload as a
+run starts it: blocks above 1 MiB returned to the OS until the first graph-building pass, which
+keeps that if checkpointed and otherwise switches to reusing freed blocks. ``--only image_tower,text_tower`` runs some workloads (a partial run never writes the committed
 figures); ``--rounds`` sets the interleaved rounds of the rate rows.
 
 Measurements that would not fit this machine's time or memory (reference 1000-class steps, the

@@ -200,8 +200,9 @@ def rates_beside_matmul(modes: dict, flops: dict, rounds: int, memory: PeakMemor
 
 
 # ------------------------------------------------------------------------------ the heap -------
-HEAP_POLICY = ("adapt's heap policy as a run starts, reset before each workload: freed blocks up to "
-               "32 MiB reused, every one above 1 MiB returned once a pass checkpoints (adapt/process.py)")
+HEAP_POLICY = ("adapt's heap policy, started anew before each workload as a run starts it: every block "
+               "above 1 MiB returned to the OS, until a graph-building pass without checkpointing "
+               "switches to reusing freed blocks up to 32 MiB (adapt/process.py)")
 
 
 def start_heap() -> str:
@@ -209,7 +210,7 @@ def start_heap() -> str:
     each workload so each is measured as its own run would be. Returns the policy's label."""
     from adapt import process
 
-    if process.manage_heap("reuse"):
+    if process.manage_heap():
         return HEAP_POLICY
     return "not managed (MALLOC_MMAP_THRESHOLD_ set, or not glibc)"
 

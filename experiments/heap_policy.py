@@ -7,8 +7,8 @@ Policies:
 * ``bounded``: glibc's mmap threshold fixed at 1 MiB for the whole process (adapt's CPU default
   before this measurement);
 * ``reuse``: fixed at 32 MiB for the whole process, never switched;
-* ``adapt``: what a run gets now: ``reuse`` until a pass runs with activation checkpointing,
-  ``bounded`` from then on.
+* ``adapt``: what a run gets now: ``bounded`` until the first pass that builds a graph, then
+  ``bounded`` for good if it was checkpointed, else ``reuse`` (until a pass checkpoints).
 
 Workloads (ViT-B/16 architecture, random weights, fp32): the CoOp text pass at 100 classes
 (forward + input-gradient backward of the class prompts), the 1000-class CoOp step on cached
