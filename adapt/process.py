@@ -9,12 +9,12 @@ as reusable heap or go back to the OS is a speed / memory trade-off, measured on
 
 * ``reuse``: the threshold fixed at glibc's largest, 32 MiB, so freed blocks up
   to that size are reused without faults. The 100-class CoOp text pass (forward + backward):
-  3.6 s with 0.1 s of kernel time, against 5.4 s with 2.0 s under ``bounded``.
+  3.7 s with 0.2 s of kernel time, against 4.9 s with 2.1 s under ``bounded``.
 * ``bounded``: the threshold fixed at 1 MiB, so every larger tensor goes back to the OS when
   freed. A checkpointed, chunked many-class step interleaves long-lived saved inputs with
   short-lived recomputed activations; in a reusing heap the holes between them are never
-  returned: the 1000-class CoOp step peaks at 4.2 GB under ``reuse``, 2.3 GB here (and takes
-  58 s instead of 46 s).
+  returned: the 1000-class CoOp step peaks at 4.0 GB under ``reuse``, 2.3 GB here (and takes
+  55 s instead of 47 s).
 
 A run starts undecided, under ``bounded``, and decides at its first pass that builds a graph
 (``ClipBackbone`` reports each block): checkpointed, the recipe or the automatic memory plan
