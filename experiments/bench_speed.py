@@ -91,6 +91,16 @@ def classnames(n: int) -> list[str]:
     return list(IMAGENET_CLASSNAMES[:n])
 
 
+def sgd_step(opt, logits, y):
+    """One training step: cross-entropy of ``logits()`` against ``y``, backward, optimizer step."""
+    def run():
+        loss = F.cross_entropy(logits(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return run
+
+
 def unit_features(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
     return F.normalize(torch.randn(n, d, generator=generator), dim=-1)
 
@@ -125,8 +135,6 @@ class Bench:
 
     # ------------------------------------------------------------------ CoOp -------------------
     def coop(self) -> None:
-        from torch.utils.flop_counter import FlopCounterMode
-
         from adapt.backbone_loading import text_memory_plan
         from adapt.methods import build_method
 
@@ -136,7 +144,7 @@ class Bench:
         feats, images = unit_features(b, self.d, self.gen), self.images(b)
         # Many classes first, the automatic plan (chunking + checkpointing): a heap that reused
         # freed blocks earlier in the process (any graph-building pass without checkpointing)
-        # holds ~0.4 GB more during a checkpointed step, which a run (one class count, its first
+        # holds ~0.3 GB more during a checkpointed step, which a run (one class count, its first
         # graph-building pass checkpointed) never does; see adapt/process.py.
         many = c["many"]
         big = build_method("coop", {"n_ctx": 16}, bb, classnames(many), TEMPLATE).train()
@@ -145,13 +153,7 @@ class Bench:
         length_big = int(bb.eot_positions(big.prompts.tokens).max()) + 1
         chunk, ckpt = text_memory_plan(bb.config, many, length_big, bb.text_width, bb.text_depth, True)
 
-        def big_step():
-            loss = F.cross_entropy(big.forward_features(feats), y_big)
-            opt_big.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_big.step()
-
-        t_big, m_big = timed(big_step, 1, 0, self.memory)
+        t_big, m_big = timed(sgd_step(opt_big, lambda: big.forward_features(feats), y_big), 1, 0, self.memory)
         del big, opt_big
         start_heap()  # the 100-class steps as their own run would start
         method = build_method("coop", {"n_ctx": 16}, bb, classnames(c["classes"]), TEMPLATE).train()
@@ -348,11 +350,7 @@ class Bench:
         y = torch.randint(0, c["classes"], (b,), generator=self.gen)
         images = self.images(c["cocoop_ref_images"] + 1)
 
-        def batched():
-            loss = F.cross_entropy(method.forward_features(feats), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        batched = sgd_step(opt, lambda: method.forward_features(feats), y)
 
         counter = iter(range(10 ** 9))
 
@@ -366,11 +364,7 @@ class Bench:
         # its own stream: the later workloads' random inputs stay those of earlier runs
         batch_images = torch.randn(b, 3, self.size, self.size, generator=torch.Generator().manual_seed(1))
 
-        def batched_images():  # the image encoder in the loop, the batch in one pass
-            loss = F.cross_entropy(method(batch_images), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        batched_images = sgd_step(opt, lambda: method(batch_images), y)  # the image encoder in the loop
 
         with torch.no_grad():  # warm-up: a 2-image batched step's kernels, one per-image step
             method.forward_features(feats[:2])

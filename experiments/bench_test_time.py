@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_test_time_") as tmp:
         bench = Bench(cfg, memory, Path(tmp))
         # the many-class part first: its TPT steps are checkpointed, and a heap that reused freed
-        # blocks earlier in the process holds ~0.4 GB more during them, which a run (one class
+        # blocks earlier in the process holds ~0.3 GB more during them, which a run (one class
         # count) never does (adapt/process.py); then the 100-class part as its own run starts
         bench.many()
         start_heap()
