@@ -34,12 +34,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-
-from open_clip.transformer import ResidualAttentionBlock
 
 from adapt.backbone_loading import BackboneConfig, load_open_clip, text_memory_plan
-from adapt.process import bound_heap, reuse_heap
+from adapt.fused_blocks import block_pass, fused_block, fused_block_ok
 
 __all__ = ["BackboneConfig", "ClipBackbone", "build_backbone"]
 
@@ -181,6 +178,22 @@ class ClipBackbone(nn.Module):
             for i, (xc, tc) in enumerate(zip(xs.split(chunk), ts.split(chunk)))])
         return feats[torch.argsort(order)]
 
+    def encode_text_shared(
+        self,
+        prefix: torch.Tensor,
+        suffix: torch.Tensor,
+        tokens: torch.Tensor,
+        deep_prompts: Optional[Sequence[Optional[torch.Tensor]]] = None,
+        prompt_start: int = 1,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Features [G, C, d] of the prompts ``cat(prefix[g], suffix[c])`` whose first P
+        embeddings ``prefix`` [G, P, D] the caller declares shared by all C classes of a group:
+        they go through the tower once per group (``adapt/text_prefix.py``; exact, with a
+        fallback to the full sequences). ``tokens`` [C, L] are the classes' token ids."""
+        from adapt.text_prefix import encode_shared_prefix  # it builds on this module's helpers
+        return encode_shared_prefix(self, prefix, suffix, tokens, deep_prompts, prompt_start, normalize)
+
     def _encode_text(self, x, tokens, deep_prompts, prompt_start, normalize, ckpt) -> torch.Tensor:
         text = self.text
         eot = self.eot_positions(tokens)
@@ -305,14 +318,7 @@ class ClipBackbone(nn.Module):
             ckpt = self.config.grad_checkpointing is True
         # a backward pass will come through this block: its input or its own weights need it
         graph = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in block.parameters()))
-        # the run's heap policy follows its first graph-building pass (adapt/process.py)
-        if ckpt and graph:
-            bound_heap()
-            x = checkpoint(fn, *args, use_reentrant=False)
-        else:
-            x = fn(*args)
-            if graph:
-                reuse_heap()
+        x = block_pass(fn, args, graph, ckpt)
         return x if (batch_first or fast) else x.transpose(0, 1)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
@@ -342,39 +348,6 @@ def build_backbone(config: BackboneConfig, device: Optional[torch.device | str] 
 # of the matmul rate, chunks of 16 71 %, chunks of 8 66 %, open_clip's forward 62 %. Rerun:
 # experiments/bench_speed.py --only image_tower.
 AUTO_IMAGE_CHUNK = 0
-
-
-def fused_block_ok(block: nn.Module, mask: Optional[torch.Tensor] = None) -> bool:
-    """``fused_block`` computes exactly this block: open_clip's ``ResidualAttentionBlock`` with a
-    plain ``nn.MultiheadAttention`` (not wrapped, e.g. by an adapter library), self-attention,
-    no hooks (they would be skipped), and an additive float mask or none."""
-    attn = getattr(block, "attn", None)
-    return (type(block) is ResidualAttentionBlock and type(attn) is nn.MultiheadAttention
-            and attn._qkv_same_embed_dim and attn.in_proj_bias is not None
-            and not hasattr(block, "ln_1_kv") and attn.dropout == 0.0
-            and not (block._forward_hooks or block._forward_pre_hooks
-                     or attn._forward_hooks or attn._forward_pre_hooks)
-            and (mask is None or mask.is_floating_point()))
-
-
-def fused_block(block: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                causal: bool = False) -> torch.Tensor:
-    """open_clip's ``ResidualAttentionBlock.forward`` on batch-first ``x`` [B, L, D], with the
-    attention as one q/k/v product and ``scaled_dot_product_attention`` (same weights, same
-    scale ``1/sqrt(head_dim)``, same additive mask)."""
-    attn = block.attn
-    b, n, d = x.shape
-    heads = attn.num_heads
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)
-    # [B, L, 3, H, hd] -> three strided [B, H, L, hd] views: no copy before the kernel
-    q, k, v = qkv.view(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
-    if causal:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(x.dtype))
-    # the kernel's output is [B, L, H, hd] in memory: the head merge is a view
-    x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(b, n, d)))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 class _TextTower:

@@ -73,8 +73,7 @@ class DeepTextPrompts(nn.Module):
 
     def features(self) -> torch.Tensor:
         """Normalized class text features [C, d]."""
-        return self.backbone[0].encode_text_embeddings(
-            self.context.embeddings(), self.context.tokens, deep_prompts=[None, *self.deep], prompt_start=1)
+        return self.context.text_features(deep_prompts=[None, *self.deep], prompt_start=1)
 
 
 class DeepVisionPrompts(nn.Module):

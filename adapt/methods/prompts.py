@@ -116,12 +116,35 @@ class ContextPrompts(nn.Module):
                 rows.append(torch.cat([prefix[:, i], name, c, rest], dim=1))
         return torch.stack(rows, dim=1)
 
-    def text_features(self, ctx: torch.Tensor | None = None) -> torch.Tensor:
-        return self.backbone[0].encode_text_embeddings(self.embeddings(ctx), self.tokens)
+    @property
+    def shares_prefix(self) -> bool:
+        """Every class's prompt starts with the same ``[SOS] ctx``: the class name at the end and
+        one context for all classes (decided by the layout, never by the values: class-specific
+        contexts initialised alike are equal but get their own gradients)."""
+        return self.position == "end" and not self.csc
+
+    def _shared_prefix(self, ctx: torch.Tensor) -> torch.Tensor:
+        """[G, 1 + M, D] from ``ctx`` [M, D] (G = 1) or [B, M, D] (G = B)."""
+        ctx = ctx if ctx.dim() == 3 else ctx.unsqueeze(0)
+        sos = self.token_prefix[:1].expand(ctx.shape[0], -1, -1)  # the same start token in every row
+        return torch.cat([sos, ctx.to(sos.dtype)], dim=1)
+
+    def text_features(self, ctx: torch.Tensor | None = None, deep_prompts=None,
+                      prompt_start: int = 1) -> torch.Tensor:
+        """Normalized class text features [C, d]; ``deep_prompts`` as ``encode_text_embeddings``."""
+        ctx = self.ctx if ctx is None else ctx
+        backbone = self.backbone[0]
+        if self.shares_prefix and ctx.dim() == 2:
+            return backbone.encode_text_shared(self._shared_prefix(ctx), self.token_suffix, self.tokens,
+                                               deep_prompts, prompt_start)[0]
+        return backbone.encode_text_embeddings(self.embeddings(ctx), self.tokens, deep_prompts, prompt_start)
 
     def text_features_per_image(self, ctx: torch.Tensor) -> torch.Tensor:
         """Normalized text features [B, C, d] of the per-image prompts of ``embeddings_per_image``:
-        all B·C prompts go through the text tower in one call (the backbone chunks it)."""
+        all B·C prompts go through the text tower in one call (the backbone chunks it); a context
+        [B, M, D] shared by the classes of each image runs its prefix once per image."""
+        if self.shares_prefix and ctx.dim() == 3:
+            return self.backbone[0].encode_text_shared(self._shared_prefix(ctx), self.token_suffix, self.tokens)
         emb = self.embeddings_per_image(ctx)
         b, c = emb.shape[:2]
         feats = self.backbone[0].encode_text_embeddings(emb.flatten(0, 1), self.tokens.repeat(b, 1))
