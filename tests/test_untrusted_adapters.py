@@ -135,3 +135,94 @@ def test_export_never_writes_through_a_link_in_its_destination(home, tiny_backbo
     with pytest.raises(AdapterError, match=r"would write .*peft/adapter_config.json outside it"):
         export_run(home / "run", out)
     assert os.listdir(elsewhere) == [] and sorted(os.listdir(out)) == ["peft"]
+
+
+# ------------------------------------------------------------------ pickled checkpoints
+class _Payload:
+    """Unpickling this runs code: ``open(marker, "w")`` creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+PICKLE_REFUSED = ("holds objects other than tensors and plain values (a pickle payload); adapt "
+                  "loads checkpoints weights-only and will not run it")
+
+
+def _tiny_fit(image_folder, tmp_path, run_name, **extra):
+    from adapt.config import load_recipe
+    from tests.conftest import tiny_overrides
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    return load_recipe(recipes / "coop/fewshot.yaml",
+                       tiny_overrides(image_folder, tmp_path, **{"run_name": run_name, **extra}))
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(image_folder, tmp_path_factory) -> Path:
+    from adapt.run import run_fit
+
+    tmp = tmp_path_factory.mktemp("ckpt")
+    run_fit(_tiny_fit(image_folder, tmp, "run", **{"method.n_ctx": 2}))
+    return tmp / "run/checkpoints/last.ckpt"
+
+
+def _with_payload(ckpt: Path, out: Path, marker: Path) -> Path:
+    import torch
+
+    data = torch.load(ckpt, weights_only=True)
+    data["callbacks"]["payload"] = _Payload(marker)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, out)
+    return out
+
+
+def test_the_payload_really_runs_when_unpickled(trained_checkpoint, tmp_path):
+    import torch
+
+    marker = tmp_path / "ran"
+    torch.load(_with_payload(trained_checkpoint, tmp_path / "evil.ckpt", marker), weights_only=False)
+    assert marker.exists()  # so its absence below means it was not run
+
+
+def test_load_from_checkpoint_refuses_a_pickle_payload_without_running_it(trained_checkpoint, tmp_path):
+    from adapt.engine import AdaptModule
+
+    rebuilt = AdaptModule.load_from_checkpoint(trained_checkpoint)  # an adapt checkpoint loads as is
+    assert rebuilt.method.name == "coop" and rebuilt.method.prompts.n_ctx == 2
+    marker = tmp_path / "ran"
+    evil = _with_payload(trained_checkpoint, tmp_path / "evil.ckpt", marker)
+    with pytest.raises(ValueError) as err:
+        AdaptModule.load_from_checkpoint(evil)
+    assert str(err.value).startswith(f"{evil} {PICKLE_REFUSED}") and "delete the file" in str(err.value)
+    assert not marker.exists()
+
+
+def test_a_slurm_requeue_checkpoint_with_a_pickle_payload_is_refused_on_restart(
+        trained_checkpoint, image_folder, tmp_path, monkeypatch, capsys):
+    """Lightning's own restart path: under SLURM, fit finds run_dir/hpc_ckpt_*.ckpt by itself and
+    restores it through the strategy's checkpoint_io."""
+    from adapt.checkpointing import AtomicCheckpointIO
+
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "adapt-job", "SLURM_JOB_ID": "7",
+                       "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1"}.items():
+        monkeypatch.setenv(key, value)
+    reads = []
+    real_load = AtomicCheckpointIO.load_checkpoint
+    monkeypatch.setattr(AtomicCheckpointIO, "load_checkpoint",
+                        lambda self, path, *a, **kw: reads.append(Path(path)) or real_load(self, path, *a, **kw))
+    marker = tmp_path / "ran"
+    evil = _with_payload(trained_checkpoint, tmp_path / "runs/job/hpc_ckpt_1.ckpt", marker)
+    from tests.conftest import tiny_overrides
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes/coop/fewshot.yaml"
+    over = tiny_overrides(image_folder, tmp_path / "runs", **{"run_name": "job", "method.n_ctx": 2})
+    assert main(["fit", str(recipe), *over]) == 2
+    err = capsys.readouterr().err
+    assert reads == [evil]  # the trainer's restore reached the file, and stopped there
+    assert f"adapt fit: error: {evil} {PICKLE_REFUSED}" in err and "Traceback" not in err
+    assert not marker.exists()
