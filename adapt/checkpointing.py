@@ -11,15 +11,22 @@
   memory at every epoch end while that is small) and stop with ``RunInterrupted``; the runner
   prints the resume command. Under SLURM, Lightning's own auto-requeue (SIGUSR1) stays in charge.
 - Files go through ``AtomicCheckpointIO``: a kill while writing leaves the previous file intact.
+- Every checkpoint is read weights-only (tensors and plain values): a file carrying a pickle
+  payload is refused with one message (``refuse_pickles``), never run. That covers adapt's own
+  reads, every trainer restore (``fit(ckpt_path=...)``, SLURM's ``hpc_ckpt_*.ckpt`` after a
+  requeue: Lightning reads both through ``AtomicCheckpointIO``) and
+  ``AdaptModule.load_from_checkpoint``.
 """
 from __future__ import annotations
 
 import logging
 import math
+import pickle
 import random
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -46,11 +53,47 @@ class RunInterrupted(RuntimeError):
         self.exit_code = exit_code
 
 
+class CheckpointError(ValueError):
+    """A checkpoint adapt will not load."""
+
+
+@contextmanager
+def refuse_pickles(path) -> Iterator[None]:
+    """Turn torch's weights-only refusal of a pickle payload into one message naming ``path``.
+
+    Only that refusal: other errors inside the block (a damaged file, a module that fails to
+    build) keep their own messages."""
+    try:
+        yield
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain values (a pickle payload); adapt "
+            "loads checkpoints weights-only and will not run it. If you wrote this file yourself "
+            "with an older adapt or another tool and trust it, train the run again with "
+            "overwrite=true (the old run is moved aside, not deleted); otherwise delete the file "
+            "and do not use it") from None
+
+
+def weights_only_flag(requested: Optional[bool]) -> bool:
+    """``None`` (nothing asked) means weights-only on every torch adapt supports; torch < 2.6
+    would otherwise unpickle. Only an explicit ``False`` from the caller loads pickles."""
+    return True if requested is None else bool(requested)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to a temporary file, then rename: never a torn checkpoint."""
+    """``torch.save`` to a temporary file, then rename: never a torn checkpoint. Reads are
+    weights-only (see the module docstring)."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Optional[Any] = None) -> None:
         atomic_save(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage,
+                        weights_only: Optional[bool] = None) -> dict:
+        with refuse_pickles(path):
+            return super().load_checkpoint(path, map_location=map_location,
+                                           weights_only=weights_only_flag(weights_only))
 
 
 def auto_every_n_epochs(max_epochs: int, every: Optional[int]) -> int:
@@ -63,7 +106,10 @@ def auto_every_n_epochs(max_epochs: int, every: Optional[int]) -> int:
 def read_checkpoint_recipe(path: Path) -> Optional[dict]:
     """The recipe stored in one of our checkpoints (weights-only load: nothing is unpickled)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with refuse_pickles(path):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except Exception as err:
         raise ValueError(f"cannot read checkpoint {path}: {err}. It is damaged; start the run "
                          "again with overwrite=true (the old run is moved aside, not deleted)") from None

@@ -81,6 +81,19 @@ class AdaptModule(pl.LightningModule):
                    plain(recipe.optim), int(max_epochs or recipe.trainer.max_epochs),
                    prebuilt_backbone=backbone)
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None,
+                             strict: Optional[bool] = None, weights_only: Optional[bool] = None,
+                             **kwargs) -> "AdaptModule":
+        """Lightning's, reading the file weights-only: a checkpoint carrying a pickle payload is
+        refused with one message, never run (``weights_only=False`` loads one you trust)."""
+        from adapt.checkpointing import refuse_pickles, weights_only_flag
+
+        with refuse_pickles(checkpoint_path):
+            return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
+                                                 hparams_file=hparams_file, strict=strict,
+                                                 weights_only=weights_only_flag(weights_only), **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method(x)
 

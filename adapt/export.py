@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Optional, Sequence
 
 import torch
@@ -45,6 +45,32 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def adapter_file(adapter_dir: str | Path, rel, meta_path: str | Path) -> Path:
+    """The path of an extra file that an adapter's metadata names (its ``"files"`` list): only a
+    plain relative name inside ``adapter_dir`` -- no ``..``, not absolute, no link leading out.
+
+    The one check for every reader of that list (load, export, predict), run on the name alone
+    before anything is opened: adapter.json comes with the adapter, so a hand-made one could
+    otherwise make ``adapt export`` copy ``~/.bashrc`` or write above its destination, and a
+    "missing" answer would tell whether a file exists. Every bad form gets the same message."""
+    adapter_dir = Path(adapter_dir)
+    plain = (isinstance(rel, str) and rel and "\\" not in rel and "\0" not in rel
+             and not PurePosixPath(rel).is_absolute() and not PureWindowsPath(rel).anchor
+             and all(part not in ("", ".", "..") for part in rel.split("/")))
+    if plain:
+        try:  # a link in the folder may still lead out of it; strict=False: existence stays unread
+            plain = (adapter_dir / rel).resolve().is_relative_to(adapter_dir.resolve())
+        except (OSError, RuntimeError):  # a link loop
+            plain = False
+    if not plain:
+        raise AdapterError(
+            f"{meta_path} names the file {rel!r}, which is not a plain relative name inside the "
+            "adapter folder (no '..', no absolute path, no link leading out of it): the adapter is "
+            "malformed or untrusted, and adapt reads nothing it names. Do not use it; ask its author "
+            "to export it again with `adapt export`")
+    return adapter_dir / rel
+
+
 def save_adapter(method: Method, out_dir: str | Path) -> Path:
     from adapt.engine import check_finite_state
 
@@ -55,8 +81,8 @@ def save_adapter(method: Method, out_dir: str | Path) -> Path:
     atomic_save(out / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
     extra = method.export_files()  # e.g. LoRA's peft adapter, readable without adapt
     for rel, blob in extra.items():
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(out / rel, lambda tmp, blob=blob: tmp.write_bytes(blob))
+        target = adapter_file(out, rel, f"{method.name}.export_files()")  # what loading will accept
+        atomic_save(target, lambda tmp, blob=blob: tmp.write_bytes(blob))
     bb = method.backbone.config
     meta = {
         "format": FORMAT,
@@ -94,6 +120,13 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
     if meta["format_version"] > FORMAT_VERSION:
         raise AdapterError(f"{path} has format version {meta['format_version']}, newer than this "
                            f"adapt ({adapt.__version__}) reads ({FORMAT_VERSION}); upgrade adapt")
+    files = meta.get("files", [])
+    if not isinstance(files, list):
+        raise AdapterError(f"{path}: \"files\" is {type(files).__name__}, not a list of file names: "
+                           "the adapter is malformed or untrusted. Do not use it; ask its author to "
+                           "export it again with `adapt export`")
+    for rel in files:  # every reader goes through here: nothing it names is opened unchecked
+        adapter_file(adapter_dir, rel, path)
     return meta
 
 
@@ -175,14 +208,21 @@ def export_run(run_dir: Path, out_dir: Path, overwrite: bool = False) -> Path:
         if not overwrite:
             raise AdapterError(f"{out} already holds an adapter; pass --overwrite to replace it, or "
                                "choose another folder")
+    # the method's extra files (LoRA's peft adapter): their names were checked by
+    # read_adapter_meta, so asking whether they exist tells nothing about files outside src
+    extra = [(src / rel, out / rel) for rel in meta.get("files", [])]
+    for source, _ in extra:
+        if not source.is_file():
+            raise AdapterError(f"{source} is missing: the adapter is incomplete; export it again")
+    for _, target in extra:  # a link already in ``out`` (out/peft -> elsewhere) must not lead out
+        if not target.resolve().is_relative_to(out.resolve()):
+            raise AdapterError(f"exporting into {out} would write {target} outside it (a link in {out} "
+                               "leads elsewhere); remove that link or export into another folder")
     out.mkdir(parents=True, exist_ok=True)
     # weights first, metadata last: an interrupted export never pairs new metadata with old weights
     atomic_save(out / WEIGHTS_FILE, lambda tmp: tmp.write_bytes((src / WEIGHTS_FILE).read_bytes()))
-    for rel in meta.get("files", []):  # the method's extra files (LoRA's peft adapter)
-        if not (src / rel).is_file():
-            raise AdapterError(f"{src / rel} is missing: the adapter is incomplete; export it again")
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(out / rel, lambda tmp, rel=rel: tmp.write_bytes((src / rel).read_bytes()))
+    for source, target in extra:
+        atomic_save(target, lambda tmp, source=source: tmp.write_bytes(source.read_bytes()))
     atomic_write_json(out / META_FILE, meta)
     return out
 
