@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import adapt.backbone as backbone_module
+import adapt.fused_blocks as fused_blocks
 from adapt.backbone_loading import BackboneConfig, text_memory_plan
 from adapt.config import load_recipe
 from adapt.data.feature_cache import (EpochViewSampler, FeatureCache, ViewDataset, encode_items,
@@ -209,25 +209,33 @@ def test_memory_plan_checkpoints_and_chunks_many_classes_only():
     assert text_memory_plan(BackboneConfig(text_chunk_size=7, grad_checkpointing=True), 10, 5, 8, 2, True) == (7, True)
 
 
-def test_automatic_chunking_and_checkpointing_keep_the_gradients(monkeypatch):
+@pytest.mark.parametrize("position", ["end", "middle"])  # the shared-prefix path and the full sequences
+def test_automatic_chunking_and_checkpointing_keep_the_gradients(monkeypatch, position):
     plain = make_backbone(text_chunk_size=0, grad_checkpointing=False)
-    auto = make_backbone(text_memory_mb=1.0)  # a tiny budget: the plan must engage
-    coop_plain = build_method("coop", {"n_ctx": 4}, plain, CLASSES * 3, TEMPLATE).train()
-    coop_auto = build_method("coop", {"n_ctx": 4}, auto, CLASSES * 3, TEMPLATE).train()
+    # a tiny budget: the plan must engage (the shared prefix keeps fewer activations, so tinier)
+    auto = make_backbone(text_memory_mb=1.0 if position == "middle" else 0.1)
+    cfg = {"n_ctx": 4, "class_token_position": position}
+    coop_plain = build_method("coop", cfg, plain, CLASSES * 3, TEMPLATE).train()
+    coop_auto = build_method("coop", cfg, auto, CLASSES * 3, TEMPLATE).train()
+    assert coop_auto.prompts.shares_prefix is (position == "end")
     coop_auto.load_trainable_state(coop_plain.trainable_state())
+    n = len(CLASSES) * 3
     length = int(auto.eot_positions(coop_auto.prompts.tokens).max()) + 1
-    chunk, ckpt = text_memory_plan(auto.config, len(CLASSES) * 3, length, auto.text_width, auto.text_depth, True)
-    assert ckpt and 0 < chunk < len(CLASSES) * 3
+    chunk, ckpt = text_memory_plan(auto.config, n, length, auto.text_width, auto.text_depth, True)
+    assert ckpt and 0 < chunk < n
     used = []
-    real = backbone_module.checkpoint
-    monkeypatch.setattr(backbone_module, "checkpoint", lambda *a, **k: used.append(1) or real(*a, **k))
+    real = fused_blocks.checkpoint
+    monkeypatch.setattr(fused_blocks, "checkpoint", lambda *a, **k: used.append(1) or real(*a, **k))
     feats = F.normalize(torch.randn(5, plain.embed_dim), dim=-1)
     labels = torch.arange(5)
     grads = []
     for method in (coop_plain, coop_auto):
         logits = method.forward_features(feats)
         grads.append(torch.autograd.grad(F.cross_entropy(logits, labels), method.prompts.ctx)[0])
-    assert len(used) == auto.text_depth * -(-len(CLASSES) * 3 // chunk)  # every block of every chunk
+    chunks, rest = divmod(len(used), auto.text_depth)
+    assert rest == 0 and chunks > 1  # every block of every chunk checkpointed, and more than one chunk
+    if position == "middle":  # full sequences: the plan above, exactly
+        assert chunks == -(-n // chunk)
     assert (grads[0] - grads[1]).abs().max() <= 1e-5  # fp32 round-off of another summation order
 
 
