@@ -31,7 +31,7 @@ from adapt.io import atomic_write_json, atomic_write_text
 from adapt.loggers import build_loggers, log_final
 from adapt.methods import Method
 from adapt.process import prepare_cpu_process
-from adapt.rundir import checkpoint_path, prepare_run_dir, write_status
+from adapt.rundir import prepare_run_dir, resumable_checkpoint, write_status
 from adapt.settings import get_setting
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def run_fit(recipe: DictConfig) -> dict:
     if rank_zero_only.rank == 0:
         resume_from = prepare_run_dir(recipe, run_dir)
     else:
-        resume_from = checkpoint_path(run_dir) if recipe.resume else None
+        resume_from = resumable_checkpoint(run_dir) if recipe.resume else None
     exp = Experiment(recipe, run_dir, resume_from=resume_from)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this function
         atomic_write_text(exp.run_dir / "recipe.yaml", OmegaConf.to_yaml(recipe))

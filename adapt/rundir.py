@@ -44,20 +44,20 @@ def prepare_run_dir(recipe: DictConfig, run_dir: Path) -> Optional[Path]:
     """Check ``run_dir`` before anything is trained; return the checkpoint to resume from (or None).
 
     - empty or new: a fresh run;
-    - ``resume=true``: its ``last.ckpt`` must exist and hold the same recipe (``trainer.max_epochs``
-      may grow, to train longer);
+    - ``resume=true``: its ``last.ckpt`` (or a SLURM requeue checkpoint) must hold the same recipe
+      (``trainer.max_epochs`` may grow, to train longer). Without a checkpoint, a new or empty
+      folder, or a run of the same recipe killed before its first checkpoint, starts from scratch
+      (so a cluster script may pass ``resume=true`` on every start); anything else is refused;
     - ``overwrite=true``: an existing run is renamed to ``<name>.replaced-<time>``;
     - otherwise a non-empty folder is refused with the choices.
     """
     run_dir = Path(run_dir)
     ckpt = checkpoint_path(run_dir)
     if recipe.resume:
-        requeued = slurm_requeue_checkpoint(run_dir)
-        if not ckpt.is_file() and requeued is None:
-            raise RecipeError(f"resume=true but {ckpt} does not exist: the run in {run_dir} never "
-                              "wrote a checkpoint; run it again without resume=true (add "
-                              "overwrite=true if the folder holds files)")
-        found = ckpt if ckpt.is_file() else requeued
+        found = resumable_checkpoint(run_dir)
+        if found is None:  # cluster scripts pass resume=true on every (re)start: see below
+            _check_fresh_start(recipe, run_dir)
+            return None
         check_resume(read_checkpoint_recipe(found) or _saved_recipe(run_dir), recipe, found)
         return found
     if not run_dir.exists() or not any(run_dir.iterdir()):
@@ -86,8 +86,42 @@ def prepare_run_dir(recipe: DictConfig, run_dir: Path) -> Optional[Path]:
         "again (the old run is moved aside, never deleted), or choose another run_name / output_dir.")
 
 
+def resumable_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The checkpoint ``resume=true`` continues from: ``last.ckpt``, else a SLURM requeue one."""
+    ckpt = checkpoint_path(run_dir)
+    return ckpt if ckpt.is_file() else slurm_requeue_checkpoint(run_dir)
+
+
+def _check_fresh_start(recipe: DictConfig, run_dir: Path) -> None:
+    """``resume=true`` and no checkpoint: start from scratch when nothing can be lost by it.
+
+    Safe: no folder, an empty one, or one where adapt started this very recipe (its
+    ``recipe.yaml``) and finished nothing (no results). The new attempt writes the same files
+    again; nothing is deleted here.
+    """
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        print(f"resume=true: {run_dir} holds no run yet; starting it from scratch")
+        return
+    saved = run_dir / "recipe.yaml"
+    if (run_dir / RESULTS_FILE).is_file():
+        raise RecipeError(
+            f"resume=true but {run_dir} holds a finished run and no checkpoint to continue "
+            f"({checkpoint_path(run_dir)} is missing). Use overwrite=true to train it again (the old "
+            "run is moved aside, never deleted), or choose another run_name / output_dir")
+    if not saved.is_file():
+        raise RecipeError(
+            f"resume=true but {run_dir} holds files that are not an adapt run's (no recipe.yaml, no "
+            "checkpoint). Choose another run_name / output_dir, or add overwrite=true to move them aside")
+    check_resume(_saved_recipe(run_dir), recipe, saved)
+    state = read_status(run_dir).get("state", "stopped")
+    print(f"resume=true: the run in {run_dir} ({state}) stopped before its first checkpoint; "
+          "starting it again from scratch with the same recipe")
+    log.info("%s: no checkpoint to resume, same recipe: starting from scratch", run_dir)
+
+
 def check_resume(saved: Optional[dict], recipe: DictConfig, ckpt: Path) -> None:
-    """Refuse a resume whose recipe differs from the checkpoint's, listing the keys."""
+    """Refuse a resume whose recipe differs from the one saved in ``ckpt`` (a checkpoint or the
+    run's ``recipe.yaml``), listing the keys."""
     if saved is None:
         raise RecipeError(f"{ckpt} holds no recipe (written by an older adapt?); cannot check that "
                           "resuming it is safe. Start again with overwrite=true")
@@ -108,7 +142,7 @@ def check_resume(saved: Optional[dict], recipe: DictConfig, ckpt: Path) -> None:
                           for k in differ[:12])
         more = f" (and {len(differ) - 12} more)" if len(differ) > 12 else ""
         raise RecipeError(
-            f"resume=true with a recipe that differs from the one {ckpt} was trained with: {lines}{more}. "
+            f"resume=true with a recipe that differs from the one saved in {ckpt}: {lines}{more}. "
             "Resume with the original recipe (only trainer.max_epochs may grow), or start a new run "
             "with overwrite=true or another run_name")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,9 +64,33 @@ def test_resume_refuses_a_changed_recipe_and_a_shorter_run(image_folder, tmp_pat
     assert results["metrics"]["test_acc"] >= 0
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(image_folder, tmp_path):
-    with pytest.raises(RecipeError, match="resume=true but .*last.ckpt does not exist"):
+def test_resume_without_a_checkpoint_starts_fresh_only_when_nothing_can_be_lost(
+        image_folder, tmp_path, capsys):
+    """Cluster scripts pass resume=true on every start: a new folder, or the same recipe stopped
+    before its first checkpoint, starts from scratch; a finished run, another recipe or foreign
+    files are refused, untouched."""
+    first = run_fit(_fit(image_folder, tmp_path, resume="true"))
+    assert "holds no run yet; starting it from scratch" in capsys.readouterr().out
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints")  # a finished run without its checkpoint: nothing to continue
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(RecipeError, match="holds a finished run and no checkpoint.*overwrite=true"):
         run_fit(_fit(image_folder, tmp_path, resume="true"))
+    # the same recipe, stopped before its first checkpoint (no results): trained again, same numbers
+    (run / "results.json").unlink()
+    del before[run / "results.json"]
+    with pytest.raises(RecipeError, match=r"differs from the one saved in .*recipe.yaml: optim\.lr"):
+        run_fit(_fit(image_folder, tmp_path, resume="true", **{"optim.lr": 0.5}))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    again = run_fit(_fit(image_folder, tmp_path, resume="true"))
+    assert "stopped before its first checkpoint; starting it again from scratch" in capsys.readouterr().out
+    assert again["metrics"] == first["metrics"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match="not an adapt run's"):
+        run_fit(_fit(image_folder, tmp_path, run_name="other", resume="true"))
+    assert [p.name for p in other.iterdir()] == ["notes.txt"]
 
 
 def test_evaluating_a_run_on_other_data_leaves_its_files_alone(image_folder, tmp_path):
@@ -185,6 +210,24 @@ def test_sigkill_then_resume_gives_the_uninterrupted_bytes(image_folder, tmp_pat
                                                tmp_path, run, signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     _resume_matches(image_folder, tmp_path, run, uninterrupted)
+
+
+def test_killed_before_its_first_checkpoint_then_resume_gives_the_uninterrupted_bytes(
+        image_folder, tmp_path, uninterrupted):
+    run = tmp_path / "early"
+    args = _training_args(image_folder, tmp_path, "early")
+    proc = _cli(args, tmp_path)
+    deadline = time.monotonic() + 240
+    while not (run / "status.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert (run / "recipe.yaml").is_file() and not (run / "checkpoints/last.ckpt").exists()
+    resumed = _run(args + ["resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stopped before its first checkpoint; starting it again from scratch" in resumed.stdout
+    assert (run / ADAPTER).read_bytes() == (uninterrupted / ADAPTER).read_bytes()
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
