@@ -264,6 +264,27 @@ def test_imagenet_variants_labels_and_class_lists(tmp_path):
             load(key, tmp_path)
 
 
+def test_a_classnames_file_lacking_wnids_is_completed_from_the_shipped_names(tmp_path, caplog):
+    """A community classnames.txt cut to a few classes: no bare KeyError; the file names what it
+    lists, the shipped list the rest, and the warning names the missing wnids. V2's folder numbers
+    keep meaning ImageNet's classes whatever the file lists."""
+    shipped = dataset_meta("imagenet")["classnames"]
+    wnids = sorted(dataset_meta("imagenet_a")["wnids"])
+    folder = tmp_path / "imagenet-adversarial"
+    img(folder / "imagenet-a" / wnids[3] / "x.jpg")
+    (folder / "classnames.txt").write_text(f"{wnids[3]} my class\n{wnids[7]} other one\n")
+    with caplog.at_level("WARNING"):
+        ds = load("imagenet_a", tmp_path)
+    assert ds.classnames[3] == "my class" and ds.classnames[7] == "other one"
+    assert ds.classnames[0] == shipped[wnids[0]] and len(ds.classnames) == 200
+    assert "names 2 of the 1000 ImageNet classes; the other 998" in caplog.text and WNIDS[0] in caplog.text
+    v2 = tmp_path / "imagenetv2"
+    img(v2 / "imagenetv2-matched-frequency-format-val/999/b.jpeg")
+    (v2 / "classnames.txt").write_text(f"{WNIDS[5]} five\n")  # sorted(file) would make class 0 of it
+    ds = load("imagenetv2", tmp_path)
+    assert ds.classnames[5] == "five" and ds.classnames[999] == "toilet paper" and labels(ds.test) == [999]
+
+
 def test_generic_zhou_loader_takes_the_template_of_a_known_split_file(tmp_path):
     rows = {"train": [["a/1.jpg", 0, "banded"]], "val": [], "test": [["a/2.jpg", 0, "banded"]]}
     zhou_split(tmp_path, "split_zhou_DescribableTextures.json", "images", rows)

@@ -4,12 +4,14 @@ Labels follow CoOp: ImageNet and -Sketch number their WordNet-id folders in sort
 its folders ``0``..``999``; -A and -R are the fixed 200-class subsets (the wnids in
 ``meta/imagenet_{a,r}.json``, sorted, as CoOp numbers their folders). Class names come from the
 dataset folder's ``classnames.txt`` (``<wnid> <readable name>`` per line, the community's file)
-when present, else from the copy shipped in ``meta/imagenet.json`` (CLIP's 1000 readable names).
+for the wnids it lists, else from the copy shipped in ``meta/imagenet.json`` (CLIP's 1000
+readable names).
 ImageNet's official val set is the test split; there is no val split, since CoOp's code uses the
 test images as "val" and adapt never selects on test images.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +21,8 @@ from adapt.data.folder import IMAGE_EXTENSIONS, dataset_templates
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.meta import dataset_meta
 from adapt.data.registry import register_dataset
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = {
     "imagenet": ("imagenet", "images", "root/imagenet/images/{train,val}/<wnid>/*.JPEG and optionally "
@@ -40,18 +44,26 @@ def templates_of(key: str) -> list[str]:
 
 
 def imagenet_classnames(folder: Path) -> dict[str, str]:
-    """wnid -> readable name, from ``folder/classnames.txt`` or the shipped list."""
+    """wnid -> readable name: ``folder/classnames.txt`` where it names a class, else the shipped
+    list (a file that lacks some wnids, e.g. one cut down to another subset, is completed from
+    it, with a warning that names them)."""
+    shipped = dict(dataset_meta("imagenet")["classnames"])
     file = folder / "classnames.txt"
     if not file.is_file():
-        return dict(dataset_meta("imagenet")["classnames"])
+        return shipped
     names = {}
     for n, line in enumerate(file.read_text().splitlines(), start=1):
         if line.strip():
             wnid, _, name = line.strip().partition(" ")
             if not name:
                 raise ValueError(f"{file}, line {n}: expected '<wnid> <class name>', got {line!r}")
-            names[wnid] = name
-    return names
+            names[wnid] = name.strip()
+    missing = [w for w in shipped if w not in names]
+    if missing:
+        log.warning("%s names %d of the 1000 ImageNet classes; the other %d (%s%s) take the shipped "
+                    "names (adapt/data/meta/imagenet.json)", file, 1000 - len(missing), len(missing),
+                    ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "")
+    return {**shipped, **names}
 
 
 def _images(folder: Path, rel: str) -> list[str]:
@@ -129,7 +141,7 @@ def _variant(key: str, wnids_of: callable):
 
 
 def _all_1000(images: Path, names: dict[str, str]) -> tuple[list[str], list[str]]:
-    wnids = sorted(names)
+    wnids = sorted(dataset_meta("imagenet")["classnames"])  # never a classnames.txt's own list
     return wnids, [str(i) for i in range(len(wnids))]  # V2: folder i holds ImageNet class i
 
 
