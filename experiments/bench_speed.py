@@ -1,6 +1,6 @@
 """Speed and memory of adapt's default paths against what the original implementations do.
 
-    python experiments/bench_speed.py [--quick] [--out DIR] [--threads 2]
+    python experiments/bench_speed.py [--quick] [--out DIR] [--threads 2] [--reference-repo DIR]
 
 Figures go to a fresh temporary folder unless ``--out`` names one; the committed figures change
 only with an explicit ``--out experiments/results`` (from a full, not ``--quick``, run).
@@ -35,6 +35,14 @@ CPU. Each workload runs a ``reference`` mode, doing what the original code does,
   (77 positions) encoded for every batch, as CoOp's test loop does through the model's forward;
   default: prompts once per evaluation; image features computed once and cached (cold: this run
   computes and writes them; warm: a later evaluation reads them).
+
+* ``--reference-repo DIR``: a checkout of KaiyangZhou/CoOp (never copied or committed; see
+  ``experiments/original_coop.py``). The CoOp and CoCoOp workloads then also time the original
+  trainers' own ``forward_backward`` (``original`` mode; CoCoOp at its batch size 1) on the same
+  inputs, interleaved with adapt's modes, and report adapt's speed-ups against it. The model
+  becomes the OpenAI architecture (``ViT-B-16-quickgelu``; ``--quick``: ``test-vit-openai-77``) with
+  its random weights rounded to fp16 (as the released weights are), which the original's
+  ``clip.build_model`` then shares; its logits against adapt's are in the exactness checks.
 
 * GPU (only when CUDA is present; otherwise skipped with a message): bf16-mixed, SDPA attention,
   absolute images/s and s/step.
@@ -105,8 +113,13 @@ def unit_features(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
     return F.normalize(torch.randn(n, d, generator=generator), dim=-1)
 
 
+# the OpenAI CLIP architecture (QuickGELU, 64-wide heads), which the original's clip.build_model
+# rebuilds from a state dict; the quick one is a test asset
+OPENAI_MODEL = {"full": "ViT-B-16-quickgelu", "quick": "test-vit-openai-77"}  # the original: 77 tokens
+
+
 class Bench:
-    def __init__(self, cfg: dict, memory: PeakMemory):
+    def __init__(self, cfg: dict, memory: PeakMemory, reference_repo=None):
         from adapt.backbone import BackboneConfig, build_backbone
 
         self.cfg, self.memory = cfg, memory
@@ -119,6 +132,31 @@ class Bench:
         self.rows: list[dict] = []
         self.checks: dict[str, float] = {}
         self.info: dict[str, object] = {}
+        self.original = None
+        if reference_repo is not None:
+            from experiments.original_coop import OriginalCoOp, round_to_fp16
+
+            round_to_fp16(self.bb)
+            self.original = OriginalCoOp(reference_repo, self.bb)
+            self.info["original"] = {"code": "KaiyangZhou/CoOp", "path": str(self.original.repo),
+                                     "commit": self.original.commit}
+
+    def original_trainer(self, kind: str, names: list[str], method):
+        """The original's trainer for ``kind`` holding ``method``'s prompt values (its printing muted)."""
+        import contextlib
+        import io
+
+        from experiments.original_coop import copy_prompt_state
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            trainer = getattr(self.original, kind)(names)
+        copy_prompt_state(trainer, method)
+        return trainer
+
+    def original_row(self, name: str, seconds: float, per: str, images: float, peak: float, what: str):
+        o = self.info["original"]
+        return self.row(name, "original", seconds, per, images, peak,
+                        note=f"{o['code']} {o['commit']}: {what} forward_backward")
 
     def row(self, workload: str, mode: str, seconds: float, per: str, images: float,
             peak_mb: float, estimated: bool = False, note: str = "") -> dict:
@@ -169,10 +207,16 @@ class Bench:
             return run
 
         name = f"CoOp step, {c['classes']} classes"
-        got = interleaved({"default": (step(feats, False), c["steps"]),
-                           "default (images)": (step(images, True), c["ref_steps"]),
-                           "reference": (in_reference_mode(bb, step(images, True)), c["ref_steps"])},
-                          self.memory, c["warmup"])
+        modes = {"default": (step(feats, False), c["steps"]),
+                 "default (images)": (step(images, True), c["ref_steps"]),
+                 "reference": (in_reference_mode(bb, step(images, True)), c["ref_steps"])}
+        if self.original is not None:
+            trainer = self.original_trainer("coop", classnames(c["classes"]), method)
+            with torch.no_grad():
+                self.checks["coop_original_vs_adapt_logits_max_abs"] = float(
+                    (trainer.model(images) - method(images)).abs().max())
+            modes["original"] = (lambda: trainer.forward_backward({"img": images, "label": y}), c["ref_steps"])
+        got = interleaved(modes, self.memory, c["warmup"])
         (t_def, m_def), (t_ref, m_ref) = got["default"], got["reference"]
         t_img, m_img = got["default (images)"]
         with reference_mode(bb):
@@ -185,9 +229,14 @@ class Bench:
         self.row(name, "reference", t_ref, "step", b, m_ref, note=f"image encoder + {full}-token prompts")
         r = self.row(name, "default", t_def, "step", b, m_def, note="cached features, truncated prompts")
         r["speedup"] = t_ref / t_def
-        r = self.row(name, "default (images)", t_img, "step", b, m_img,
-                     note="image encoder in the loop (fast blocks), truncated prompts")
-        r["speedup"] = t_ref / t_img
+        r_img = self.row(name, "default (images)", t_img, "step", b, m_img,
+                         note="image encoder in the loop (fast blocks), truncated prompts")
+        r_img["speedup"] = t_ref / t_img
+        if self.original is not None:
+            t_orig, m_orig = got["original"]
+            self.original_row(name, t_orig, "step", b, m_orig, "trainers/coop.py")
+            r["speedup_vs_original"], r_img["speedup_vs_original"] = t_orig / t_def, t_orig / t_img
+            del trainer
 
         # many classes, reference: at a second class count; time and memory grow linearly
         second = build_method("coop", {"n_ctx": 16}, bb, classnames(c["second"]), TEMPLATE).train()
@@ -369,8 +418,23 @@ class Bench:
         with torch.no_grad():  # warm-up: a 2-image batched step's kernels, one per-image step
             method.forward_features(feats[:2])
         in_reference_mode(bb, per_image)()
-        got = interleaved({"reference": (in_reference_mode(bb, per_image), c["cocoop_ref_images"]),
-                           "default": (batched, 1), "default (images)": (batched_images, 1)}, self.memory)
+        modes = {"reference": (in_reference_mode(bb, per_image), c["cocoop_ref_images"]),
+                 "default": (batched, 1), "default (images)": (batched_images, 1)}
+        if self.original is not None:
+            trainer = self.original_trainer("cocoop", classnames(c["classes"]), method)
+            trainer.model.eval()
+            with torch.no_grad():
+                self.checks["cocoop_original_vs_adapt_logits_max_abs"] = float(
+                    (trainer.model(images[:2]) - method(images[:2])).abs().max())
+            trainer.model.train()
+            seen = iter(range(10 ** 9))
+
+            def original_image():  # its config's batch size 1
+                i = next(seen) % len(images)
+                trainer.forward_backward({"img": images[i:i + 1], "label": y[i % b:i % b + 1]})
+            original_image()  # its warm-up, as the reference's
+            modes["original"] = (original_image, c["cocoop_ref_images"])
+        got = interleaved(modes, self.memory)
         (t_def, m_def), (t_ref, m_ref) = got["default"], got["reference"]
         t_img, m_img = got["default (images)"]
         # exactness: the batched, truncated pass against the per-image loop over full prompts
@@ -385,10 +449,15 @@ class Bench:
                      note=f"batch {b} in one truncated pass (registered cocoop)")
         r["speedup"] = t_ref / (t_def / b)
         r["seconds_per_step"] = t_def
-        r = self.row(name, "default (images)", t_img / b, "image", 1, m_img,
-                     note=f"batch {b}: image encoder in the loop, then one truncated prompt pass")
-        r["speedup"] = t_ref / (t_img / b)
-        r["seconds_per_step"] = t_img
+        r_img = self.row(name, "default (images)", t_img / b, "image", 1, m_img,
+                         note=f"batch {b}: image encoder in the loop, then one truncated prompt pass")
+        r_img["speedup"] = t_ref / (t_img / b)
+        r_img["seconds_per_step"] = t_img
+        if self.original is not None:
+            t_orig, m_orig = got["original"]
+            self.original_row(name, t_orig, "image", 1, m_orig, "trainers/cocoop.py at batch 1,")
+            r["speedup_vs_original"], r_img["speedup_vs_original"] = t_orig / (t_def / b), t_orig / (t_img / b)
+            del trainer
 
     # ------------------------------------------------------------------ Tip-Adapter ------------
     def tip_adapter(self, workdir: Path) -> None:
@@ -672,6 +741,13 @@ TARGETS = [
      lambda v: v >= 0.65),
     ("image_fraction_of_matmul", "image tower inference, batch 32: FLOP rate / matmul rate", ">= 60 %",
      lambda v: v >= 0.6),
+    # against the original code itself (only with --reference-repo)
+    ("coop_vs_original", "CoOp step, cached features: vs the original trainers/coop.py", ">= 12x",
+     lambda v: v >= 12),
+    ("coop_images_vs_original", "CoOp step, image encoder in the loop: vs the original", ">= 2.5x",
+     lambda v: v >= 2.5),
+    ("cocoop_vs_original", "CoCoOp per image, cached features: vs the original (batch 1)", ">= 10x",
+     lambda v: v >= 10),
 ] + [(f"{m}_step_speedup", f"{m} step, batch 4: fast blocks vs open_clip's blocks", ">= 1.0x (not slower)",
       lambda v: v >= 1.0) for m in ("vpt", "maple", "ivlp")]
 
@@ -689,6 +765,10 @@ def summarize(bench: Bench, matmul: float) -> dict:
         "cocoop_speedup": lambda: rows[("CoCoOp step", "default")]["speedup"],
         "coop_images_speedup": lambda: rows[("CoOp step", "default (images)")]["speedup"],
         "cocoop_images_speedup": lambda: rows[("CoCoOp step", "default (images)")]["speedup"],
+        "coop_vs_original": lambda: rows[("CoOp step", "default")]["speedup_vs_original"],
+        "coop_images_vs_original": lambda: rows[("CoOp step", "default (images)")]["speedup_vs_original"],
+        "cocoop_vs_original": lambda: rows[("CoCoOp step", "default")]["speedup_vs_original"],
+        "cocoop_images_vs_original": lambda: rows[("CoCoOp step", "default (images)")]["speedup_vs_original"],
         "text_fraction_of_matmul": lambda: info["coop_text"]["fraction"],
         "image_fraction_of_matmul": lambda: info["image_tower"]["default"]["fraction"],
         **steps,
@@ -719,6 +799,8 @@ def markdown(result: dict) -> str:
         ips = f"{r['images_per_second']:.2f}" if r["images_per_second"] else ""
         est = " (est.)" if r["estimated"] else ""
         sp = f"{r['speedup']:.1f}x" if r.get("speedup") else ""
+        if r.get("speedup_vs_original"):
+            sp += f" ({r['speedup_vs_original']:.1f}x vs original)"
         lines.append(f"| {r['workload']} | {r['mode']} | {r['seconds']:.3f}/{r['per']}{est} | {ips} | "
                      f"{r['peak_rss_mb'] / 1024:.2f}{est} | {sp} | {r['note']} |")
     lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
@@ -740,6 +822,7 @@ def markdown(result: dict) -> str:
               "Heap policy at the end of each workload: " + ", ".join(
                   f"{k} {v}" for k, v in result["info"].get("heap_policy_at_end", {}).items()) + ".",
               gpu_line(result.get("gpu") or {}),
+              original_line(result["info"].get("original")),
               "Exactness checks of this run: " + ", ".join(f"{k} = {v:.3g}" for k, v in result["checks"].items()) + "."]
     return "\n".join(lines) + "\n"
 
@@ -748,6 +831,14 @@ def markdown(result: dict) -> str:
 # coop's checkpointed 1000-class step comes before any other graph-building pass (see coop)
 WORKLOADS = ("image_tower", "coop", "text_tower", "prompt_steps", "cocoop", "tip_adapter", "tpt",
              "zero_shot_eval", "gpu")
+
+
+def original_line(original) -> str:
+    if not original:
+        return ("Original code: not given (--reference-repo); the reference rows emulate it in "
+                "adapt's wrapper (open_clip's blocks, full-length prompts).")
+    return (f"Original code: {original['code']} at {original['commit']}, imported from {original['path']} "
+            "(its trainers' forward_backward on the same weights and inputs; never copied).")
 
 
 def gpu_line(gpu: dict) -> str:
@@ -770,6 +861,9 @@ def main(argv=None) -> int:
                     help=f"comma-separated workloads of {','.join(WORKLOADS)} (default: all; "
                          "a partial run never writes the committed figures)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the rate rows")
+    ap.add_argument("--reference-repo", default=None, metavar="DIR",
+                    help="a checkout of https://github.com/KaiyangZhou/CoOp: time its trainers' own "
+                         "forward_backward beside adapt's (CoOp, CoCoOp)")
     args = ap.parse_args(argv)
     only = args.only.split(",") if args.only else list(WORKLOADS)
     if not set(only) <= set(WORKLOADS):
@@ -782,6 +876,12 @@ def main(argv=None) -> int:
     cfg = dict(QUICK if args.quick else FULL)
     if args.rounds:
         cfg["rounds"] = args.rounds
+    if args.reference_repo:
+        cfg["model"] = OPENAI_MODEL["quick" if args.quick else "full"]
+        if args.quick:
+            import open_clip
+
+            open_clip.add_model_config(ROOT / "tests" / "assets" / "model_configs")
     import logging
 
     logging.getLogger("adapt").setLevel(logging.ERROR)
@@ -792,7 +892,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     matmul = matmul_gflops(512 if args.quick else 2048)
     print(f"fp32 matmul: {matmul:.0f} GFLOP/s on {args.threads} threads", flush=True)
-    bench = Bench(cfg, memory)
+    bench = Bench(cfg, memory, args.reference_repo)
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
         work = Path(tmp)
         for name in (n for n in only if n != "gpu"):
