@@ -14,6 +14,7 @@ from torch import nn
 
 from adapt.config import load_recipe
 from adapt.export import AdapterError, load_adapter, save_adapter
+from adapt.fast_dropout import MaskDropout
 from adapt.methods import build_method
 from adapt.methods.wiseft import WiSEFT
 from adapt.run import run_fit
@@ -111,6 +112,7 @@ def test_lora_dropout_follows_the_method_mode(tiny_backbone):
     method = build_method("lora", None, tiny_backbone, NAMES, TEMPLATES)
     dropouts = method.mode_modules()
     assert dropouts and all(isinstance(d["default"], nn.Dropout) for d in dropouts)
+    assert all(type(d["default"]) is MaskDropout and d["default"].p == 0.25 for d in dropouts)
     method.train()
     assert all(d.training for d in dropouts) and not method.backbone.model.training
     images = _images()
