@@ -195,6 +195,16 @@ class ClipBackbone(nn.Module):
         return encode_shared_prefix(self, prefix, suffix, tokens, deep_prompts, prompt_start, normalize)
 
     def _encode_text(self, x, tokens, deep_prompts, prompt_start, normalize, ckpt) -> torch.Tensor:
+        text, eot = self.text, self.eot_positions(tokens)
+        x = self._text_hidden(x, tokens, deep_prompts, prompt_start, ckpt)
+        x = x[torch.arange(x.shape[0], device=x.device), eot] if text.pool_type in ("argmax", "eos") else (
+            x[:, 0] if text.pool_type == "first" else x[:, -1])
+        x = _project(x, text.text_projection)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def _text_hidden(self, x, tokens, deep_prompts, prompt_start, ckpt) -> torch.Tensor:
+        """The text tower's final hidden states [N, L', D] after ``ln_final``; L' is cut to the
+        longest prompt when the tower is causal."""
         text = self.text
         eot = self.eot_positions(tokens)
         length = x.shape[1]
@@ -210,11 +220,7 @@ class ClipBackbone(nn.Module):
             if i > 0 and prompt is not None:
                 x = _replace_slots(x, prompt, prompt_start)
             x = self._run_block(block, x, mask, text.transformer, ckpt, causal)
-        x = text.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot] if text.pool_type in ("argmax", "eos") else (
-            x[:, 0] if text.pool_type == "first" else x[:, -1])
-        x = _project(x, text.text_projection)
-        return F.normalize(x, dim=-1) if normalize else x
+        return text.ln_final(x)
 
     def _causal_mask(self) -> bool:
         """The text tower's mask is the standard causal one (0 on and below the diagonal, -inf
@@ -269,13 +275,7 @@ class ClipBackbone(nn.Module):
             return F.normalize(feats, dim=-1) if normalize else feats
         if prompts is None:
             prompts = deep_prompts[0]
-        x = v.conv1(images)
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
-        n_tokens = x.shape[1]
-        x = torch.cat([x, _batched(prompts, x.shape[0]).to(x.dtype)], dim=1)
-        x = v.ln_pre(x)
+        x, n_tokens, _ = self._vit_embed(images, prompts)
         for i, block in enumerate(v.transformer.resblocks):
             prompt = deep_prompts[i] if deep_prompts is not None and i < len(deep_prompts) else None
             if i > 0 and prompt is not None:
@@ -284,6 +284,57 @@ class ClipBackbone(nn.Module):
         pooled, _ = v._pool(x[:, :n_tokens])
         feats = pooled @ v.proj if v.proj is not None else pooled
         return F.normalize(feats, dim=-1) if normalize else feats
+
+    def _vit_embed(self, images: torch.Tensor, prompts: Optional[torch.Tensor] = None,
+                   resample: bool = False) -> tuple[torch.Tensor, int, tuple[int, int]]:
+        """The tokens entering block 0, [B, 1 + HW (+ n prompts), W] (class token, patches, then
+        ``prompts`` before ``ln_pre``), the number of image tokens 1 + HW, and the patch grid.
+
+        ``resample``: an image whose grid is not the model's own gets the positional embedding
+        resampled to it (bicubic, ``align_corners=False``, the class position kept), as the
+        dense-prediction originals do; without it such an image is refused in one message."""
+        v = self._vit()
+        x = v.conv1(images)
+        grid = (x.shape[2], x.shape[3])
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self._positions(grid, resample).to(x.dtype)
+        n_tokens = x.shape[1]
+        if prompts is not None:
+            x = torch.cat([x, _batched(prompts, x.shape[0]).to(x.dtype)], dim=1)
+        return v.ln_pre(x), n_tokens, grid
+
+    def _positions(self, grid: tuple[int, int], resample: bool) -> torch.Tensor:
+        pos = self._vit().positional_embedding
+        side = round((pos.shape[0] - 1) ** 0.5)
+        if grid == (side, side):
+            return pos
+        if not resample:
+            size = self.image_size
+            raise ValueError(
+                f"images of this size give a {grid[0]}x{grid[1]} patch grid; {self.config.name!r} was "
+                f"built for {side}x{side} ({size}x{size} pixels). Resize the images to {size}x{size}, "
+                "or use encode_image_dense, which resamples the positional embedding.")
+        return resample_positions(pos, grid)
+
+    def encode_image_dense(self, images: torch.Tensor, outputs: Sequence[str] = ("pooled", "tokens"),
+                           taps: Sequence[int] = (), prompts: Optional[torch.Tensor] = None,
+                           deep_prompts: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                           normalize: bool = True):
+        """What the image tower gives beyond the pooled feature, in one pass: a
+        ``DenseImage`` with the requested ``outputs`` ("pooled", "tokens", "value") and the
+        token maps after the blocks in ``taps``, with the patch grid (``adapt/dense.py``)."""
+        from adapt.dense import encode_image_dense  # it builds on this module's helpers
+        return encode_image_dense(self, images, outputs, taps, prompts, deep_prompts, normalize)
+
+    def encode_text_dense(self, x: torch.Tensor, tokens: torch.Tensor,
+                          deep_prompts: Optional[Sequence[Optional[torch.Tensor]]] = None,
+                          prompt_start: int = 1, normalize: bool = True):
+        """Token-level text outputs: a ``DenseText`` with the pooled feature (exactly
+        ``encode_text_embeddings``'s) and every position's projected output up to the last
+        end-of-text token, with its validity mask (``adapt/dense.py``)."""
+        from adapt.dense import encode_text_dense
+        return encode_text_dense(self, x, tokens, deep_prompts, prompt_start, normalize)
 
     def _fast_vit(self) -> bool:
         """The fast path can run this image tower: a plain ViT made of blocks it knows."""
@@ -381,6 +432,17 @@ def _text_tower(model: nn.Module) -> _TextTower:
 
 def _first(value):
     return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def resample_positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A [1 + S*S, W] positional embedding (class / pooled position first) resampled to a patch
+    grid ``grid``: bicubic, ``align_corners=False``, the first position kept."""
+    side = round((pos.shape[0] - 1) ** 0.5)
+    if grid == (side, side):
+        return pos
+    patches = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], patches.to(pos.dtype).flatten(2)[0].t()])
 
 
 def _project(x: torch.Tensor, proj) -> torch.Tensor:
