@@ -44,7 +44,8 @@ from torch import nn
 from adapt.backbone import _project, _replace_slots, resample_positions
 from adapt.backbone_loading import text_memory_plan
 
-__all__ = ["DENSE_OUTPUTS", "DenseImage", "DenseText", "encode_image_dense", "encode_text_dense"]
+__all__ = ["DENSE_OUTPUTS", "DenseImage", "DenseText", "encode_image_dense", "encode_text_dense",
+           "pack_dense", "unpack_dense"]
 
 DENSE_OUTPUTS = ("pooled", "tokens", "value")
 
@@ -68,6 +69,30 @@ class DenseText:
     pooled: torch.Tensor  # [N, C]
     tokens: torch.Tensor  # [N, L', C]
     mask: torch.Tensor  # [N, L'] True up to and including each end-of-text token
+
+
+def pack_dense(dense: DenseImage, outputs: Sequence[str]) -> torch.Tensor:
+    """``outputs`` of ``dense`` as one [B, T, C] tensor, in that order (pooled: one row; tokens
+    and value: HW rows each): the form the feature cache stores and serves as a batch."""
+    parts = [dense.pooled[:, None] if name == "pooled" else getattr(dense, name) for name in outputs]
+    return torch.cat(parts, dim=1)
+
+
+def unpack_dense(x: torch.Tensor, outputs: Sequence[str]) -> DenseImage:
+    """The inverse of ``pack_dense`` (views, not copies), for a square patch grid."""
+    maps = [name for name in outputs if name != "pooled"]
+    rows = x.shape[1] - ("pooled" in outputs)
+    hw = rows // max(len(maps), 1)
+    side = round(hw ** 0.5)
+    if maps and (side * side != hw or hw * len(maps) != rows):
+        raise ValueError(f"packed dense features of {x.shape[1]} rows do not hold {list(outputs)} "
+                         "on a square patch grid")
+    out, start = DenseImage(grid=(side, side)), 0
+    for name in outputs:
+        n = 1 if name == "pooled" else hw
+        setattr(out, name, x[:, start] if name == "pooled" else x[:, start:start + n])
+        start += n
+    return out
 
 
 def _check(backbone, outputs: Sequence[str], taps: Sequence[int], depth: int) -> tuple[set, list]:

@@ -255,3 +255,34 @@ def test_weights_digest_follows_changes_to_the_weights(tiny_backbone):
     split_attention(b for _, b in bb.blocks("image"))  # same numbers, other tensors and names
     assert weights_digest(bb) not in (first, moved)
     assert weights_digest(tiny_backbone) == first
+
+
+# ------------------------------------------------------------------ dense features -------------
+def test_dense_entries_hold_the_dense_outputs_of_the_same_images(tiny_datamodule, tmp_path):
+    from adapt.dense import unpack_dense
+
+    bb, dm = make_backbone(), tiny_datamodule
+    items = dm.train_items[:10]
+    dense = ("pooled", "tokens", "value")
+    cached = _encode(bb, dm, tmp_path, items=items, transform=dm.test_transform(), dense=dense, normalize=False)
+    ds = ViewDataset(items, dm.dataset.root, dm.test_transform(), views=[0])
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        ref = bb.encode_image_dense(images, outputs=dense, normalize=False)
+    got = unpack_dense(cached.features[0], dense)
+    side = ref.grid[0]
+    assert cached.features.shape == (1, 10, 1 + 2 * side * side, bb.embed_dim) and got.grid == ref.grid
+    for name in dense:
+        assert (getattr(got, name) - getattr(ref, name)).abs().max() <= 1e-5, name
+    # read back from disk; float16 storage is its own entry, within half precision of float32
+    again = _encode(bb, dm, tmp_path, items=items, transform=dm.test_transform(), dense=dense, normalize=False)
+    half = _encode(bb, dm, tmp_path, items=items, transform=dm.test_transform(), dense=dense, normalize=False,
+                   dtype=torch.float16)
+    assert again.hit and torch.equal(again.features, cached.features)
+    assert not half.hit and half.features.dtype == torch.float16 and half.key != cached.key
+    assert ((half.features.float() - cached.features).abs() / cached.features.abs().clamp_min(1)).max() <= 1e-3
+    pooled = _encode(bb, dm, tmp_path, items=items, transform=dm.test_transform(), normalize=False)
+    assert pooled.key not in (cached.key, half.key) and pooled.features.shape == (1, 10, bb.embed_dim)
+    # pooled entries keep the keys they had before dense entries existed
+    plain = fingerprint(bb, items, dm.dataset.root, dm.test_transform())
+    assert "dense" not in plain and "storage" not in plain

@@ -45,6 +45,9 @@ class DataConfig:
     cache_views: int = 10
     # where cached features live; null = $ADAPT_CACHE_DIR/features or ~/.cache/adapt/features
     cache_dir: Optional[str] = None
+    # storage type of cached features: float32, or float16 (half the memory and disk; dense
+    # patch-token caches of ViT-B/16 take 197 x 512 values per image and view)
+    cache_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         from adapt.settings import get_setting  # settings import data modules: resolve late
@@ -54,5 +57,7 @@ class DataConfig:
             raise ValueError(f"data.bad_images={self.bad_images!r} is not one of error, skip")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        if self.cache_dtype not in ("float32", "float16"):
+            raise ValueError(f"data.cache_dtype={self.cache_dtype!r} is not one of float32, float16")
         if self.cache_views < 0:
             raise ValueError(f"data.cache_views must be >= 0 (0 = no augmentation), got {self.cache_views}")

@@ -18,11 +18,12 @@ from typing import Callable, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from adapt.data.checks import check_images, class_counts, warn_short_classes
 from adapt.data.config import DataConfig
-from adapt.data.feature_cache import CachedFeatures, CachedViewsDataset, EpochViewSampler, encode_items
+from adapt.data.feature_cache import (CachedEvalDataset, CachedFeatures, CachedViewsDataset, EpochViewSampler,
+                                     encode_items)
 from adapt.data.fewshot import write_manifest
 from adapt.data.image_dataset import ImageDataset
 from adapt.data.items import DatasetSplits, Item
@@ -70,7 +71,7 @@ class AdaptDataModule(pl.LightningDataModule):
         self.use_feature_cache = True
         # "images", or "features" once ``serve`` chose cached features for a method
         self.inputs = "images"
-        self._encoder = None  # (backbone, train views, device) when serving features
+        self._encoder = None  # (backbone, train views, device, dense outputs) when serving features
         # each split's features, once per run (evaluation and the zero-shot baseline share them)
         self._loaded: dict[tuple[str, bool], CachedFeatures] = {}
 
@@ -136,7 +137,8 @@ class AdaptDataModule(pl.LightningDataModule):
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     def encode(self, backbone, items: Sequence[Item], transform: Callable, split: str, views: int = 1,
-               normalize: bool = True, device: Optional[Union[str, torch.device]] = None):
+               normalize: bool = True, device: Optional[Union[str, torch.device]] = None,
+               dense: Sequence[str] = ()):
         """Frozen image features [views, n, d] (+ labels) of any item list, through the feature
         cache (``data.cache_dir``): methods that build something from images (Tip-Adapter's
         keys) pay for each encoding once across runs, seeds and hyper-parameters."""
@@ -145,7 +147,7 @@ class AdaptDataModule(pl.LightningDataModule):
                             dataset=self.dataset.name, split=split, normalize=normalize,
                             cache=self.use_feature_cache, cache_dir=self.cfg.cache_dir,
                             batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers,
-                            device=device)
+                            device=device, dense=dense, dtype=getattr(torch, self.cfg.cache_dtype))
 
     def serve(self, method, backbone, cache: bool = True, views: int = 1,
               device: Optional[Union[str, torch.device]] = None) -> str:
@@ -154,7 +156,7 @@ class AdaptDataModule(pl.LightningDataModule):
         (``supports_feature_cache``, no gradient steps at test time); else images. ``views``
         augmented views of each training image are encoded. Returns "features" or "images"."""
         use = cache and method.supports_feature_cache and not method.grad_at_test
-        self._encoder = (backbone, int(views), device) if use else None
+        self._encoder = (backbone, int(views), device, tuple(method.dense_inputs)) if use else None
         self._loaded = {}
         self.inputs = "features" if use else "images"
         return self.inputs
@@ -162,12 +164,12 @@ class AdaptDataModule(pl.LightningDataModule):
     def features(self, items: Sequence[Item], split: str, train: bool) -> CachedFeatures:
         """Frozen, unnormalized features of ``items`` (train: the augmented views)."""
         if (split, train) not in self._loaded:
-            backbone, views, device = self._encoder
+            backbone, views, device, dense = self._encoder
             augment = train and views > 0
             transform = self.train_transform() if augment else self.test_transform()
             self._loaded[split, train] = self.encode(backbone, items, transform, split,
                                                      views=views if augment else 1, normalize=False,
-                                                     device=device)
+                                                     device=device, dense=dense)
         return self._loaded[split, train]
 
     def train_transform(self):
@@ -201,7 +203,7 @@ class AdaptDataModule(pl.LightningDataModule):
         if self._encoder is None:
             return self.dataloader(items, self.test_transform(), self.cfg.eval_batch_size)
         cached = self.features(items, split, train=False)
-        return DataLoader(TensorDataset(cached.features[0], cached.labels), batch_size=self.cfg.eval_batch_size)
+        return DataLoader(CachedEvalDataset(cached.features[0], cached.labels), batch_size=self.cfg.eval_batch_size)
 
     def val_dataloader(self):
         self.setup()

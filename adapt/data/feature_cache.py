@@ -96,15 +96,21 @@ def items_digest(items: Sequence[Item], root: Union[str, Path]) -> str:
 
 def fingerprint(backbone, items: Sequence[Item], root: Union[str, Path], transform, *,
                 dataset: str = "", split: str = "", normalize: bool = True,
-                seed: int = DEFAULT_VIEW_SEED) -> dict:
+                seed: int = DEFAULT_VIEW_SEED, dense: Sequence[str] = (),
+                dtype: torch.dtype = torch.float32) -> dict:
     """Everything that determines the features of ``items`` (except the number of views, which
-    only decides how many of the same sequence of views are stored)."""
+    only decides how many of the same sequence of views are stored). ``dense``: the dense
+    outputs stored instead of the pooled feature (``adapt/dense.py``); ``dtype``: the storage
+    type. Both enter the key only when not the default, so pooled entries keep their keys."""
     import open_clip
 
     import adapt
 
     cfg = backbone.config
-    return {
+    extra = {"dense": list(dense)} if dense else {}
+    if dtype != torch.float32:
+        extra["storage"] = str(dtype)
+    return {**extra,
         "format": FORMAT,
         "backbone": {"name": str(cfg.name), "pretrained": None if cfg.pretrained is None else str(cfg.pretrained),
                      "quick_gelu": cfg.quick_gelu, "weights": weights_digest(backbone),
@@ -290,16 +296,19 @@ def encode_items(backbone, items: Sequence[Item], root: Union[str, Path], transf
                  views: int = 1, dataset: str = "", split: str = "", normalize: bool = True,
                  seed: int = DEFAULT_VIEW_SEED, cache: bool = True,
                  cache_dir: Optional[Union[str, Path]] = None, batch_size: int = 128,
-                 num_workers: int = 0, device: Optional[Union[str, torch.device]] = None) -> CachedFeatures:
+                 num_workers: int = 0, device: Optional[Union[str, torch.device]] = None,
+                 dense: Sequence[str] = (), dtype: torch.dtype = torch.float32) -> CachedFeatures:
     """Frozen image features of ``views`` views of every item, [views, n, d], from the cache when
     an entry exists, else computed (on ``device``, default: the backbone's) and stored.
+    ``dense`` names dense outputs to keep instead, packed per image as [T, d]
+    (``adapt/dense.py:pack_dense``); ``dtype`` is the storage type (float16 halves the memory).
 
     ``views=1`` with a deterministic transform is the evaluation case; with a random transform,
     view ``v`` is the same augmentation however many views are asked for."""
     if views < 1:
         raise ValueError(f"views must be >= 1, got {views}")
     components = fingerprint(backbone, items, root, transform, dataset=dataset, split=split,
-                             normalize=normalize, seed=seed)
+                             normalize=normalize, seed=seed, dense=dense, dtype=dtype)
     key = key_of(components)
     store = FeatureCache(cache_dir) if cache else None
     if store is not None:
@@ -313,7 +322,7 @@ def encode_items(backbone, items: Sequence[Item], root: Union[str, Path], transf
                 return CachedFeatures(found[0], found[1], key, hit=True)
         start = time.perf_counter()
         feats, labels = _compute(backbone, items, root, transform, views, normalize, seed,
-                                 batch_size, num_workers, device)
+                                 batch_size, num_workers, device, tuple(dense), dtype)
         log.info("feature cache: encoded %d image(s) x %d view(s) of %s/%s in %.1fs",
                  len(items), views, dataset, split, time.perf_counter() - start)
         if store is not None:
@@ -322,18 +331,27 @@ def encode_items(backbone, items: Sequence[Item], root: Union[str, Path], transf
 
 
 def _compute(backbone, items, root, transform, views, normalize, seed, batch_size, num_workers,
-             device) -> tuple[torch.Tensor, torch.Tensor]:
+             device, dense=(), dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     device = torch.device(device) if device is not None else backbone.logit_scale.device
     if device != backbone.logit_scale.device:
         backbone.to(device)
     loader = DataLoader(ViewDataset(items, root, transform, range(views), seed), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
-    feats = torch.empty(views, len(items), backbone.embed_dim, dtype=torch.float32)
+    feats = None
     labels = torch.tensor([it.label for it in items], dtype=torch.long)
     with torch.no_grad():
         for images, _, view, index in loader:
-            out = backbone.encode_image(images.to(device, non_blocking=True), normalize=normalize)
-            feats[view, index] = out.float().cpu()
+            images = images.to(device, non_blocking=True)
+            if dense:
+                from adapt.dense import pack_dense
+                out = pack_dense(backbone.encode_image_dense(images, outputs=dense, normalize=normalize), dense)
+            else:
+                out = backbone.encode_image(images, normalize=normalize)
+            if feats is None:  # dense shapes are known once the first batch is encoded
+                feats = torch.empty(views, len(items), *out.shape[1:], dtype=dtype)
+            feats[view, index] = out.to(dtype).cpu()
+    if feats is None:
+        feats = torch.empty(views, 0, backbone.embed_dim, dtype=dtype)
     return feats, labels
 
 
@@ -349,7 +367,20 @@ class CachedViewsDataset(Dataset):
 
     def __getitem__(self, key):
         i, v = key
-        return self.features[v, i], self.labels[i]
+        return self.features[v, i].float(), self.labels[i]  # stored in float16 or float32
+
+
+class CachedEvalDataset(Dataset):
+    """Index ``i`` -> (feature of item ``i``'s one view, as float32, label)."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def __getitem__(self, i):
+        return self.features[i].float(), self.labels[i]
 
 
 class EpochViewSampler(Sampler):

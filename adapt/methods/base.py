@@ -6,7 +6,8 @@ Hooks have do-nothing defaults so a method overrides only what defines it.
 
 A batch is images [B, 3, H, W], or, for a method that declares ``supports_feature_cache``, the
 frozen encoder's image features [B, d] as the data module serves them from the feature cache
-(unnormalized, as ``encode_images`` returns them). ``forward`` tells them apart by their rank,
+(unnormalized, as ``encode_images`` returns them); for a method with ``dense_inputs`` they are its
+dense outputs packed [B, T, d]. ``forward`` tells them apart by their rank,
 so neither the engine nor the runner ever needs to know which one it is passing.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapt.backbone import ClipBackbone
+from adapt.dense import DenseImage, pack_dense, unpack_dense
 from adapt.data.items import Item, clean_classname
 
 
@@ -45,6 +47,10 @@ class Method(nn.Module):
     # True when ``forward_features`` is valid on frozen image features, so the data module may
     # serve cached features instead of images (CoOp, CoCoOp, feature adapters).
     supports_feature_cache: ClassVar[bool] = False
+    # The dense outputs of the image tower the method reads (any of "pooled", "tokens",
+    # "value": ``adapt/dense.py``); then its frozen image input is those, packed [B, T, d], and a
+    # feature cache stores them in place of the pooled feature. Read with ``dense_features_of``.
+    dense_inputs: ClassVar[tuple[str, ...]] = ()
     # ``forward_features`` receives L2-normalized image features (CLIP's convention); False for
     # methods that read the encoder's raw output (CLIP-Adapter's blend, the linear probe).
     normalize_features: ClassVar[bool] = True
@@ -88,11 +94,22 @@ class Method(nn.Module):
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Unnormalized image features: frozen ones (what the feature cache stores), or, for a
-        method that changes the backbone, through its weights with their graph."""
-        if self.changes_backbone:
+        method that changes the backbone, through its weights with their graph. A method with
+        ``dense_inputs`` gets them packed [B, T, d]."""
+        with contextlib.nullcontext() if self.changes_backbone else torch.no_grad():
+            if self.dense_inputs:
+                dense = self.backbone.encode_image_dense(images, outputs=self.dense_inputs, normalize=False)
+                return pack_dense(dense, self.dense_inputs)
             return self.backbone.encode_image(images, normalize=False)
-        with torch.no_grad():
-            return self.backbone.encode_image(images, normalize=False)
+
+    def dense_features_of(self, x: torch.Tensor) -> DenseImage:
+        """The ``dense_inputs`` of images or of their cached packed form, L2-normalized when the
+        method reads normalized features."""
+        dense = unpack_dense(x if is_features(x) else self.encode_images(x), self.dense_inputs)
+        if self.normalize_features:
+            for name in self.dense_inputs:
+                setattr(dense, name, F.normalize(getattr(dense, name), dim=-1))
+        return dense
 
     def image_features_of(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen image features ``forward_features`` expects, from images or cached features."""
@@ -261,8 +278,9 @@ def items_of_classes(items: Sequence[Item], names: Sequence[str], classnames: Se
 
 
 def is_features(x: torch.Tensor) -> bool:
-    """A batch of image features [B, d] rather than images [B, 3, H, W]."""
-    return x.dim() == 2
+    """A batch of image features [B, d] (or packed dense ones [B, T, d]) rather than images
+    [B, 3, H, W]."""
+    return x.dim() in (2, 3)
 
 
 def check_templates(templates: Optional[Sequence[str]], key: str = "templates") -> None:
