@@ -91,7 +91,8 @@ def test_feature_path_equals_image_path(name, tiny_backbone, tiny_datamodule):
     dm = tiny_datamodule
     items = dm.eval_sets["test"][1][:5]
     images = torch.stack([dm.dataloader(items, dm.test_transform(), 5).dataset[i][0] for i in range(5)])
-    served = dm.encode(tiny_backbone, items, dm.test_transform(), "contract", normalize=False)
+    served = dm.encode(tiny_backbone, items, dm.test_transform(), "contract", normalize=False,
+                       dense=method.dense_inputs)
     with torch.no_grad():
         method.reset_test_state()  # an online method's memory starts afresh for each stream
         from_images = method.predict(images)
@@ -126,9 +127,14 @@ def test_repointing_keeps_each_class_or_refuses(name, tiny_backbone, tiny_datamo
     assert after.shape == (3, len(other)) and torch.isfinite(after).all()
     # test-time adaptation (TPT's tuning, Zero's vote, TDA's and DMN's memories) depends on the
     # whole class list; every other method keeps each known class's column
-    if not method.test_time:
+    if not (method.test_time or method.couples_classes):
         assert (after[:, 0] - before[:, 2]).abs().max() <= 1e-4
         assert (after[:, 2] - before[:, 0]).abs().max() <= 1e-4
+    if method.couples_classes:  # the same classes reordered: the same columns, reordered
+        order = [2, 0, 3, 1]
+        with torch.no_grad():
+            method.set_classnames([NAMES[i] for i in order])
+            assert (predict() - before[:, order]).abs().max() <= 1e-4
     method.set_classnames(NAMES)
     with torch.no_grad():
         assert (predict() - before).abs().max() <= 1e-5

@@ -57,6 +57,9 @@ class Method(nn.Module):
     # Whether a new class list can be set after training (False for class-specific parameters),
     # and the setting that would make it so (named in the error when novel classes are needed).
     repointable: ClassVar[bool] = True
+    # True when a class's logit depends on which other classes are in the list (CALIP's softmax
+    # over the classes): re-pointed, such a method only permutes columns for a reordered list.
+    couples_classes: ClassVar[bool] = False
     repoint_fix: ClassVar[str] = ""
     # True for test-time methods that take gradient steps while evaluating (TPT).
     grad_at_test: ClassVar[bool] = False
