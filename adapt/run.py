@@ -70,11 +70,15 @@ class Experiment:
                 f"{recipe.method.name} (as configured) learns one thing per training class and "
                 f"cannot classify the novel classes of evaluation set(s) {', '.join(others)} "
                 f"(data.setting={recipe.data.setting}); use data.setting=all{fix}")
-        # cached frozen image features replace images where the method only reads those
-        views = min(recipe.data.cache_views, max(1, self.max_epochs))
-        self.inputs = self.data.serve(self.method, self.backbone, cache=bool(recipe.cache), views=views,
-                                      device=_encode_device(recipe))
+        self.inputs = self.serve(self.method)
         self.fit_trainer: Optional[pl.Trainer] = None  # kept for its loggers
+
+    def serve(self, method: Method) -> str:
+        """Point the data module's loaders at ``method``'s inputs: cached frozen image features
+        (pooled, or the dense outputs it reads) where the method only reads those, else images."""
+        views = min(self.recipe.data.cache_views, max(1, self.max_epochs))
+        return self.data.serve(method, self.backbone, cache=bool(self.recipe.cache), views=views,
+                               device=_encode_device(self.recipe))
 
     def trainer(self, evaluation: bool = False) -> pl.Trainer:
         return build_trainer(self.recipe, self.run_dir, inference_mode=self.method.inference_mode_ok,
@@ -221,10 +225,15 @@ def zero_shot_metrics(exp: Experiment) -> dict[str, float]:
                                  method="zeroshot", backbone=exp.backbone)
     saved, saved_module = exp.method, exp.module
     exp.method, exp.module = zs.method, zs
+    reserve = bool(saved.dense_inputs)  # the method's dense inputs are not zero-shot's
     try:
+        if reserve:
+            exp.serve(zs.method)
         return summarize(exp.recipe.data.setting, exp.evaluate())
     finally:
         exp.method, exp.module = saved, saved_module
+        if reserve:
+            exp.serve(saved)
 
 
 def _results(recipe: DictConfig, exp: Experiment, metrics: dict, fit_s: float, eval_s: float) -> dict:

@@ -77,3 +77,24 @@ def test_setup_searches_on_the_validation_split_only(tiny_backbone, tiny_datamod
     fixed = build_method("calip", {"search": False, "beta2": 0.3}, tiny_backbone, dm.train_classnames, TEMPLATES)
     fixed.setup(dm)
     assert fixed.search_result is None and float(fixed.beta2) == pytest.approx(0.3)
+
+
+def test_runner_gives_calip_and_its_zero_shot_baseline_their_own_inputs(image_folder, tmp_path):
+    """The baseline beside a dense-feature method is evaluated on pooled features (the data
+    module is re-pointed for it and back), and equals a zero-shot run on its own."""
+    from pathlib import Path
+
+    from adapt.config import load_recipe
+    from adapt.run import run_fit
+    from tests.conftest import tiny_overrides
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    over = tiny_overrides(image_folder, tmp_path, "calip", **{"baseline": "true", "run_name": "c",
+                                                               "data.cache_dir": str(tmp_path / "cache")})
+    res = run_fit(load_recipe(recipes / "calip/fewshot.yaml", over))
+    assert res["inputs"] == "features"
+    plain = tmp_path / "zeroshot.yaml"
+    plain.write_text("method: {name: zeroshot}\ntrainer: {max_epochs: 0}\n")
+    zs = run_fit(load_recipe(plain, tiny_overrides(image_folder, tmp_path, "zeroshot", **{
+        "run_name": "z", "data.cache_dir": str(tmp_path / "cache")})))
+    assert res["zeroshot_metrics"] == pytest.approx(zs["metrics"])
