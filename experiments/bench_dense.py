@@ -1,0 +1,129 @@
+"""Per-image cost of the dense outputs and of the methods that read them, against pooled features.
+
+    python experiments/bench_dense.py [--quick] [--out DIR] [--threads 2]
+
+ViT-B/16 architecture with random weights (the real model's FLOPs), fp32, CPU, one process, a
+batch of 16 images at 224 px, 100 classes (text features cached, as at evaluation). Timed in
+alternating rounds, so that a load change on a shared machine hits every row alike: the pooled
+feature (``encode_image``), the dense call for pooled + patch tokens, the value path alone
+(MaskCLIP's features: the last block's attention skipped), the dense call with four block taps
+(DenseCLIP's 3, 5, 7, 11), zero-shot and CALIP predictions on images. Peak resident memory of each.
+Targets: dense features <= 1.15x pooled per image; CALIP inference <= 1.3x zero-shot.
+
+Writes bench_dense.json and .md to --out (default: a new temporary folder). ``--quick`` runs every
+row at toy sizes on a tiny model (a smoke test; the numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.benchlib import (PeakMemory, interleaved, load_average, output_dir,  # noqa: E402
+                                  start_heap, targets_met, write_result)
+
+FULL = dict(model="ViT-B-16", classes=100, batch=16, rounds=4, taps=[3, 5, 7, 11])
+QUICK = dict(model="adapt-tiny-vit", classes=10, batch=4, rounds=1, taps=[0, 1])
+TEMPLATE = ["a photo of a {}."]
+TARGETS = [
+    ("dense_vs_pooled", "pooled + patch tokens / pooled feature, per image", "<= 1.15x", lambda v: v <= 1.15),
+    ("calip_vs_zeroshot", "CALIP / zero-shot inference, per image", "<= 1.3x", lambda v: v <= 1.3),
+]
+
+
+def classnames(n: int) -> list[str]:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES[:n])
+
+
+def modes(cfg: dict) -> tuple[dict, dict]:
+    from adapt.backbone import BackboneConfig, build_backbone
+    from adapt.methods import build_method
+
+    torch.manual_seed(0)
+    bb = build_backbone(BackboneConfig(name=cfg["model"], pretrained=None))
+    images = torch.randn(cfg["batch"], 3, bb.image_size, bb.image_size, generator=torch.Generator().manual_seed(0))
+    names = classnames(cfg["classes"])
+    zs = build_method("zeroshot", None, bb, names, TEMPLATE).eval()
+    calip = build_method("calip", None, bb, names, TEMPLATE).eval()
+
+    def no_grad(fn):
+        return lambda: torch.no_grad()(fn)()
+
+    rows = {
+        "pooled feature": (no_grad(lambda: bb.encode_image(images)), "encode_image"),
+        "pooled + tokens": (no_grad(lambda: bb.encode_image_dense(images, outputs=("pooled", "tokens"))),
+                            "encode_image_dense"),
+        "value path": (no_grad(lambda: bb.encode_image_dense(images, outputs=("value",))),
+                       "MaskCLIP's features; the last block's attention skipped"),
+        "pooled + taps": (no_grad(lambda: bb.encode_image_dense(images, outputs=("pooled",), taps=cfg["taps"])),
+                            f"DenseCLIP's token maps after blocks {cfg['taps']}"),
+        "zero-shot": (no_grad(lambda: zs.predict(images)), f"{cfg['classes']} classes, text cached"),
+        "CALIP": (no_grad(lambda: calip.predict(images)), f"{cfg['classes']} classes, text cached"),
+    }
+    return {k: (fn, cfg["rounds"]) for k, (fn, _) in rows.items()}, {k: note for k, (_, note) in rows.items()}
+
+
+def markdown(result: dict) -> str:
+    m, c = result["machine"], result["config"]
+    lines = [f"Dense outputs: {c['model']} (random weights), fp32, CPU, {m['threads']} threads, batch {c['batch']}; "
+             f"load average before/after {m['load_average_before'][:1]}/{m['load_average_after'][:1]} "
+             "(a shared machine). " + ("QUICK smoke run: toy sizes, numbers mean nothing." if result["quick"] else ""),
+             "", "| workload | s / image | × pooled | peak RSS (GB) | notes |", "|---|---:|---:|---:|---|"]
+    pooled = result["rows"][0]["seconds_per_image"]
+    for r in result["rows"]:
+        lines.append(f"| {r['workload']} | {r['seconds_per_image']:.4f} | {r['seconds_per_image'] / pooled:.2f} | "
+                     f"{r['peak_rss_mb'] / 1024:.2f} | {r['note']} |")
+    lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
+    for key, label, goal, _ in TARGETS:
+        t = result["targets"][key]
+        lines.append(f"| {label} | {t['value']:.2f}x | {goal} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="toy sizes on a tiny model (smoke test)")
+    ap.add_argument("--out", default=None, help="folder for the figures (default: a new temporary folder)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    import logging
+
+    logging.getLogger("adapt").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    cfg = dict(QUICK if args.quick else FULL)
+    out = output_dir(args.out, args.quick, "bench_dense")
+    print(f"figures will be written to {out}", flush=True)
+    start, load_before = time.perf_counter(), load_average()
+    allocator = start_heap()
+    memory = PeakMemory()
+    timed_modes, notes = modes(cfg)
+    measured = interleaved(timed_modes, memory, warmup=1)
+    rows = [{"workload": k, "seconds_per_image": s / cfg["batch"], "peak_rss_mb": peak, "note": notes[k]}
+            for k, (s, peak) in measured.items()]
+    per = {r["workload"]: r["seconds_per_image"] for r in rows}
+    ratios = {"dense_vs_pooled": per["pooled + tokens"] / per["pooled feature"],
+              "calip_vs_zeroshot": per["CALIP"] / per["zero-shot"],
+              "value_vs_pooled": per["value path"] / per["pooled feature"],
+              "taps_vs_pooled": per["pooled + taps"] / per["pooled feature"]}
+    result = {"quick": args.quick, "config": cfg, "rows": rows, "ratios": ratios,
+              "targets": targets_met(TARGETS, ratios), "allocator": allocator,
+              "machine": {"threads": args.threads, "python": platform.python_version(), "torch": torch.__version__,
+                          "load_average_before": load_before, "load_average_after": load_average()},
+              "wall_seconds": time.perf_counter() - start}
+    write_result(out, "bench_dense", result, markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
