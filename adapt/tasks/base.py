@@ -1,0 +1,54 @@
+"""What a label is: a task kind owns the target's form, the default loss, the metrics and their
+names. Registered by short name like methods and settings; the engine asks the task and never
+branches on its name."""
+from __future__ import annotations
+
+import difflib
+from typing import ClassVar
+
+import torch
+from torchmetrics import Metric
+
+__all__ = ["Task", "get_task", "list_tasks", "register_task"]
+
+_TASKS: dict[str, type] = {}
+
+
+class Task:
+    name: ClassVar[str] = ""
+    # the metric that names a split's result (``test_<primary>``) and ranks runs
+    primary: ClassVar[str] = ""
+    # what one target is, in a few words (for messages and `adapt tasks`)
+    target: ClassVar[str] = ""
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The default training loss of a method on this task."""
+        raise NotImplementedError
+
+    def evaluator(self, num_classes: int) -> Metric:
+        """A torchmetrics ``Metric`` accumulating a split (synchronised across DDP processes);
+        ``compute()`` returns {metric name: value ×100}, ``primary`` among them."""
+        raise NotImplementedError
+
+
+def register_task(name: str):
+    def wrap(cls):
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is registered twice")
+        cls.name = name
+        _TASKS[name] = cls
+        return cls
+
+    return wrap
+
+
+def list_tasks() -> list[str]:
+    return sorted(_TASKS)
+
+
+def get_task(name: str) -> Task:
+    if name not in _TASKS:
+        close = difflib.get_close_matches(name, _TASKS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"unknown task {name!r}.{hint} Registered: {', '.join(list_tasks())}")
+    return _TASKS[name]()
