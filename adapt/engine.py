@@ -15,10 +15,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import Metric
 
 from adapt.backbone import BackboneConfig, build_backbone
 from adapt.methods import Method, build_method
+from adapt.tasks import get_task
 
 METHOD_PREFIX = "method."
 
@@ -47,28 +48,32 @@ class AdaptModule(pl.LightningModule):
         optim: the ``optim`` section (``OptimConfig`` fields); max_epochs: the schedule's length.
         prebuilt_backbone: an already-built backbone for that section (not saved), so that a
             runner shares one frozen model between its data encoding and the method.
+        task: the task kind of the data (``adapt/tasks/``): its default loss and its metrics.
     """
 
     def __init__(self, method: str, method_config: Optional[dict], classnames: Sequence[str],
                  templates: Sequence[str], backbone: dict, optim: dict, max_epochs: int,
-                 prebuilt_backbone=None):
+                 prebuilt_backbone=None, task: str = "single_label"):
         super().__init__()
         self.save_hyperparameters(ignore=["prebuilt_backbone"])
+        self.task = get_task(task)
         bb = prebuilt_backbone if prebuilt_backbone is not None else build_backbone(BackboneConfig(**backbone))
-        self.method: Method = build_method(method, method_config, bb, classnames, templates)
+        self.method: Method = build_method(method, method_config, bb, classnames, templates, task=task)
         self.optim_cfg = OmegaConf.create(dict(optim))
         self.max_epochs = max_epochs
         # checkpoints hold only the method's trainable state; the backbone comes from its weights
         self.strict_loading = False
-        self.train_acc = MulticlassAccuracy(num_classes=len(self.method.classnames), average="micro")
-        self.eval_acc: Optional[MulticlassAccuracy] = None
+        # the task's running training metric (accuracy, mAP), logged as train/<name>
+        self.train_metric = self.task.train_metric(len(self.method.classnames))
+        self.eval_metric: Optional[Metric] = None  # the task's evaluator of the current split
+        self.eval_results: dict[str, float] = {}  # its last split's metrics (fractions of 1)
         self.scalar_names: set[str] = set()  # the training scalars the method reported
         self.training_scalars: dict[str, float] = {}
 
     @classmethod
     def from_recipe(cls, recipe: DictConfig, classnames: Sequence[str], templates: Sequence[str],
                     method: Optional[str] = None, backbone=None,
-                    max_epochs: Optional[int] = None) -> "AdaptModule":
+                    max_epochs: Optional[int] = None, task: str = "single_label") -> "AdaptModule":
         """The recipe's method (or ``method`` with its defaults) for ``classnames``;
         ``max_epochs``: the run's epochs when they follow from ``trainer.max_steps``."""
         plain = lambda section: OmegaConf.to_container(section, resolve=True)  # noqa: E731
@@ -79,7 +84,7 @@ class AdaptModule(pl.LightningModule):
             section = None
         return cls(method, section, list(classnames), list(templates), plain(recipe.backbone),
                    plain(recipe.optim), int(max_epochs or recipe.trainer.max_epochs),
-                   prebuilt_backbone=backbone)
+                   prebuilt_backbone=backbone, task=task)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None,
@@ -103,10 +108,10 @@ class AdaptModule(pl.LightningModule):
         out = self.method.output(x)
         loss = self.method.loss(out, y)
         self._check_finite(loss)
-        self.train_acc(out.logits.detach(), y)
+        self.train_metric(self.task.scores(out.logits.detach()), y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=y.shape[0],
                  sync_dist=True)
-        self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
+        self.log(f"train/{self.task.primary}", self.train_metric, prog_bar=True, on_step=False, on_epoch=True)
         for name, value in out.scalars.items():  # the method's own terms: epoch means
             self.scalar_names.add(name)
             value = value.detach().float() if torch.is_tensor(value) else float(value)
@@ -153,17 +158,32 @@ class AdaptModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ evaluation -------------
     def start_evaluation(self) -> None:
-        """Fresh accuracy metric sized to the method's current class list; a test-time method
-        starts every evaluation set with no adaptation state (a new stream)."""
+        """The task's fresh evaluator sized to the method's current class list; a test-time
+        method starts every evaluation set with no adaptation state (a new stream)."""
         check_test_time_world(self.method, self.trainer.world_size)
         self.method.reset_test_state()
-        self.eval_acc = MulticlassAccuracy(num_classes=len(self.method.classnames), average="micro").to(self.device)
+        self.eval_metric = self.task.evaluator(len(self.method.classnames)).to(self.device)
+        self._evaluated = 0
+
+    def finish_evaluation(self, stage: str) -> None:
+        """Every metric of the split (gathered across processes), logged as <stage>/<name>."""
+        if not self._evaluated:
+            return
+        self.eval_results = self.eval_metric.compute()
+        for name, value in self.eval_results.items():
+            self.log(f"{stage}/{name}", value)
 
     def on_validation_epoch_start(self) -> None:
         self.start_evaluation()
 
     def on_test_epoch_start(self) -> None:
         self.start_evaluation()
+
+    def on_validation_epoch_end(self) -> None:
+        self.finish_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.finish_evaluation("test")
 
     def _eval_step(self, batch, stage: str):
         x, y = batch
@@ -172,8 +192,8 @@ class AdaptModule(pl.LightningModule):
             logits = torch.cat([self._predict_episode(xi) for xi in x.split(1)])
         else:  # online methods take the batch in stream order and update as they go
             logits = self.method.predict(x)
-        self.eval_acc(logits, y)
-        self.log(f"{stage}/acc", self.eval_acc, on_step=False, on_epoch=True, batch_size=y.shape[0])
+        self.eval_metric.update(logits, y)
+        self._evaluated += y.shape[0]
 
     def _predict_episode(self, x: torch.Tensor) -> torch.Tensor:
         try:

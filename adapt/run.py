@@ -29,7 +29,8 @@ from adapt.engine import AdaptModule, TrainingDiverged, build_trainer, log_final
 from adapt.export import WEIGHTS_FILE, read_adapter_state, save_adapter
 from adapt.io import atomic_write_json, atomic_write_text
 from adapt.loggers import build_loggers, log_final
-from adapt.methods import Method
+from adapt.methods import Method, get_method
+from adapt.methods.registry import check_task
 from adapt.process import prepare_cpu_process
 from adapt.rundir import prepare_run_dir, resumable_checkpoint, write_status
 from adapt.settings import get_setting
@@ -54,14 +55,21 @@ class Experiment:
         self.data = AdaptDataModule(recipe.data, None, None, None, seed=recipe.seed,
                                     run_dir=None if evaluation else self.run_dir)
         self.data.setup()
+        try:  # the method must do this data's task kind: refused before the backbone loads
+            check_task(recipe.method.name, self.data.dataset.task)
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
         self.max_epochs = epochs_of(recipe, len(self.data.train_items))
         self.backbone = build_backbone(recipe.backbone)
         self.data.set_preprocess(self.backbone.image_size, self.backbone.image_mean, self.backbone.image_std)
         self.data.use_feature_cache = bool(recipe.cache)
         # the setting's work that needs the model (UPL's pseudo-labels), before the method exists
         self.setting_report = self.data.setting.prepare(self.data, self.backbone, _encode_device(recipe))
+        self.task = self.data.dataset.task
         self.module = AdaptModule.from_recipe(recipe, self.data.train_classnames, self.data.templates,
-                                              backbone=self.backbone, max_epochs=self.max_epochs)
+                                              backbone=self.backbone, max_epochs=self.max_epochs,
+                                              task=self.task)
+        self.task_metrics: dict[str, dict[str, float]] = {}  # per set, all of the task's metrics
         self.method: Method = self.module.method
         others = [n for n, (c, _) in self.data.eval_sets.items() if list(c) != list(self.data.train_classnames)]
         if others and not self.method.repointable:
@@ -132,8 +140,11 @@ class Experiment:
                 loader = stream_loader(loader, self.recipe.seed)
             else:  # under DDP each process takes an unpadded share (Lightning's sampler is off here)
                 loader = shard_loader(loader, trainer.global_rank, trainer.world_size)
-            out = trainer.test(self.module, dataloaders=loader, verbose=False)
-            accs[name] = 100.0 * float(out[0]["test/acc"])
+            trainer.test(self.module, dataloaders=loader, verbose=False)
+            # the task's primary metric names the set's result; all of them are kept
+            found = {k: 100.0 * v for k, v in self.module.eval_results.items()}
+            accs[name] = found[self.module.task.primary]
+            self.task_metrics[name] = found
         self.method.templates = templates
         self.method.set_classnames(trained_on)
         return accs
@@ -145,7 +156,8 @@ class Experiment:
         try:
             for value in values:
                 apply(value)
-                rows.append({name: value, "metrics": summarize(self.recipe.data.setting, self.evaluate())})
+                rows.append({name: value, "metrics": summarize(self.recipe.data.setting, self.evaluate(),
+                                                               self.module.task.primary)})
         finally:
             apply(chosen)
         return {"name": name, "chosen": chosen, "values": rows}
@@ -158,9 +170,9 @@ def _encode_device(recipe: DictConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def summarize(setting: str, accs: dict[str, float]) -> dict[str, float]:
+def summarize(setting: str, accs: dict[str, float], metric: str = "acc") -> dict[str, float]:
     """Accuracies per evaluation set -> the setting's named metrics (adapt/settings/)."""
-    return get_setting(setting).summarize(accs)
+    return get_setting(setting).summarize(accs, metric)
 
 
 def run_fit(recipe: DictConfig) -> dict:
@@ -178,7 +190,7 @@ def run_fit(recipe: DictConfig) -> dict:
     _write_status(exp, "running")
     fit_s = exp.fit()
     start = time.perf_counter()
-    metrics = summarize(recipe.data.setting, exp.evaluate())
+    metrics = summarize(recipe.data.setting, exp.evaluate(), exp.module.task.primary)
     results = _results(recipe, exp, metrics, fit_s, time.perf_counter() - start)
     results["scalars"] = exp.module.final_scalars()
     sweep = exp.method.evaluation_sweep()
@@ -189,7 +201,7 @@ def run_fit(recipe: DictConfig) -> dict:
         if rank_zero_only.rank == 0:
             save_adapter(exp.method, adapter_dir)
         results["adapter_dir"] = str(adapter_dir)
-    if recipe.baseline and exp.method.name != "zeroshot":
+    if recipe.baseline and exp.method.name != "zeroshot" and exp.task in get_method("zeroshot").tasks:
         results["zeroshot_metrics"] = zero_shot_metrics(exp)
     _write_results(exp, results)
     if exp.fit_trainer is not None:
@@ -212,7 +224,7 @@ def run_test(recipe: DictConfig, run_dir: Optional[Path] = None) -> dict:
     elif exp.method.is_trainable:
         log.warning("%s: no trained adapter found, evaluating the untrained initialisation", exp.method.name)
     start = time.perf_counter()
-    metrics = summarize(recipe.data.setting, exp.evaluate())
+    metrics = summarize(recipe.data.setting, exp.evaluate(), exp.module.task.primary)
     results = _results(recipe, exp, metrics, 0.0, time.perf_counter() - start)
     results["scalars"] = exp.module.final_scalars()
     _write_results(exp, results, name="test_results.json" if run_dir is not None else "results.json")
@@ -222,18 +234,15 @@ def run_test(recipe: DictConfig, run_dir: Optional[Path] = None) -> dict:
 def zero_shot_metrics(exp: Experiment) -> dict[str, float]:
     """The zero-shot model on the same evaluation sets, for a side-by-side comparison."""
     zs = AdaptModule.from_recipe(exp.recipe, exp.data.train_classnames, exp.data.templates,
-                                 method="zeroshot", backbone=exp.backbone)
+                                 method="zeroshot", backbone=exp.backbone, task=exp.task)
     saved, saved_module = exp.method, exp.module
     exp.method, exp.module = zs.method, zs
-    reserve = bool(saved.dense_inputs)  # the method's dense inputs are not zero-shot's
-    try:
-        if reserve:
-            exp.serve(zs.method)
-        return summarize(exp.recipe.data.setting, exp.evaluate())
+    try:  # zero-shot's own inputs (pooled features where the method read dense ones), then back
+        exp.serve(zs.method)
+        return summarize(exp.recipe.data.setting, exp.evaluate(), zs.task.primary)
     finally:
         exp.method, exp.module = saved, saved_module
-        if reserve:
-            exp.serve(saved)
+        exp.serve(saved)
 
 
 def _results(recipe: DictConfig, exp: Experiment, metrics: dict, fit_s: float, eval_s: float) -> dict:
@@ -254,6 +263,9 @@ def _results(recipe: DictConfig, exp: Experiment, metrics: dict, fit_s: float, e
         "run_dir": str(exp.run_dir),
         "timing": {"fit_seconds": round(fit_s, 3), "eval_seconds": round(eval_s, 3)},
         "inputs": exp.inputs,  # "features": trained/evaluated on cached frozen image features
+        "task": exp.task,
+        # every metric of the task per evaluation set, where it reports more than one (mAP, CF1, ...)
+        **({"task_metrics": exp.task_metrics} if any(len(m) > 1 for m in exp.task_metrics.values()) else {}),
         **test_time_record(exp.method, recipe.seed),
         "versions": {"adapt": adapt.__version__, "torch": torch.__version__,
                      "open_clip": open_clip.__version__, "python": platform.python_version()},

@@ -131,13 +131,13 @@ def test_task_objects_give_their_loss_and_metrics():
     ev = single.evaluator(4)
     ev.update(logits[:5], labels[:5])
     ev.update(logits[5:], labels[5:])
-    assert ev.compute() == {"acc": pytest.approx(100 * float((logits.argmax(1) == labels).float().mean()))}
+    assert ev.compute() == {"acc": pytest.approx(float((logits.argmax(1) == labels).float().mean()))}
     scores, targets = _data(12, 4, seed=9)
     logit = torch.logit(scores)
     ev = multi.evaluator(4)
     ev.update(logit[:6], targets[:6])
     ev.update(logit[6:], targets[6:])
     out = ev.compute()
-    assert out["map"] == pytest.approx(mean_average_precision(scores, targets), abs=1e-4)
-    assert out["of1"] == pytest.approx(threshold_scores(scores, targets)["of1"], abs=1e-4)
+    assert 100 * out["map"] == pytest.approx(mean_average_precision(scores, targets), abs=1e-4)
+    assert 100 * out["of1"] == pytest.approx(threshold_scores(scores, targets)["of1"], abs=1e-4)
     assert {single.primary, multi.primary} == {"acc", "map"} and "p@3" in out

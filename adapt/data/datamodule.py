@@ -73,7 +73,7 @@ class AdaptDataModule(pl.LightningDataModule):
         self.inputs = "images"
         self._encoder = None  # (backbone, train views, device, dense outputs) when serving features
         # each split's features, once per run (evaluation and the zero-shot baseline share them)
-        self._loaded: dict[tuple[str, bool], CachedFeatures] = {}
+        self._loaded: dict[tuple[str, bool, tuple], CachedFeatures] = {}  # (split, train, dense outputs)
 
     def set_preprocess(self, image_size: Optional[int], mean: Optional[Sequence[float]],
                        std: Optional[Sequence[float]]) -> None:
@@ -156,21 +156,23 @@ class AdaptDataModule(pl.LightningDataModule):
         (``supports_feature_cache``, no gradient steps at test time); else images. ``views``
         augmented views of each training image are encoded. Returns "features" or "images"."""
         use = cache and method.supports_feature_cache and not method.grad_at_test
-        self._encoder = (backbone, int(views), device, tuple(method.dense_inputs)) if use else None
-        self._loaded = {}
+        encoder = (backbone, int(views), device, tuple(method.dense_inputs)) if use else None
+        if encoder is None or self._encoder is None or encoder[:3] != self._encoder[:3]:
+            self._loaded = {}  # features of another backbone or view count are never reused
+        self._encoder = encoder
         self.inputs = "features" if use else "images"
         return self.inputs
 
     def features(self, items: Sequence[Item], split: str, train: bool) -> CachedFeatures:
         """Frozen, unnormalized features of ``items`` (train: the augmented views)."""
-        if (split, train) not in self._loaded:
-            backbone, views, device, dense = self._encoder
+        backbone, views, device, dense = self._encoder
+        if (split, train, dense) not in self._loaded:
             augment = train and views > 0
             transform = self.train_transform() if augment else self.test_transform()
-            self._loaded[split, train] = self.encode(backbone, items, transform, split,
-                                                     views=views if augment else 1, normalize=False,
-                                                     device=device, dense=dense)
-        return self._loaded[split, train]
+            self._loaded[split, train, dense] = self.encode(backbone, items, transform, split,
+                                                            views=views if augment else 1, normalize=False,
+                                                            device=device, dense=dense)
+        return self._loaded[split, train, dense]
 
     def train_transform(self):
         return train_transform(self.image_size, self.mean, self.std)

@@ -38,6 +38,8 @@ class DatasetSplits:
     # stable identifiers of the classes (ImageNet's WordNet ids), in label order, where a dataset
     # has them: domain generalization maps a target's classes onto the source's through these
     class_ids: Optional[list[str]] = None
+    # what a label is (``adapt/tasks/``): one class per image, a multi-hot vector, a label map
+    task: str = "single_label"
 
     def split(self, name: str) -> list[Item]:
         if name not in ("train", "val", "test"):

@@ -23,6 +23,8 @@ from torch import nn
 from adapt.backbone import ClipBackbone
 from adapt.dense import DenseImage, pack_dense, unpack_dense
 from adapt.data.items import Item, clean_classname
+from adapt.tasks import Task
+from adapt.tasks.single_label import SingleLabel
 
 
 @dataclass
@@ -51,6 +53,11 @@ class Method(nn.Module):
     # "value": ``adapt/dense.py``); then its frozen image input is those, packed [B, T, d], and a
     # feature cache stores them in place of the pooled feature. Read with ``dense_features_of``.
     dense_inputs: ClassVar[tuple[str, ...]] = ()
+    # The task kinds (``adapt/tasks/``) it can learn and predict; a recipe pairing it with other
+    # data is refused before anything loads. ``self.task`` is the one it was built for; the
+    # default ``loss`` is that task's.
+    tasks: ClassVar[tuple[str, ...]] = ("single_label",)
+    task: Task = SingleLabel()
     # ``forward_features`` receives L2-normalized image features (CLIP's convention); False for
     # methods that read the encoder's raw output (CLIP-Adapter's blend, the linear probe).
     normalize_features: ClassVar[bool] = True
@@ -136,8 +143,9 @@ class Method(nn.Module):
     # ------------------------------------------------------------------ hooks ------------------
     def loss(self, out: Union[MethodOutput, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Training loss of a batch from ``output``'s result; methods add regularizers here
-        (KgCoOp, PromptSRC) and may record their terms in ``out.scalars``."""
-        return F.cross_entropy(as_output(out).logits, labels)
+        (KgCoOp, PromptSRC) and may record their terms in ``out.scalars``. The default is the
+        task's loss (cross-entropy for single-label data)."""
+        return self.task.loss(as_output(out).logits, labels)
 
     def scalars(self) -> dict[str, float]:
         """Named values describing the fitted method (Tip-Adapter's chosen α/β, CLIP-Adapter's

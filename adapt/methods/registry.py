@@ -79,6 +79,25 @@ def config_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def build_method(name: str, config, backbone, classnames: Sequence[str], templates: Sequence[str]):
-    """``config``: the method's Config, or a mapping of its fields (None = the defaults)."""
-    return get_method(name)(method_config(name, config), backbone, classnames, templates)
+def check_task(name: str, task: str) -> None:
+    """The method can learn / predict the data's task kind, or one message saying which can."""
+    from adapt.tasks import get_task
+
+    kind = get_task(task)  # an unknown task kind is named first
+    cls = get_method(name)
+    if task not in cls.tasks:
+        able = [m for m in list_methods() if task in get_method(m).tasks]
+        raise ValueError(f"method {name!r} does {', '.join(cls.tasks)} but this data is {task} "
+                         f"({kind.target}); methods for {task}: {', '.join(able) or 'none yet'}")
+
+
+def build_method(name: str, config, backbone, classnames: Sequence[str], templates: Sequence[str],
+                 task: str = "single_label"):
+    """``config``: the method's Config, or a mapping of its fields (None = the defaults);
+    ``task``: the data's task kind (``adapt/tasks/``), which the method must declare."""
+    from adapt.tasks import get_task
+
+    check_task(name, task)
+    method = get_method(name)(method_config(name, config), backbone, classnames, templates)
+    method.task = get_task(task)
+    return method

@@ -49,6 +49,7 @@ class Setting:
         Returns entries for ``results.json``."""
         return {}
 
-    def summarize(self, accs: dict[str, float]) -> dict[str, float]:
-        """Accuracies per evaluation set -> the named metrics of ``results.json``."""
-        return {"test_acc": accs["test"]}
+    def summarize(self, accs: dict[str, float], metric: str = "acc") -> dict[str, float]:
+        """The task's primary metric per evaluation set (``metric``: "acc", "map", ...) -> the
+        named metrics of ``results.json``."""
+        return {f"test_{metric}": accs["test"]}

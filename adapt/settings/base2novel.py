@@ -31,6 +31,6 @@ class BaseToNovel(Setting):
             evals[subset] = (subset_names, items)
         return Plan(base_train, base_names, base_val, evals, train, val)
 
-    def summarize(self, accs):
+    def summarize(self, accs, metric: str = "acc"):
         b, n = accs["base"], accs["novel"]
-        return {"base_acc": b, "novel_acc": n, "hm": harmonic_mean(b, n)}
+        return {f"base_{metric}": b, f"novel_{metric}": n, "hm": harmonic_mean(b, n)}

@@ -65,8 +65,8 @@ class CrossDataset(Setting):
             plan.eval_templates[name] = list(target.templates)  # each dataset's own template
         return plan
 
-    def summarize(self, accs):
+    def summarize(self, accs, metric: str = "acc"):
         targets = {k: v for k, v in accs.items() if k != "test"}
-        out = {"test_acc": accs["test"], **{f"{k}_acc": v for k, v in targets.items()}}
-        out["target_mean_acc"] = sum(targets.values()) / len(targets)
+        out = {f"test_{metric}": accs["test"], **{f"{k}_{metric}": v for k, v in targets.items()}}
+        out[f"target_mean_{metric}"] = sum(targets.values()) / len(targets)
         return out

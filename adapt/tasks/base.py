@@ -26,9 +26,19 @@ class Task:
         raise NotImplementedError
 
     def evaluator(self, num_classes: int) -> Metric:
-        """A torchmetrics ``Metric`` accumulating a split (synchronised across DDP processes);
-        ``compute()`` returns {metric name: value ×100}, ``primary`` among them."""
+        """A torchmetrics ``Metric`` accumulating a split's logits and targets (synchronised
+        across DDP processes); ``compute()`` returns {metric name: value as a fraction of 1},
+        ``primary`` among them (``results.json`` holds them ×100)."""
         raise NotImplementedError
+
+    def train_metric(self, num_classes: int) -> Metric:
+        """The running training metric, a scalar torchmetrics ``Metric`` of ``scores(logits)``
+        (logged as ``train/<primary>``)."""
+        raise NotImplementedError
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """What ``train_metric`` reads from a method's logits."""
+        return logits
 
 
 def register_task(name: str):

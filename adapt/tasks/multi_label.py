@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.classification import MultilabelAveragePrecision
 from torchmetrics.utilities import dim_zero_cat
 
 from adapt.tasks.base import Task, register_task
@@ -28,8 +29,9 @@ class MultiLabelEvaluator(Metric):
 
     def compute(self) -> dict[str, float]:
         probs, targets = dim_zero_cat(self.probs), dim_zero_cat(self.targets)
-        return {"map": mean_average_precision(probs, targets),
-                **threshold_scores(probs, targets, self.threshold), **topk_scores(probs, targets, self.k)}
+        percent = {"map": mean_average_precision(probs, targets),
+                   **threshold_scores(probs, targets, self.threshold), **topk_scores(probs, targets, self.k)}
+        return {name: value / 100.0 for name, value in percent.items()}
 
 
 @register_task("multi_label")
@@ -42,3 +44,11 @@ class MultiLabel(Task):
 
     def evaluator(self, num_classes: int) -> Metric:
         return MultiLabelEvaluator()
+
+    def train_metric(self, num_classes: int) -> Metric:
+        # torchmetrics' macro AP with the unknown entries ignored: a running view for the
+        # progress bar; the reported mAP is the evaluator's (the originals' formula)
+        return MultilabelAveragePrecision(num_labels=num_classes, average="macro", ignore_index=-1)
+
+    def scores(self, logits):
+        return positive_probability(logits)

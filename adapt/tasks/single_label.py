@@ -10,7 +10,7 @@ from adapt.tasks.base import Task, register_task
 
 
 class _Accuracy(Metric):
-    """Top-1 accuracy ×100 as {"acc": ...} (torchmetrics' micro accuracy underneath)."""
+    """Top-1 accuracy as {"acc": fraction} (torchmetrics' micro accuracy underneath)."""
 
     def __init__(self, num_classes: int):
         super().__init__()
@@ -20,7 +20,7 @@ class _Accuracy(Metric):
         self.acc.update(logits, targets)
 
     def compute(self) -> dict[str, float]:
-        return {"acc": 100.0 * float(self.acc.compute())}
+        return {"acc": float(self.acc.compute())}
 
     def reset(self) -> None:
         super().reset()
@@ -37,3 +37,6 @@ class SingleLabel(Task):
 
     def evaluator(self, num_classes: int) -> Metric:
         return _Accuracy(num_classes)
+
+    def train_metric(self, num_classes: int) -> Metric:
+        return MulticlassAccuracy(num_classes=num_classes, average="micro")
