@@ -67,6 +67,7 @@ class AdaptModule(pl.LightningModule):
         self.train_metric = self.task.train_metric(len(self.method.classnames))
         self.eval_metric: Optional[Metric] = None  # the task's evaluator of the current split
         self.eval_results: dict[str, float] = {}  # its last split's metrics (fractions of 1)
+        self._evaluated = 0  # targets seen by the current evaluator
         self.scalar_names: set[str] = set()  # the training scalars the method reported
         self.training_scalars: dict[str, float] = {}
 

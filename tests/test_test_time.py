@@ -136,6 +136,7 @@ def test_episodic_predictions_do_not_depend_on_test_order(name, tiny_backbone):
 
 def test_the_engine_resets_an_episodic_method_after_every_image(tiny_backbone):
     import dataclasses
+    import types
 
     from adapt.config import OptimConfig
     from adapt.engine import AdaptModule
@@ -148,7 +149,7 @@ def test_the_engine_resets_an_episodic_method_after_every_image(tiny_backbone):
     method.reset_test_state = lambda: calls.append("reset")
     original = method.predict
     method.predict = lambda x: (calls.append(len(x)), original(x))[1]
-    module.eval_acc = lambda logits, y: None
+    module.eval_metric = types.SimpleNamespace(update=lambda logits, y: None)
     module.log = lambda *a, **k: None
     module._eval_step((_images(3), torch.tensor([0, 1, 2])), "test")
     assert calls == [1, "reset"] * 3
