@@ -18,22 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import Metric
 
 from adapt.backbone import BackboneConfig, build_backbone
+from adapt.finite import TrainingDiverged, check_finite_state  # noqa: F401  (re-exported)
 from adapt.methods import Method, build_method
 from adapt.tasks import get_task
 
 METHOD_PREFIX = "method."
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the trained state became non-finite (nan / inf)."""
-
-
-def check_finite_state(state: dict[str, torch.Tensor], what: str) -> None:
-    """Refuse to save a state holding nan / inf: a checkpoint or adapter of a diverged run."""
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise TrainingDiverged(f"the trained state has non-finite values ({', '.join(bad[:5])}); "
-                               f"no {what} with nan / inf is written")
 
 
 class AdaptModule(pl.LightningModule):

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from adapt.methods.adapters import WEIGHTS_FILE, load_adapter
 from adapt.methods.base import Method, is_features
 from adapt.methods.prompts import ContextPrompts
 from adapt.methods.registry import register_method
@@ -63,8 +64,6 @@ class TPTConfig(ViewConfig):
 
 def load_source(path: str, backbone, classnames) -> Method:
     """The adapter at ``path`` (an adapter folder or a run directory), for ``classnames``."""
-    from adapt.export import WEIGHTS_FILE, load_adapter  # export imports the method registry
-
     root = Path(path).expanduser()
     adapter = root / "adapter" if (root / "adapter" / WEIGHTS_FILE).is_file() else root
     if not (adapter / WEIGHTS_FILE).is_file():
