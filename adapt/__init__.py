@@ -1,5 +1,5 @@
 """adapt: parameter-efficient transfer learning for frozen CLIP models (open_clip)."""
-__version__ = "0.1.0"
+from adapt.version import __version__  # noqa: F401
 
 
 def load_adapter(path, classnames=None, device=None):

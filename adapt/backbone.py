@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapt.backbone_loading import BackboneConfig, load_open_clip, text_memory_plan
+from adapt.backbone_ops import batched as _batched, project as _project, replace_slots as _replace_slots
+from adapt.backbone_ops import resample_positions
 from adapt.fused_blocks import block_pass, fused_block, fused_block_ok
 
 __all__ = ["BackboneConfig", "ClipBackbone", "build_backbone"]
@@ -432,33 +434,6 @@ def _text_tower(model: nn.Module) -> _TextTower:
 
 def _first(value):
     return value[0] if isinstance(value, (tuple, list)) else value
-
-
-def resample_positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """A [1 + S*S, W] positional embedding (class / pooled position first) resampled to a patch
-    grid ``grid``: bicubic, ``align_corners=False``, the first position kept."""
-    side = round((pos.shape[0] - 1) ** 0.5)
-    if grid == (side, side):
-        return pos
-    patches = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False)
-    return torch.cat([pos[:1], patches.to(pos.dtype).flatten(2)[0].t()])
-
-
-def _project(x: torch.Tensor, proj) -> torch.Tensor:
-    if proj is None:
-        return x
-    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
-
-
-def _batched(prompt: torch.Tensor, batch: int) -> torch.Tensor:
-    return prompt.unsqueeze(0).expand(batch, -1, -1) if prompt.dim() == 2 else prompt
-
-
-def _replace_slots(x: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.Tensor:
-    prompt = _batched(prompt, x.shape[0]).to(x.dtype)
-    end = start + prompt.shape[1]
-    return torch.cat([x[:, :start], prompt, x[:, end:]], dim=1)
 
 
 def _slice_batch(p: Optional[torch.Tensor], lo: int, hi: int, n: int) -> Optional[torch.Tensor]:

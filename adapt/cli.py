@@ -19,7 +19,7 @@ OVERRIDES_HELP = "key=value, e.g. data.shots=4 method.n_ctx=8 (see `adapt fit --
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from adapt import __version__
+    from adapt.version import __version__
     from adapt.cli_help import recipe_keys_help
 
     parser = argparse.ArgumentParser(prog="adapt", description=__doc__,

@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from adapt.backbone_loading import BackboneConfig
 from adapt.data.config import DataConfig
+from adapt.settings import check_data
 from adapt.methods.registry import config_dict, get_method, parse_method_section
 from adapt.structured import RecipeError, check_choice, merge_checked
 
@@ -180,6 +181,10 @@ def _switch_method(recipe: DictConfig, new_name: Optional[str]) -> DictConfig:
 def resolve_recipe(*layers) -> DictConfig:
     recipe = merge_checked(OmegaConf.structured(Recipe), OmegaConf.merge(*layers) if layers else {},
                            "recipe", Recipe)
+    try:
+        check_data(recipe.data)
+    except ValueError as err:
+        raise RecipeError(f"recipe: {err}") from None
     recipe = OmegaConf.structured(recipe)
     section = recipe.method
     if isinstance(section, DictConfig):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapt.backbone import _project, _replace_slots, resample_positions
+from adapt.backbone_ops import project as _project, replace_slots as _replace_slots, resample_positions
 from adapt.backbone_loading import text_memory_plan
 
 __all__ = ["DENSE_OUTPUTS", "DenseImage", "DenseText", "encode_image_dense", "encode_text_dense",

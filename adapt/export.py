@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-import adapt
+from adapt.version import __version__
 from adapt.finite import check_finite_state
 from adapt.io import atomic_save, atomic_write_json
 from adapt.methods import Method
@@ -36,7 +36,7 @@ def save_adapter(method: Method, out_dir: str | Path) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "weights_sha256": sha256_of(out / WEIGHTS_FILE),
-        "adapt_version": adapt.__version__,
+        "adapt_version": __version__,
         "method": method.name,
         "method_config": dataclasses.asdict(method.config),
         "backbone": {"name": bb.name, "pretrained": bb.pretrained, "embed_dim": method.backbone.embed_dim},

@@ -19,11 +19,11 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-import adapt
+from adapt.version import __version__
 from adapt.backbone import build_backbone
 from adapt.checkpointing import RunCheckpoints
 from adapt.config import RecipeError, epochs_of, run_dir_of
-from adapt.data.datamodule import AdaptDataModule
+from adapt.datamodule import AdaptDataModule
 from adapt.data.sharding import global_batch_message, shard_loader, stream_loader
 from adapt.engine import AdaptModule, TrainingDiverged, build_trainer, log_final_metrics
 from adapt.export import WEIGHTS_FILE, read_adapter_state, save_adapter
@@ -267,7 +267,7 @@ def _results(recipe: DictConfig, exp: Experiment, metrics: dict, fit_s: float, e
         # every metric of the task per evaluation set, where it reports more than one (mAP, CF1, ...)
         **({"task_metrics": exp.task_metrics} if any(len(m) > 1 for m in exp.task_metrics.values()) else {}),
         **test_time_record(exp.method, recipe.seed),
-        "versions": {"adapt": adapt.__version__, "torch": torch.__version__,
+        "versions": {"adapt": __version__, "torch": torch.__version__,
                      "open_clip": open_clip.__version__, "python": platform.python_version()},
     }
 

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from adapt.backbone import _project, _replace_slots
+from adapt.backbone_ops import project as _project, replace_slots as _replace_slots
 from adapt.backbone_loading import SAVED_VECTORS_PER_TOKEN, text_memory_plan
 from adapt.fused_blocks import block_pass, fused_block_ok, fused_qkv, fused_residual
 

@@ -77,7 +77,8 @@ def tiny_overrides(root: Path, out: Path, method: str = "coop", **extra) -> list
 
 @pytest.fixture(scope="session")
 def tiny_datamodule(image_folder, tiny_backbone):
-    from adapt.data import AdaptDataModule, DataConfig
+    from adapt.data import DataConfig
+    from adapt.datamodule import AdaptDataModule
 
     dm = AdaptDataModule(DataConfig(dataset="imagefolder", root=str(image_folder), shots=4, batch_size=8,
                                     num_workers=0), tiny_backbone.image_size, tiny_backbone.image_mean,

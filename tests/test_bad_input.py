@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from adapt.backbone import BackboneConfig, build_backbone
 from adapt.cli import main
 from adapt.config import RecipeError, load_recipe
-from adapt.data import AdaptDataModule, DataConfig
+from adapt.data import DataConfig
+from adapt.datamodule import AdaptDataModule
 from adapt.data.registry import build_dataset
 from adapt.run import run_fit
 from tests.conftest import make_backbone, tiny_overrides, write_image_folder

@@ -191,7 +191,7 @@ def test_listed_but_absent_images_stop_with_count_and_fix(tmp_path):
     rows = {"train": [["a/1.jpg", 0, "a"], ["a/2.jpg", 0, "a"]], "val": [], "test": [["a/3.jpg", 0, "a"]]}
     zhou_split(tmp_path / "dtd", "split_zhou_DescribableTextures.json", "images", rows)
     (tmp_path / "dtd/images/a/2.jpg").unlink()
-    from adapt.data import AdaptDataModule
+    from adapt.datamodule import AdaptDataModule
 
     dm = AdaptDataModule(DataConfig(dataset="dtd", root=str(tmp_path), shots=0), None, None, None, seed=1)
     with pytest.raises(FileNotFoundError, match=r"1 image file\(s\) listed .*train: images/a/2.jpg"):

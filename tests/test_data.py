@@ -14,7 +14,7 @@ from PIL import Image
 
 from adapt.data import (DataConfig, Item, build_dataset, few_shot_splits, read_manifest, sample_few_shot,
                         sample_validation, subsample_classes, write_manifest)
-from adapt.data.datamodule import AdaptDataModule
+from adapt.datamodule import AdaptDataModule
 from adapt.data.image_dataset import ImageDataset
 from adapt.data import transforms
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapt.backbone import resample_positions
+from adapt.backbone_ops import resample_positions
 from tests.conftest import make_backbone
 
 TOL = 1e-5

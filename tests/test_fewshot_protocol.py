@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from adapt.settings import check_data
 from adapt.data import DataConfig, DatasetSplits, Item, few_shot_splits
 from adapt.settings import get_setting
 
@@ -117,4 +118,4 @@ def test_supervised_is_all_setting_with_zero_shots():
 
 def test_unknown_setting_names_the_closest():
     with pytest.raises(ValueError, match="Did you mean 'base2novel'"):
-        DataConfig(setting="base2noval")
+        check_data(DataConfig(setting="base2noval"))

@@ -12,8 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
+from adapt.settings import check_data
 from adapt.config import RecipeError, load_recipe
-from adapt.data import AdaptDataModule, DataConfig
+from adapt.data import DataConfig
+from adapt.datamodule import AdaptDataModule
 from adapt.data.meta import dataset_meta
 from adapt.settings import get_setting, list_settings
 from adapt.settings.unsupervised import select_confident
@@ -54,9 +56,9 @@ def test_cross_dataset_one_eval_set_per_target_with_its_own_classes(image_folder
 
 def test_cross_dataset_needs_targets():
     with pytest.raises(ValueError, match="needs data.targets"):
-        DataConfig(setting="cross_dataset")
+        check_data(DataConfig(setting="cross_dataset"))
     with pytest.raises(ValueError, match="dataset name or a mapping"):
-        DataConfig(setting="cross_dataset", targets=[{"root": "x"}])
+        check_data(DataConfig(setting="cross_dataset", targets=[{"root": "x"}]))
 
 
 def _png(path: Path) -> None:
@@ -159,9 +161,9 @@ def test_upl_setting_hides_labels_until_pseudo_labelled(image_folder, tiny_backb
 
 def test_upl_refuses_a_manifest_and_zero_shots():
     with pytest.raises(ValueError, match="data.shots >= 1"):
-        DataConfig(setting="unsupervised", shots=0)
+        check_data(DataConfig(setting="unsupervised", shots=0))
     with pytest.raises(ValueError, match="cannot be combined"):
-        DataConfig(setting="unsupervised", manifest="m.json")
+        check_data(DataConfig(setting="unsupervised", manifest="m.json"))
 
 
 # ------------------------------------------------------------------------------ end to end ---

@@ -116,3 +116,75 @@ def test_experiment_uses_one_data_module_for_either_input(image_folder, tmp_path
     x, _ = next(iter(cached.data.train_dataloader()))
     y, _ = next(iter(plain.data.train_dataloader()))
     assert x.dim() == 2 and y.dim() == 4
+
+
+# ------------------------------------------------------------------ the direction of imports ---
+def _import_graph() -> dict[str, set[str]]:
+    """adapt's modules -> the adapt modules they import, function-level imports included."""
+    mods = {}
+    for path in (ROOT / "adapt").rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = path
+    graph = {m: set() for m in mods}
+    for m, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("adapt"):
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    target = sub if sub in mods else node.module
+                    if target in mods and target != m:
+                        graph[m].add(target)
+            elif isinstance(node, ast.Import):
+                graph[m] |= {a.name for a in node.names if a.name in mods and a.name != m}
+    return graph
+
+
+LAYERS = {  # cli -> run -> engine -> methods -> backbone; data, settings and tasks beside them
+    "backbone": ("adapt.backbone", "adapt.dense", "adapt.text_prefix", "adapt.fused_blocks",
+                 "adapt.split_attention", "adapt.fast_dropout"),
+    "methods": ("adapt.methods",), "engine": ("adapt.engine",), "run": ("adapt.run",), "cli": ("adapt.cli",),
+    "data": ("adapt.data",), "settings": ("adapt.settings",), "tasks": ("adapt.tasks",),
+}
+NEVER = {  # a layer -> what it must never import
+    "backbone": {"methods", "engine", "run", "cli", "data", "settings", "tasks"},
+    "methods": {"engine", "run", "cli", "settings"},
+    "engine": {"run", "cli"},
+    "data": {"methods", "engine", "run", "cli", "settings", "tasks"},
+    "settings": {"engine", "run", "cli"},
+    "tasks": {"backbone", "methods", "engine", "run", "cli", "data", "settings"},
+}
+
+
+def _layer(module: str):
+    for layer, prefixes in LAYERS.items():
+        if any(module == p or module.startswith((p + ".", p + "_")) for p in prefixes):
+            return layer
+    return None
+
+
+def test_no_module_imports_itself_through_others():
+    graph, seen, cycles = _import_graph(), set(), []
+
+    def visit(node, path):
+        if node in path:
+            cycles.append(path[path.index(node):] + [node])
+            return
+        if node in seen:
+            return
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            visit(nxt, path)
+        path.pop()
+        seen.add(node)
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles[:5])
+
+
+def test_imports_point_down_the_layers():
+    bad = [(m, t) for m, targets in _import_graph().items() for t in targets
+           if _layer(m) and _layer(t) in NEVER.get(_layer(m), set())]
+    assert not bad, f"imports against the direction cli -> run -> engine -> methods -> backbone: {sorted(bad)}"
+    # the data module composes data and settings, so it lives above both
+    assert "adapt.settings" in _import_graph()["adapt.datamodule"]

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 from adapt.config import load_recipe
-from adapt.data import AdaptDataModule, DataConfig
+from adapt.data import DataConfig
+from adapt.datamodule import AdaptDataModule
 from adapt.data.feature_cache import DEFAULT_VIEW_SEED, view_seed
 from adapt.data.image_dataset import load_image
 from adapt.data.transforms import train_transform

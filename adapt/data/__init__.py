@@ -1,4 +1,5 @@
-"""Datasets, K-shot sampling, base/novel splits, transforms and the LightningDataModule.
+"""Datasets, K-shot sampling, base/novel splits and transforms (the LightningDataModule that
+applies a setting to them is ``adapt/datamodule.py``: settings build on this package).
 
 The light parts import eagerly (``adapt.config`` imports this package to read a recipe); the
 ones that pull in torchvision or Lightning load on first attribute access.
@@ -16,7 +17,6 @@ from adapt.data.registry import build_dataset, get_dataset, list_datasets, regis
 from adapt.data.splits import subsample_classes, subset_labels
 
 _LAZY = {
-    "AdaptDataModule": "adapt.data.datamodule",
     "ImageDataset": "adapt.data.image_dataset",
     "load_image": "adapt.data.image_dataset",
     "train_transform": "adapt.data.transforms",

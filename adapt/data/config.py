@@ -50,9 +50,8 @@ class DataConfig:
     cache_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        from adapt.settings import get_setting  # settings import data modules: resolve late
-
-        get_setting(self.setting).check(self)
+        # the setting's own checks (adapt/settings/ builds on this package, so it runs them:
+        # ``check_data``, called by the recipe and by the data module)
         if self.bad_images not in ("error", "skip"):
             raise ValueError(f"data.bad_images={self.bad_images!r} is not one of error, skip")
         if self.batch_size < 1 or self.eval_batch_size < 1:

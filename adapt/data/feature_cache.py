@@ -104,7 +104,7 @@ def fingerprint(backbone, items: Sequence[Item], root: Union[str, Path], transfo
     type. Both enter the key only when not the default, so pooled entries keep their keys."""
     import open_clip
 
-    import adapt
+    from adapt.version import __version__
 
     cfg = backbone.config
     extra = {"dense": list(dense)} if dense else {}
@@ -120,7 +120,7 @@ def fingerprint(backbone, items: Sequence[Item], root: Union[str, Path], transfo
         "transform": repr(transform),
         "normalize": bool(normalize),
         "view_seed": int(seed),
-        "versions": {"adapt": adapt.__version__, "open_clip": open_clip.__version__},
+        "versions": {"adapt": __version__, "open_clip": open_clip.__version__},
     }
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-import adapt
+from adapt.version import __version__
 from adapt.backbone import BackboneConfig, ClipBackbone, build_backbone
 from adapt.methods.base import Method
 from adapt.methods.registry import build_method, method_config
@@ -89,7 +89,7 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
                            "damaged or hand-edited: export the adapter again from its run directory")
     if meta["format_version"] > FORMAT_VERSION:
         raise AdapterError(f"{path} has format version {meta['format_version']}, newer than this "
-                           f"adapt ({adapt.__version__}) reads ({FORMAT_VERSION}); upgrade adapt")
+                           f"adapt ({__version__}) reads ({FORMAT_VERSION}); upgrade adapt")
     files = meta.get("files", [])
     if not isinstance(files, list):
         raise AdapterError(f"{path}: \"files\" is {type(files).__name__}, not a list of file names: "

@@ -5,4 +5,11 @@ from adapt.settings.registry import get_setting, list_settings, register_setting
 
 from adapt.settings import all, base2novel, cross_dataset, domain_generalization, unsupervised  # noqa: E402,F401,A004  (register)
 
-__all__ = ["Plan", "Setting", "get_setting", "list_settings", "register_setting"]
+
+def check_data(cfg) -> None:
+    """A data section's setting checks (the setting exists; its own requirements, e.g. targets
+    for cross_dataset), before anything loads: the recipe and the data module run them."""
+    get_setting(cfg.setting).check(cfg)
+
+
+__all__ = ["Plan", "Setting", "check_data", "get_setting", "list_settings", "register_setting"]

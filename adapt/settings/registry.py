@@ -22,8 +22,7 @@ def register_setting(name: str) -> Callable[[type], type]:
 
 
 def list_settings() -> list[str]:
-    import adapt.settings  # noqa: F401  (registers the built-in settings)
-
+    """The registered settings (``adapt.settings`` registers the built-in ones on import)."""
     return sorted(_SETTINGS)
 
 

@@ -30,7 +30,7 @@ from adapt.data.items import DatasetSplits, Item
 from adapt.data.registry import build_dataset
 from adapt.data.sharding import EpochOrder, train_loader
 from adapt.data.transforms import test_transform, train_transform
-from adapt.settings import get_setting
+from adapt.settings import check_data, get_setting
 
 
 def as_data_config(cfg: Union[DataConfig, DictConfig, dict]) -> DataConfig:
@@ -52,6 +52,7 @@ class AdaptDataModule(pl.LightningDataModule):
         seconds, not a model download."""
         super().__init__()
         self.cfg = as_data_config(cfg)
+        check_data(self.cfg)
         # the setting (adapt/settings/) decides the training classes, the sample and the eval sets
         self.setting = get_setting(self.cfg.setting)
         self.set_preprocess(image_size, mean, std)

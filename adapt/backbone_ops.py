@@ -1,0 +1,37 @@
+"""Tensor helpers the backbone wrapper and its passes share (the dense outputs, the shared
+prompt prefix): projections, prompt slots, positional-embedding resampling. They know nothing
+of open_clip's modules, so the passes import them without importing the wrapper."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["batched", "project", "replace_slots", "resample_positions"]
+
+
+def resample_positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A [1 + S*S, W] positional embedding (class / pooled position first) resampled to a patch
+    grid ``grid``: bicubic, ``align_corners=False``, the first position kept."""
+    side = round((pos.shape[0] - 1) ** 0.5)
+    if grid == (side, side):
+        return pos
+    patches = pos[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], patches.to(pos.dtype).flatten(2)[0].t()])
+
+
+def project(x: torch.Tensor, proj) -> torch.Tensor:
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+def batched(prompt: torch.Tensor, batch: int) -> torch.Tensor:
+    return prompt.unsqueeze(0).expand(batch, -1, -1) if prompt.dim() == 2 else prompt
+
+
+def replace_slots(x: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.Tensor:
+    prompt = batched(prompt, x.shape[0]).to(x.dtype)
+    end = start + prompt.shape[1]
+    return torch.cat([x[:, :start], prompt, x[:, end:]], dim=1)
