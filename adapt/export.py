@@ -39,6 +39,7 @@ def save_adapter(method: Method, out_dir: str | Path) -> Path:
         "adapt_version": __version__,
         "method": method.name,
         "method_config": dataclasses.asdict(method.config),
+        "task": method.task.name,  # what its labels are (adapt/tasks/); absent = single_label
         "backbone": {"name": bb.name, "pretrained": bb.pretrained, "embed_dim": method.backbone.embed_dim},
         "classnames": list(method.classnames),
         "templates": list(method.templates),

@@ -162,3 +162,20 @@ def test_method_scalars_reach_results_json(name, image_folder, tmp_path):
 
 # the loss terms a method's training reports (the rest report Method.scalars after fitting)
 TRAINING_SCALARS = {"kgcoop": ("ce", "kg"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl")}
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_methods_declare_the_tasks_they_do_and_refuse_the_rest(name, tiny_backbone):
+    """Every method names known task kinds; built for each it gets that task (its default loss
+    is the task's), and data of any other kind is refused naming the methods that can do it."""
+    from adapt.tasks import get_task, list_tasks
+
+    cls = get_method(name)
+    assert cls.tasks and set(cls.tasks) <= set(list_tasks()), cls.tasks
+    for task in list_tasks():
+        if task in cls.tasks:
+            method = build_method(name, None, tiny_backbone, NAMES, TEMPLATES, task=task)
+            assert method.task.name == task and isinstance(method.task, type(get_task(task)))
+        else:
+            with pytest.raises(ValueError, match=f"method '{name}' does .* but this data is {task}"):
+                build_method(name, None, tiny_backbone, NAMES, TEMPLATES, task=task)

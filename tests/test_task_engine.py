@@ -94,3 +94,14 @@ def test_single_label_figures_are_todays_accuracy(tiny_backbone):
     with torch.no_grad():
         acc = float((module.method(feats).argmax(1) == labels).float().mean())
     assert out[0]["test/acc"] == pytest.approx(acc) and module.eval_results == {"acc": pytest.approx(acc)}
+
+
+def test_an_adapter_remembers_its_task(tiny_backbone, multilabel_method, tmp_path):
+    import json
+
+    from adapt.export import load_adapter, save_adapter
+
+    method = build_method("toy_multilabel", None, tiny_backbone, NAMES, ["a photo of a {}."], task="multi_label")
+    save_adapter(method, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter.json").read_text())["task"] == "multi_label"
+    assert load_adapter(tmp_path / "a", backbone=tiny_backbone).task.name == "multi_label"

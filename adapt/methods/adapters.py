@@ -142,7 +142,8 @@ def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = Non
             "let load_adapter build it)")
     state = read_adapter_state(adapter_dir, meta)
     config = method_config(meta["method"], meta["method_config"])
-    method = build_method(meta["method"], config, backbone, meta["classnames"], meta["templates"])
+    method = build_method(meta["method"], config, backbone, meta["classnames"], meta["templates"],
+                          task=meta.get("task", "single_label"))
     try:
         method.load_trainable_state(state)
     except ValueError as err:  # names the tensor and both shapes
