@@ -15,7 +15,6 @@ row at toy sizes on a tiny model (a smoke test; the numbers mean nothing).
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -26,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (PeakMemory, interleaved, load_average, output_dir,  # noqa: E402
-                                  start_heap, targets_met, write_result)
+from experiments.benchlib import (PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
+                                  start_heap, target_lines, targets_met, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, batch=16, rounds=4, taps=[3, 5, 7, 11])
 QUICK = dict(model="adapt-tiny-vit", classes=10, batch=4, rounds=1, taps=[0, 1])
@@ -82,28 +81,12 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['workload']} | {r['seconds_per_image']:.4f} | {r['seconds_per_image'] / pooled:.2f} | "
                      f"{r['peak_rss_mb'] / 1024:.2f} | {r['note']} |")
-    lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
-    for key, label, goal, _ in TARGETS:
-        t = result["targets"][key]
-        lines.append(f"| {label} | {t['value']:.2f}x | {goal} | {'yes' if t['met'] else 'NO'} |")
+    lines += target_lines(TARGETS, result["targets"])
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="toy sizes on a tiny model (smoke test)")
-    ap.add_argument("--out", default=None, help="folder for the figures (default: a new temporary folder)")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    import logging
-
-    logging.getLogger("adapt").setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
-    cfg = dict(QUICK if args.quick else FULL)
-    out = output_dir(args.out, args.quick, "bench_dense")
-    print(f"figures will be written to {out}", flush=True)
+    args, cfg, out = bench_cli(__doc__, argv, "bench_dense", QUICK, FULL)
     start, load_before = time.perf_counter(), load_average()
     allocator = start_heap()
     memory = PeakMemory()

@@ -18,7 +18,6 @@ every path at toy sizes on a tiny model (a smoke test; the numbers mean nothing)
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import tempfile
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (PeakMemory, interleaved, load_average, output_dir,  # noqa: E402
-                                  start_heap, timed, write_result)
+from experiments.benchlib import (PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
+                                  start_heap, target_lines, timed, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, many=1000, rounds=3, slow_rounds=1, views=64, dmn_views=32)
 QUICK = dict(model="adapt-tiny-vit", classes=10, many=40, rounds=1, slow_rounds=1, views=8, dmn_views=4)
@@ -174,29 +173,13 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(f"| {r['method']} | {r['classes']} | {r['seconds_per_image']:.3f} | "
                      f"{r['peak_rss_mb'] / 1024:.2f} | {r['note']} |")
-    lines += ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
-    for key, label, goal, _ in TARGETS:
-        t = result["targets"][key]
-        value = f"{t['value']:.2f} GB" if key.endswith("_gb") else f"{t['value']:.2f}x"
-        lines.append(f"| {label} | {value} | {goal} | {'yes' if t['met'] else 'NO'} |")
+    lines += target_lines(TARGETS, result["targets"],
+                          lambda key, v: f"{v:.2f} GB" if key.endswith("_gb") else f"{v:.2f}x")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="toy sizes on a tiny model (smoke test)")
-    ap.add_argument("--out", default=None, help="folder for the figures (default: a new temporary folder)")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    import logging
-
-    logging.getLogger("adapt").setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
-    cfg = dict(QUICK if args.quick else FULL)
-    out = output_dir(args.out, args.quick, "bench_test_time")
-    print(f"figures will be written to {out}", flush=True)
+    args, cfg, out = bench_cli(__doc__, argv, "bench_test_time", QUICK, FULL)
     allocator = start_heap()
     memory = PeakMemory()
     load_before, start = load_average(), time.perf_counter()

@@ -247,3 +247,35 @@ def write_result(out: Path, stem: str, result: dict, text: str) -> None:
         os.replace(tmp, out / name)
     print(text)
     print(f"wrote {out / (stem + '.json')} and {stem}.md in {result['wall_seconds']:.0f}s")
+
+
+def bench_cli(doc: str, argv, stem: str, quick: dict, full: dict):
+    """The command line of a per-image benchmark: ``--quick`` (toy sizes on a tiny model),
+    ``--out``, ``--threads``; sets the threads, flushes denormals, quiets the loggers. Returns
+    (args, the sizes to run, the output folder)."""
+    import argparse
+    import logging
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="toy sizes on a tiny model (smoke test)")
+    ap.add_argument("--out", default=None, help="folder for the figures (default: a new temporary folder)")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    logging.getLogger("adapt").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    out = output_dir(args.out, args.quick, stem)
+    print(f"figures will be written to {out}", flush=True)
+    return args, dict(quick if args.quick else full), out
+
+
+def target_lines(targets, measured: dict, value=lambda key, v: f"{v:.2f}x") -> list[str]:
+    """The markdown table of targets: label, measured value, goal, met."""
+    lines = ["", "| target | measured | goal | met |", "|---|---:|---|---|"]
+    for key, label, goal, _ in targets:
+        t = measured[key]
+        lines.append(f"| {label} | {value(key, t['value'])} | {goal} | {'yes' if t['met'] else 'NO'} |")
+    return lines
