@@ -89,6 +89,7 @@ class AdaptDataModule(pl.LightningDataModule):
             return
         cfg = self.cfg
         dataset = build_dataset(cfg)
+        self.setting.check_dataset(cfg, dataset)
         plan = self.setting.plan(cfg, dataset, self.seed)
         # every selected file, before any model time is spent (missing / unreadable images);
         # the evaluation sets by name (test; base, novel; each cross-dataset target)

@@ -141,3 +141,27 @@ def test_task_objects_give_their_loss_and_metrics():
     assert 100 * out["map"] == pytest.approx(mean_average_precision(scores, targets), abs=1e-4)
     assert 100 * out["of1"] == pytest.approx(threshold_scores(scores, targets)["of1"], abs=1e-4)
     assert {single.primary, multi.primary} == {"acc", "map"} and "p@3" in out
+
+
+def test_multi_label_evaluator_ranks_margins_where_float32_probabilities_tie():
+    """CLIP's 100·cos logits reach 20-35, where σ rounds to exactly 1 in float32: ranking those
+    probabilities would tie every class. The evaluator ranks the logit itself (σ's order)."""
+    from adapt.tasks import get_task
+
+    g = torch.Generator().manual_seed(0)
+    logits = 20 + 15 * torch.rand(64, 5, generator=g)
+    targets = (torch.rand(64, 5, generator=g) < 0.4).long()
+    assert bool((torch.sigmoid(logits) == 1).all())  # the float32 probabilities are all ties
+    ev = get_task("multi_label").evaluator(5)
+    ev.update(logits, targets)
+    out = ev.compute()
+    assert 100 * out["map"] == pytest.approx(mean_average_precision(logits, targets))
+    assert 100 * out["map"] != pytest.approx(mean_average_precision(torch.sigmoid(logits), targets))
+    # DualCoOp's [N, 2, K]: the margin l+ - l- ranks as the softmax's positive probability
+    pair = torch.stack([torch.zeros_like(logits), logits - 27], 1)
+    ev = get_task("multi_label").evaluator(5)
+    ev.update(pair, targets)
+    probs = torch.softmax(pair.double(), 1)[:, 1]
+    both = ev.compute()
+    assert 100 * both["map"] == pytest.approx(mean_average_precision(probs, targets))
+    assert 100 * both["cf1"] == pytest.approx(threshold_scores(probs, targets)["cf1"])

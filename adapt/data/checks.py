@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
-from adapt.data.items import Item
+from adapt.data.items import Item, positives
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ def check_images(root: Path, splits: dict[str, Sequence[Item]], mode: str = "err
 def class_counts(items: Sequence[Item], classnames: Sequence[str]) -> dict[str, int]:
     counts = [0] * len(classnames)
     for it in items:
-        counts[it.label] += 1
+        for c in positives(it.label):  # a multi-label image counts for every class it shows
+            counts[c] += 1
     return dict(zip(classnames, counts))
 
 

@@ -32,6 +32,9 @@ class DataConfig:
     # optional text file (one class name per line, relative to root) that fixes the class set and
     # its order, for csv datasets; a label outside it is an error naming the CSV lines
     classnames_file: Optional[str] = None
+    # multi-label data: the fraction of (image, class) label entries kept known in training
+    # (DualCoOp's partial labels); the rest become -1, drawn seeded and stored in the manifest
+    partial_labels: float = 1.0
     # rerun on exactly the images of an earlier run: path to its ``manifest.json``
     manifest: Optional[str] = None
     batch_size: int = 32
@@ -58,5 +61,8 @@ class DataConfig:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
         if self.cache_dtype not in ("float32", "float16"):
             raise ValueError(f"data.cache_dtype={self.cache_dtype!r} is not one of float32, float16")
+        if not 0.0 < self.partial_labels <= 1.0:
+            raise ValueError(f"data.partial_labels={self.partial_labels} must be in (0, 1] (the fraction "
+                             "of label entries kept known; 1 = every label)")
         if self.cache_views < 0:
             raise ValueError(f"data.cache_views must be >= 0 (0 = no augmentation), got {self.cache_views}")

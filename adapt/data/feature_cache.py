@@ -157,14 +157,14 @@ class ViewDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(view_seed(self.seed, view, item.path))
                 image = self.transform(image)
-        return image, item.label, view, index
+        return image, index, view, index  # labels are taken from the items, not the batch
 
 
 # ------------------------------------------------------------------------------ the store -----
 @dataclass
 class CachedFeatures:
     features: torch.Tensor  # [views, n, d] float
-    labels: torch.Tensor  # [n] long
+    labels: torch.Tensor  # [n] long, or [n, K] multi-hot (1 / 0 / -1 unknown)
     key: str
     hit: bool  # read from disk (True) or computed now (False)
 

@@ -129,12 +129,21 @@ def read_manifest(path: Union[str, Path]) -> Manifest:
         raise ValueError(f"manifest {path} lacks {', '.join(missing)}; is it an adapt manifest.json?")
     n = len(data["classnames"])
 
+    def label(raw):
+        if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw < n:
+            return raw
+        if isinstance(raw, list) and len(raw) == n and all(v in (-1, 0, 1) for v in raw):
+            return tuple(raw)  # a multi-hot label, -1 = unknown
+        return None
+
     def items(split: str) -> list[Item]:
         out = []
         for row in data[split]:
-            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[1], int) and 0 <= row[1] < n):
-                raise ValueError(f"manifest {path}: {split} entry {row!r} is not [path, label < {n}]")
-            out.append(Item(str(row[0]), row[1]))
+            found = label(row[1]) if isinstance(row, list) and len(row) == 2 else None
+            if found is None:
+                raise ValueError(f"manifest {path}: {split} entry {row!r} is not [path, label < {n}] "
+                                 f"or [path, multi-hot list of {n} entries in -1 / 0 / 1]")
+            out.append(Item(str(row[0]), found))
         return out
 
     extra = {k: v for k, v in data.items() if k not in required and k != "format"}
@@ -159,11 +168,19 @@ def check_manifest(manifest: Manifest, dataset: DatasetSplits, shots: int, where
         raise ValueError(f"{where} holds a {manifest.shots}-shot sample but data.shots={shots}; set "
                          f"data.shots={manifest.shots}, or drop data.manifest to sample anew")
     for split in ("train", "val"):
-        known = set(dataset.split(split))
-        stray = [it for it in getattr(manifest, split) if it not in known]
+        known = {it.path: it.label for it in dataset.split(split)}
+        stray = [it for it in getattr(manifest, split)
+                 if it.path not in known or not _agrees(it.label, known[it.path])]
         if stray:
             raise ValueError(f"{where}: {len(stray)} {split} item(s) of the manifest are not in the "
                              f"dataset's {split} split, e.g. {stray[0].path!r} (label {stray[0].label})")
+
+
+def _agrees(stored, actual) -> bool:
+    """A manifest's label is the dataset's, up to entries it marks unknown (partial labels)."""
+    if isinstance(stored, tuple) and isinstance(actual, tuple) and len(stored) == len(actual):
+        return all(s == -1 or s == a for s, a in zip(stored, actual))
+    return stored == actual
 
 
 def few_shot_splits(dataset: DatasetSplits, shots: int, seed: int, allow_fewer: bool = False,

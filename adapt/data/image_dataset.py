@@ -1,4 +1,5 @@
-"""A torch Dataset over ``list[Item]``: reads ``root / item.path`` with PIL, returns (tensor, label)."""
+"""A torch Dataset over ``list[Item]``: reads ``root / item.path`` with PIL, returns (tensor, label);
+a multi-hot label comes as a [K] tensor."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +8,7 @@ from typing import Callable, Optional, Sequence, Union
 from PIL import Image
 from torch.utils.data import Dataset
 
-from adapt.data.items import Item
+from adapt.data.items import Item, as_target
 
 
 def load_image(path: Path) -> Image.Image:
@@ -35,4 +36,4 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         item = self.items[index]
         image = load_image(self.root / item.path)
-        return (self.transform(image) if self.transform is not None else image), item.label
+        return (self.transform(image) if self.transform is not None else image), as_target(item.label)

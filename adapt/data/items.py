@@ -3,7 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
+
+# one class index, or (multi-label data) a multi-hot tuple over the class list: 1 present,
+# 0 absent, -1 unknown (partial labels)
+Label = Union[int, tuple[int, ...]]
 
 
 def clean_classname(name: str) -> str:
@@ -17,7 +21,21 @@ class Item:
     """One labelled image. ``path`` is relative to the dataset root so manifests stay portable."""
 
     path: str
-    label: int
+    label: Label
+
+
+def as_target(label: Label):
+    """The form a batch carries: an int, or a multi-hot tuple as a tensor (so that batches
+    stack to [B, K] rather than transpose)."""
+    if isinstance(label, tuple):
+        import torch  # only multi-label data pays for it here
+        return torch.tensor(label, dtype=torch.long)
+    return label
+
+
+def positives(label: Label) -> list[int]:
+    """The classes an item shows: its one class, or the present entries of a multi-hot label."""
+    return [c for c, v in enumerate(label) if v == 1] if isinstance(label, tuple) else [label]
 
 
 @dataclass

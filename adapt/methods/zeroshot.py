@@ -26,6 +26,9 @@ class ZeroShot(HandWrittenClassifier):
     Config = ZeroShotConfig
     trainable_kind = "nothing"
     supports_feature_cache = True
+    # multi-label: each class scores logit_scale · cos on its own; the task ranks them per class
+    # (mAP) and thresholds their sigmoid
+    tasks = ("single_label", "multi_label")
 
     def __init__(self, config, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)

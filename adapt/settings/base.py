@@ -9,6 +9,8 @@ from typing import ClassVar
 from adapt.data.config import DataConfig
 from adapt.data.fewshot import few_shot_splits
 from adapt.data.items import DatasetSplits, Item
+from adapt.data.multilabel import partial_labels
+from adapt.tasks import get_task
 
 EvalSets = "OrderedDict[str, tuple[list[str], list[Item]]]"
 
@@ -31,13 +33,38 @@ class Plan:
 
 class Setting:
     name: ClassVar[str] = ""
+    # the task kinds (``adapt/tasks/``) whose data this setting knows how to split
+    tasks: ClassVar[tuple[str, ...]] = ("single_label",)
 
     def check(self, cfg: DataConfig) -> None:
         """Recipe-level validation, run when the recipe is read (before anything loads)."""
 
+    def check_dataset(self, cfg: DataConfig, dataset: DatasetSplits) -> None:
+        """The loaded dataset suits this setting and the recipe's data section (before any image
+        is read or any model time is spent)."""
+        if dataset.task not in self.tasks:
+            raise ValueError(f"data.setting={self.name} splits {' / '.join(self.tasks)} data, but "
+                             f"{dataset.name!r} is {dataset.task} data; use data.setting=all")
+        task = get_task(dataset.task)
+        if cfg.shots > 0 and not task.samples_shots:
+            raise ValueError(f"{dataset.name!r} is {dataset.task} data: it trains on every training image "
+                             f"(K images per class is not defined when an image has several classes); "
+                             f"set data.shots=0")
+        if cfg.partial_labels < 1.0 and not task.partial_labels:
+            raise ValueError(f"data.partial_labels={cfg.partial_labels} hides label entries of multi-label "
+                             f"data, but {dataset.name!r} is {dataset.task} data; drop data.partial_labels")
+
     def sample(self, cfg: DataConfig, dataset: DatasetSplits, seed: int) -> tuple[list[Item], list[Item]]:
-        """The protocol's K-shot sample over all classes (or the manifest's)."""
-        return few_shot_splits(dataset, cfg.shots, seed, cfg.allow_fewer_shots, cfg.manifest)
+        """The protocol's K-shot sample over all classes (or the manifest's), with the partial-
+        label mask of ``data.partial_labels`` drawn over it (train, then val, one seeded stream)."""
+        train, val = few_shot_splits(dataset, cfg.shots, seed, cfg.allow_fewer_shots, cfg.manifest)
+        if cfg.partial_labels < 1.0 and cfg.manifest is None:  # a manifest holds its mask already
+            import torch
+
+            generator = torch.Generator().manual_seed(seed)
+            train = partial_labels(train, cfg.partial_labels, generator)
+            val = partial_labels(val, cfg.partial_labels, generator)
+        return train, val
 
     def plan(self, cfg: DataConfig, dataset: DatasetSplits, seed: int) -> Plan:
         train, val = self.sample(cfg, dataset, seed)

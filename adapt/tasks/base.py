@@ -20,6 +20,10 @@ class Task:
     primary: ClassVar[str] = ""
     # what one target is, in a few words (for messages and `adapt tasks`)
     target: ClassVar[str] = ""
+    # K images per class is defined (single-label); else a run trains on every training image
+    samples_shots: ClassVar[bool] = True
+    # label entries can be unknown (-1) and ``data.partial_labels`` may hide some
+    partial_labels: ClassVar[bool] = False
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The default training loss of a method on this task."""

@@ -18,7 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["asymmetric_loss", "positive_probability", "ranking_loss"]
+__all__ = ["asymmetric_loss", "positive_margin", "positive_probability", "ranking_loss"]
+
+
+def positive_margin(logits: torch.Tensor) -> torch.Tensor:
+    """The score whose sigmoid is the positive probability: [N, K] logits as they are, or
+    l+ − l− of DualCoOp's [N, 2, K]. Ranking and thresholding at 0 on it are exact where the
+    probability itself rounds to 1 (σ(20) is 1 in float32, and CLIP's 100·cos logits reach it)."""
+    return logits[:, 1] - logits[:, 0] if logits.dim() == 3 else logits
 
 
 def positive_probability(logits: torch.Tensor) -> torch.Tensor:

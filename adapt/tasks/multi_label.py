@@ -3,34 +3,39 @@ asymmetric loss by default, mAP as the originals compute it plus CP/CR/CF1/OP/OR
 top-k P/R/F1 (``adapt/tasks/metrics.py``, ``losses.py``)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAveragePrecision
 from torchmetrics.utilities import dim_zero_cat
 
 from adapt.tasks.base import Task, register_task
-from adapt.tasks.losses import asymmetric_loss, positive_probability
+from adapt.tasks.losses import asymmetric_loss, positive_margin, positive_probability
 from adapt.tasks.metrics import mean_average_precision, threshold_scores, topk_scores
 
 
 class MultiLabelEvaluator(Metric):
-    """Keeps a split's positive probabilities and targets (gathered across DDP processes) and
-    computes every multi-label metric on the whole split."""
+    """Keeps a split's positive margins (``positive_margin``: σ of it is the probability) and
+    targets, gathered across DDP processes, and computes every multi-label metric on the whole
+    split: mAP and top-k rank the margins (the probabilities' order, without float32's ties at
+    1), the threshold scores compare the probability with ``threshold`` exactly (as the logit)."""
 
     def __init__(self, threshold: float = 0.5, k: int = 3):
         super().__init__()
         self.threshold, self.k = threshold, k
-        self.add_state("probs", default=[], dist_reduce_fx="cat")
+        self.add_state("margins", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        self.probs.append(positive_probability(logits.float()).detach())
+        self.margins.append(positive_margin(logits.float()).detach())
         self.targets.append(targets.detach().to(torch.int8))
 
     def compute(self) -> dict[str, float]:
-        probs, targets = dim_zero_cat(self.probs), dim_zero_cat(self.targets)
-        percent = {"map": mean_average_precision(probs, targets),
-                   **threshold_scores(probs, targets, self.threshold), **topk_scores(probs, targets, self.k)}
+        margins, targets = dim_zero_cat(self.margins), dim_zero_cat(self.targets)
+        logit = math.log(self.threshold / (1 - self.threshold))  # p > threshold <=> margin > logit
+        percent = {"map": mean_average_precision(margins, targets),
+                   **threshold_scores(margins, targets, logit), **topk_scores(margins, targets, self.k)}
         return {name: value / 100.0 for name, value in percent.items()}
 
 
@@ -38,6 +43,8 @@ class MultiLabelEvaluator(Metric):
 class MultiLabel(Task):
     primary = "map"
     target = "a multi-hot vector per image (1 present, 0 absent, -1 unknown)"
+    samples_shots = False
+    partial_labels = True
 
     def loss(self, logits, targets):
         return asymmetric_loss(logits, targets)

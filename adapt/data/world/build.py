@@ -1,5 +1,7 @@
-"""Materialise a world task to disk: PNG files plus a split JSON in the community "zhou" format
-``{"train": [[relative_path, label, classname], ...], "val": [...], "test": [...]}``.
+"""Materialise a world task to disk: PNG files plus the task's split file (``task.write``): a
+split JSON in the community "zhou" format ``{"train": [[relative_path, label, classname], ...],
+"val": [...], "test": [...]}`` for one-object tasks, a ``multilabel_csv`` file for multi-object
+ones (``multi.py``).
 
 The folder is written next to its final place (in adapt's cache, never in a user's folder) and
 renamed into it in one step, so a crashed or concurrent build never leaves a half-written dataset
@@ -14,9 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Union
 
-from PIL import Image
-
-from adapt.data.world.tasks import SPLITS, WorldTask, get_task
+from adapt.data.world.tasks import WorldTask, get_task
 
 DEFAULT_SEED = 0
 
@@ -31,7 +31,7 @@ def cache_root() -> Path:
 
 
 def split_file_name(task: WorldTask) -> str:
-    return f"split_zhou_{task.name}.json"
+    return task.split_file
 
 
 def default_folder(task: WorldTask, seed: int = DEFAULT_SEED) -> Path:
@@ -40,41 +40,17 @@ def default_folder(task: WorldTask, seed: int = DEFAULT_SEED) -> Path:
 
 def is_complete(folder: Path, task: WorldTask, seed: Optional[int] = None) -> bool:
     """The folder holds this very task (same fingerprint, and seed if given), fully written."""
-    split = folder / split_file_name(task)
+    split = folder / task.split_file
     if not split.is_file():
         return False
     try:
         meta = json.loads((folder / "world.json").read_text())
-        data = json.loads(split.read_text())
-    except (OSError, ValueError):
+        counts = task.count_rows(split)
+    except (OSError, ValueError, KeyError):
         return False
     if meta.get("fingerprint") != task.fingerprint() or (seed is not None and meta.get("seed") != seed):
         return False
-    return all(len(data.get(s, ())) == task.per_class[i] * len(task.classnames)
-               for i, s in enumerate(SPLITS))
-
-
-def _write(task: WorldTask, folder: Path, seed: int) -> None:
-    names = task.classnames
-    splits: dict[str, list] = {}
-    for split in SPLITS:
-        rows = []
-        counts = [0] * len(names)
-        for d in {n.replace(" ", "_") for n in names}:
-            (folder / split / d).mkdir(parents=True, exist_ok=True)
-        for image, label, _scene in task.generate(split, seed):
-            rel = f"{split}/{names[label].replace(' ', '_')}/{counts[label]:05d}.png"
-            counts[label] += 1
-            Image.fromarray(image).save(folder / rel, compress_level=1)
-            rows.append([rel, label, names[label]])
-        splits[split] = rows
-    meta = {"task": task.name, "version": task.version, "fingerprint": task.fingerprint(),
-            "seed": seed, "domain": task.domain,
-            "attributes": list(task.attributes), "classnames": names,
-            "template": task.template, "per_class": dict(zip(SPLITS, task.per_class))}
-    (folder / "world.json").write_text(json.dumps(meta, indent=1))
-    # the split file goes last: its presence marks the folder complete
-    (folder / split_file_name(task)).write_text(json.dumps(splits))
+    return counts == task.expected_rows()
 
 
 # written into every build: the proof that adapt made the folder, checked before any removal
@@ -110,7 +86,7 @@ def materialise(task: Union[str, WorldTask], root: Optional[Union[str, Path]] = 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        _write(task, tmp, seed)
+        task.write(tmp, seed)
         (tmp / MARKER).write_text(json.dumps({"task": task.name, "seed": seed}))
         if folder.exists():
             if is_complete(folder, task, seed):  # another process finished first

@@ -1,7 +1,8 @@
 """Dataset-registry entries for the world tasks (``world_colour``, ``world_fill``, ...).
 
-Each loader materialises its task on first use and then hands the folder to the generic ``zhou``
-loader, so the world's datasets go through exactly the code path of a downloaded dataset.
+Each loader materialises its task on first use and then hands the folder to a generic loader
+(``zhou`` for one-object tasks, ``multilabel_csv`` for multi-object ones), so the world's datasets
+go through exactly the code path of a downloaded dataset.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from adapt.data.items import DatasetSplits
 from adapt.data.folder import dataset_templates
 from adapt.data.registry import build_dataset, register_dataset
 from adapt.data.world.build import materialise, split_file_name
+from adapt.data.world.multi import MULTI_TASKS
 from adapt.data.world.tasks import TASKS, WorldTask
 
 
@@ -19,7 +21,8 @@ def _loader(task: WorldTask):
     def load(cfg: DataConfig) -> DatasetSplits:
         folder = materialise(task, root=cfg.root)
         splits = build_dataset(dataclasses.replace(
-            cfg, dataset="zhou", root=str(folder), split_file=split_file_name(task)))
+            cfg, dataset=task.loader, root=str(folder), split_file=split_file_name(task),
+            classnames_file=task.classnames_file))
         splits.name = task.name
         splits.templates = dataset_templates(cfg, [task.template])
         if splits.classnames != task.classnames:
@@ -28,9 +31,9 @@ def _loader(task: WorldTask):
         return splits
 
     load.__name__ = f"load_{task.name}"
-    load.__doc__ = f"World task {task.name!r}: {'+'.join(task.attributes)} in domain {task.domain!r}."
+    load.__doc__ = f"World task {task.name!r} in domain {task.domain!r}."
     return load
 
 
-for _name, _task in TASKS.items():
+for _name, _task in {**TASKS, **MULTI_TASKS}.items():
     register_dataset(_name)(_loader(_task))

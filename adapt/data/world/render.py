@@ -1,6 +1,8 @@
 """Draw one scene in one domain: numpy compositing of a cached anti-aliased mask."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from adapt.data.world import shapes, vocab
@@ -62,12 +64,24 @@ def render(scene: Scene, domain: Domain | str, rng: np.random.Generator,
     ``rng`` supplies the per-image randomness (colour jitter, pattern phase, texture, clutter,
     noise); the same scene, domain and generator state always give the same pixels.
     """
+    return render_objects([scene], domain, rng, image_size)[0]
+
+
+def render_objects(scenes: Sequence[Scene], domain: Domain | str, rng: np.random.Generator,
+                   image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Several objects in one image, drawn in order (a later one occludes an earlier one), on the
+    first scene's background: (uint8 image, int8 [image_size, image_size] label map with the
+    index in ``scenes`` of the object seen at each pixel, -1 for background). A pixel belongs to
+    an object where that object's opacity is at least one half and no later object covers it.
+    With one scene the generator is read exactly as for ``render``, so the pixels are the same."""
     if isinstance(domain, str):
         domain = get_domain(domain)
     n = image_size
     jitter = rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=(2, 3)).astype(np.float32)
-    bg = np.asarray(vocab.BACKGROUNDS[scene.bg], np.float32) + jitter[0]
-    fg = np.asarray(vocab.COLOURS[scene.colour], np.float32) + jitter[1]
+    if len(scenes) > 1:  # after the first object's: a single-object image reads nothing more
+        extra = rng.uniform(-COLOUR_JITTER, COLOUR_JITTER, size=(len(scenes) - 1, 3)).astype(np.float32)
+        jitter = np.concatenate([jitter, extra])
+    bg = np.asarray(vocab.BACKGROUNDS[scenes[0].bg], np.float32) + jitter[0]
     canvas = np.empty((n, n, 3), np.float32)
     canvas[:] = bg
     if domain.textured_bg:
@@ -80,11 +94,16 @@ def render(scene: Scene, domain: Domain | str, rng: np.random.Generator,
             x, y = rng.integers(0, n - side + 1, size=2)
             colour = rng.uniform(0, 255, size=3).astype(np.float32)
             _composite(canvas, shapes.mask(kind, side, 0), colour, int(x), int(y))
-    hollow = domain.outline_only or scene.fill == "hollow"
-    alpha = shapes.mask(scene.shape, scene.side, scene.angle, hollow)
-    if not hollow:
-        alpha = alpha * fill_pattern(scene.fill, scene.side, rng)
-    _composite(canvas, alpha, fg, scene.x, scene.y)
+    labels = np.full((n, n), -1, np.int8)
+    for i, scene in enumerate(scenes):
+        fg = np.asarray(vocab.COLOURS[scene.colour], np.float32) + jitter[1 + i]
+        hollow = domain.outline_only or scene.fill == "hollow"
+        shape = shapes.mask(scene.shape, scene.side, scene.angle, hollow)
+        alpha = shape if hollow else shape * fill_pattern(scene.fill, scene.side, rng)
+        _composite(canvas, alpha, fg, scene.x, scene.y)
+        h, w = shape.shape
+        region = labels[scene.y:scene.y + h, scene.x:scene.x + w]
+        region[shape >= 0.5] = i  # the object's extent, whatever its fill pattern
     if domain.blur:
         canvas = (1 - domain.blur) * canvas + domain.blur * _blur3(canvas)
     if domain.gains is not None:
@@ -94,4 +113,4 @@ def render(scene: Scene, domain: Domain | str, rng: np.random.Generator,
         canvas = mean + domain.contrast * (canvas - mean)
     if domain.noise:
         canvas += rng.normal(0.0, domain.noise, size=canvas.shape).astype(np.float32)
-    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(canvas + 0.5, 0, 255).astype(np.uint8), labels

@@ -8,15 +8,18 @@ import itertools
 import json
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Iterator, Union
 
 import numpy as np
+from PIL import Image
 
 from adapt.data.world import render as _render_mod
 from adapt.data.world import scenes as _scenes_mod
 from adapt.data.world import shapes as _shapes_mod
 from adapt.data.world import vocab
 from adapt.data.world.domains import get_domain
+from adapt.data.world.multi import MULTI_TASKS, MultiObjectTask
 from adapt.data.world.render import render
 from adapt.data.world.scenes import Scene, sample_scene
 
@@ -56,6 +59,43 @@ class WorldTask:
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
+    @property
+    def split_file(self) -> str:
+        return f"split_zhou_{self.name}.json"
+
+    loader = "zhou"  # the dataset loader that reads a build
+    classnames_file = None  # the split JSON names the classes in label order
+
+    def expected_rows(self) -> dict[str, int]:
+        return {s: self.per_class[i] * len(self.classnames) for i, s in enumerate(SPLITS)}
+
+    def count_rows(self, file: Path) -> dict[str, int]:
+        data = json.loads(file.read_text())
+        return {s: len(data.get(s, ())) for s in SPLITS}
+
+    def write(self, folder: Path, seed: int) -> None:
+        """PNGs under ``<split>/<class>/`` and the split JSON (written last: it marks the folder
+        complete)."""
+        names = self.classnames
+        splits: dict[str, list] = {}
+        for split in SPLITS:
+            rows = []
+            counts = [0] * len(names)
+            for d in {n.replace(" ", "_") for n in names}:
+                (folder / split / d).mkdir(parents=True, exist_ok=True)
+            for image, label, _scene in self.generate(split, seed):
+                rel = f"{split}/{names[label].replace(' ', '_')}/{counts[label]:05d}.png"
+                counts[label] += 1
+                Image.fromarray(image).save(folder / rel, compress_level=1)
+                rows.append([rel, label, names[label]])
+            splits[split] = rows
+        meta = {"task": self.name, "version": self.version, "fingerprint": self.fingerprint(),
+                "seed": seed, "domain": self.domain,
+                "attributes": list(self.attributes), "classnames": names,
+                "template": self.template, "per_class": dict(zip(SPLITS, self.per_class))}
+        (folder / "world.json").write_text(json.dumps(meta, indent=1))
+        (folder / self.split_file).write_text(json.dumps(splits))
+
     def seed_for(self, seed: int, split: str) -> np.random.SeedSequence:
         """Independent stream per (task name, seed, split): splits never share images."""
         return np.random.SeedSequence([zlib.crc32(self.name.encode()), self.version, seed,
@@ -94,8 +134,8 @@ TASKS: dict[str, WorldTask] = {t.name: t for t in (
 )}
 
 
-def get_task(name: str) -> WorldTask:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise KeyError(f"unknown world task {name!r}; known: {sorted(TASKS)}") from None
+def get_task(name: str) -> Union[WorldTask, MultiObjectTask]:
+    found = TASKS.get(name) or MULTI_TASKS.get(name)
+    if found is None:
+        raise KeyError(f"unknown world task {name!r}; known: {sorted({**TASKS, **MULTI_TASKS})}")
+    return found
