@@ -235,13 +235,13 @@ def zero_shot_metrics(exp: Experiment) -> dict[str, float]:
     """The zero-shot model on the same evaluation sets, for a side-by-side comparison."""
     zs = AdaptModule.from_recipe(exp.recipe, exp.data.train_classnames, exp.data.templates,
                                  method="zeroshot", backbone=exp.backbone, task=exp.task)
-    saved, saved_module = exp.method, exp.module
-    exp.method, exp.module = zs.method, zs
+    saved, saved_module, saved_metrics = exp.method, exp.module, exp.task_metrics
+    exp.method, exp.module, exp.task_metrics = zs.method, zs, {}
     try:  # zero-shot's own inputs (pooled features where the method read dense ones), then back
         exp.serve(zs.method)
         return summarize(exp.recipe.data.setting, exp.evaluate(), zs.task.primary)
     finally:
-        exp.method, exp.module = saved, saved_module
+        exp.method, exp.module, exp.task_metrics = saved, saved_module, saved_metrics
         exp.serve(saved)
 
 
@@ -265,7 +265,9 @@ def _results(recipe: DictConfig, exp: Experiment, metrics: dict, fit_s: float, e
         "inputs": exp.inputs,  # "features": trained/evaluated on cached frozen image features
         "task": exp.task,
         # every metric of the task per evaluation set, where it reports more than one (mAP, CF1, ...)
-        **({"task_metrics": exp.task_metrics} if any(len(m) > 1 for m in exp.task_metrics.values()) else {}),
+        # a copy: a later evaluation (the zero-shot baseline) refills exp.task_metrics
+        **({"task_metrics": {k: dict(m) for k, m in exp.task_metrics.items()}}
+           if any(len(m) > 1 for m in exp.task_metrics.values()) else {}),
         **test_time_record(exp.method, recipe.seed),
         "versions": {"adapt": __version__, "torch": torch.__version__,
                      "open_clip": open_clip.__version__, "python": platform.python_version()},

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from adapt.data.image_dataset import load_image
-from adapt.data.items import Item
+from adapt.data.items import Item, as_target
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class ViewDataset(Dataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(view_seed(self.seed, view, item.path))
                 image = self.transform(image)
-        return image, index, view, index  # labels are taken from the items, not the batch
+        return image, as_target(item.label), view, index
 
 
 # ------------------------------------------------------------------------------ the store -----

@@ -38,9 +38,8 @@ def asymmetric_loss(logits: torch.Tensor, targets: torch.Tensor, gamma_neg: floa
     if logits.dim() == 3:
         probs = F.softmax(logits, dim=1)
         pos, neg = probs[:, 1], probs[:, 0]
-    else:
-        pos = torch.sigmoid(logits)
-        neg = 1 - pos
+    else:  # σ(−x) = 1 − σ(x), without the cancellation where σ(x) rounds to 1
+        pos, neg = torch.sigmoid(logits), torch.sigmoid(-logits)
     known = targets != -1
     pos, neg, y = pos[known], neg[known], targets[known].to(pos.dtype)
     if clip and clip > 0:
