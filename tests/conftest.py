@@ -61,6 +61,24 @@ def image_folder(tmp_path_factory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("images"))
 
 
+@pytest.fixture(scope="session")
+def multilabel_folder(image_folder) -> Path:
+    """The image folder's files as multi-label data (``multilabel_csv``): each image shows its
+    folder's class and, every other image, the next class too."""
+    rows = ["path,labels,split"]
+    for split in ("train", "val", "test"):
+        for c, name in enumerate(CLASSES):
+            for i, p in enumerate(sorted((image_folder / split / name).glob("*.png"))):
+                names = [name] + ([CLASSES[(c + 1) % len(CLASSES)]] if i % 2 else [])
+                rows.append(f"images/{p.relative_to(image_folder).as_posix()},{';'.join(names)},{split}")
+    csv = image_folder.parent / f"{image_folder.name}-multilabel"
+    csv.mkdir(exist_ok=True)
+    (csv / "data.csv").write_text("\n".join(rows) + "\n")
+    if not (csv / "images").exists():
+        (csv / "images").symlink_to(image_folder)
+    return csv
+
+
 def tiny_overrides(root: Path, out: Path, method: str = "coop", **extra) -> list[str]:
     """Overrides that turn any recipe into a seconds-long CPU run on the generated images."""
     items = {

@@ -19,11 +19,28 @@ NAMES = CLASSES[:4]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
 
 
+def _task(name) -> str:
+    """The task a method is checked on where only one is used: single-label where it does it."""
+    tasks = get_method(name).tasks
+    return "single_label" if "single_label" in tasks else tasks[0]
+
+
+def _labels(task: str) -> torch.Tensor:
+    """Four images' training targets of the task (multi-label with an unknown entry)."""
+    if task == "single_label":
+        return torch.tensor([0, 1, 2, 3])
+    return torch.tensor([[1, 0, 0, 1], [0, 1, -1, 0], [0, 0, 1, 0], [1, 1, 0, 1]])
+
+
 def _build(name, backbone, datamodule):
     torch.manual_seed(0)
-    method = build_method(name, None, backbone, NAMES, TEMPLATES)
+    method = build_method(name, None, backbone, NAMES, TEMPLATES, task=_task(name))
     method.setup(datamodule)
     return method
+
+
+# every (method, task kind it declares): each runs through the runner on data of that kind
+METHOD_TASKS = [(m, t) for m in list_methods() for t in get_method(m).tasks]
 
 
 @pytest.mark.parametrize("name", list_methods())
@@ -55,7 +72,7 @@ def test_only_method_parameters_train(name, tiny_backbone, tiny_datamodule):
     trainable = {n for n, p in method.named_parameters() if p.requires_grad}
     before = {k: v.clone() for k, v in method.state_dict().items()}
     method.train()
-    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    images, labels = torch.randn(4, 3, 32, 32), _labels(_task(name))
     opt = torch.optim.SGD(method.trainable_parameters(), lr=1.0)
     method.loss(method.output(images), labels).backward()
     opt.step()
@@ -140,11 +157,14 @@ def test_repointing_keeps_each_class_or_refuses(name, tiny_backbone, tiny_datamo
         assert (predict() - before).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", list_methods())
-def test_method_scalars_reach_results_json(name, image_folder, tmp_path):
-    """Every method runs from a recipe through the runner; its scalars land in results.json."""
+@pytest.mark.parametrize("name,task", METHOD_TASKS)
+def test_method_scalars_reach_results_json(name, task, image_folder, multilabel_folder, tmp_path):
+    """Every method runs from a recipe through the runner on data of each task kind it
+    declares, the task's metrics name the result, and its scalars land in results.json."""
+    data = {} if task == "single_label" else {
+        "data.dataset": "multilabel_csv", "data.root": str(multilabel_folder), "data.shots": 0}
     over = tiny_overrides(image_folder, tmp_path, name, **{
-        "trainer.max_epochs": 1, "run_name": "r", "method.name": name})
+        "trainer.max_epochs": 1, "run_name": "r", "method.name": name, **data})
     if name == "tpt":
         over += ["method.n_views=4"]
     if name == "linearprobe":
@@ -153,6 +173,10 @@ def test_method_scalars_reach_results_json(name, image_folder, tmp_path):
     results = run_fit(load_recipe(recipe if recipe.is_file() else RECIPES / "coop/fewshot.yaml", over))
     saved = json.loads((tmp_path / "r" / "results.json").read_text())
     assert saved["scalars"] == results["scalars"]
+    from adapt.tasks import get_task
+
+    primary = get_task(task).primary
+    assert saved["task"] == task and 0 <= saved["metrics"][f"test_{primary}"] <= 100
     reports = get_method(name).scalars is not Method.scalars  # the fitted method's own values
     if reports or name in TRAINING_SCALARS:
         assert saved["scalars"], f"{name} reports scalars but results.json has none"

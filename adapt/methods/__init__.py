@@ -20,6 +20,7 @@ from adapt.methods import lora  # noqa: E402,F401
 from adapt.methods import norm_bias  # noqa: E402,F401
 from adapt.methods import wiseft  # noqa: E402,F401
 from adapt.methods import calip  # noqa: E402,F401
+from adapt.methods import dualcoop  # noqa: E402,F401
 
 __all__ = ["HandWrittenClassifier", "Method", "MethodOutput", "build_method", "get_method", "list_methods",
            "method_config", "parse_method_section", "register_method", "unregister_method",
