@@ -265,9 +265,7 @@ def _results(recipe: DictConfig, exp: Experiment, metrics: dict, fit_s: float, e
         "inputs": exp.inputs,  # "features": trained/evaluated on cached frozen image features
         "task": exp.task,
         # every metric of the task per evaluation set, where it reports more than one (mAP, CF1, ...)
-        # a copy: a later evaluation (the zero-shot baseline) refills exp.task_metrics
-        **({"task_metrics": {k: dict(m) for k, m in exp.task_metrics.items()}}
-           if any(len(m) > 1 for m in exp.task_metrics.values()) else {}),
+        **({"task_metrics": exp.task_metrics} if any(len(m) > 1 for m in exp.task_metrics.values()) else {}),
         **test_time_record(exp.method, recipe.seed),
         "versions": {"adapt": __version__, "torch": torch.__version__,
                      "open_clip": open_clip.__version__, "python": platform.python_version()},

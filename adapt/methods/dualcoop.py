@@ -128,11 +128,9 @@ class DualCoOp(Method):
         """The original's [B, 2, K] logits (index 0 negative, 1 positive)."""
         cfg = self.config
         z = self.tokens_of(x)
-        t_pos, t_neg = self.text_features().to(z.dtype)
-        s_pos = cfg.spatial_scale * torch.einsum("bjd,kd->bkj", z, t_pos)
-        s_neg = cfg.spatial_scale * torch.einsum("bjd,kd->bkj", z, t_neg)
-        w = F.softmax(s_pos, dim=-1)
-        return cfg.logit_scale * torch.stack([(w * s_neg).sum(-1), (w * s_pos).sum(-1)], 1)
+        s = cfg.spatial_scale * torch.einsum("bjd,ckd->bckj", z, self.text_features().to(z.dtype))
+        w = F.softmax(s[:, :1], dim=-1)  # the positive map weighs both branches
+        return cfg.logit_scale * (w * s.flip(1)).sum(-1)  # [B, 2, K]: negative first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pair = self.pair_logits(x)
