@@ -31,6 +31,7 @@ from adapt.data.registry import build_dataset
 from adapt.data.sharding import EpochOrder, train_loader
 from adapt.data.transforms import test_transform, train_transform
 from adapt.settings import check_data, get_setting
+from adapt.tasks import Task, get_task
 
 
 def as_data_config(cfg: Union[DataConfig, DictConfig, dict]) -> DataConfig:
@@ -59,6 +60,7 @@ class AdaptDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.dataset: Optional[DatasetSplits] = None
+        self._task: Optional[Task] = None
         self.train_classnames: list[str] = []
         self.templates: list[str] = []
         self.train_items: list[Item] = []
@@ -125,6 +127,15 @@ class AdaptDataModule(pl.LightningDataModule):
                        extra={"train_classnames": self.train_classnames,
                               "eval_classnames": {k: v[0] for k, v in self.eval_sets.items()}, **(extra or {})})
 
+    @property
+    def task(self) -> Task:
+        """The task kind of the data (``adapt/tasks/``): how an item is read, transformed and
+        collated when its target is more than a label."""
+        self.setup()
+        if self._task is None:
+            self._task = get_task(self.dataset.task)
+        return self._task
+
     def eval_names(self) -> list[str]:
         self.setup()
         return list(self.eval_sets)
@@ -134,7 +145,8 @@ class AdaptDataModule(pl.LightningDataModule):
         """A loader over any item list of this dataset (methods use it for caches and pseudo-labels)."""
         self.setup()
         workers = self.cfg.num_workers
-        return DataLoader(ImageDataset(items, self.dataset.root, transform), batch_size=batch_size,
+        return DataLoader(ImageDataset(items, self.dataset.root, transform, read=self.task.read),
+                          batch_size=batch_size, collate_fn=self.task.collate,
                           shuffle=shuffle, drop_last=drop_last, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
@@ -157,7 +169,8 @@ class AdaptDataModule(pl.LightningDataModule):
         the recipe allows the cache (``cache``) and the method declares it reads nothing else
         (``supports_feature_cache``, no gradient steps at test time); else images. ``views``
         augmented views of each training image are encoded. Returns "features" or "images"."""
-        use = cache and method.supports_feature_cache and not method.grad_at_test
+        # a task whose targets the cache cannot store (label maps) reads images
+        use = cache and method.supports_feature_cache and not method.grad_at_test and self.task.cacheable
         encoder = (backbone, int(views), device, tuple(method.dense_inputs)) if use else None
         if encoder is None or self._encoder is None or encoder[:3] != self._encoder[:3]:
             self._loaded = {}  # features of another backbone or view count are never reused
@@ -177,10 +190,10 @@ class AdaptDataModule(pl.LightningDataModule):
         return self._loaded[split, train, dense]
 
     def train_transform(self):
-        return train_transform(self.image_size, self.mean, self.std)
+        return (self.task.train_transform or train_transform)(self.image_size, self.mean, self.std)
 
     def test_transform(self):
-        return test_transform(self.image_size, self.mean, self.std)
+        return (self.task.test_transform or test_transform)(self.image_size, self.mean, self.std)
 
     def train_dataloader(self, world_size: Optional[int] = None, rank: Optional[int] = None) -> DataLoader:
         """This process's training loader: its slice of every global batch (``data.batch_size``)
@@ -196,8 +209,10 @@ class AdaptDataModule(pl.LightningDataModule):
             rank = self.trainer.global_rank if self.trainer is not None else 0
         bs = self.cfg.batch_size
         if self._encoder is None:
-            return train_loader(ImageDataset(self.train_items, self.dataset.root, self.train_transform()),
+            return train_loader(ImageDataset(self.train_items, self.dataset.root, self.train_transform(),
+                                             read=self.task.read),
                                 EpochOrder(len(self.train_items), self.seed), bs, rank, world_size,
+                                collate_fn=self.task.collate,
                                 num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available())
         cached = self.features(self.train_items, "train", train=True)
         sampler = EpochViewSampler(len(cached.labels), cached.features.shape[0], shuffle=True, seed=self.seed)

@@ -134,6 +134,8 @@ def read_manifest(path: Union[str, Path]) -> Manifest:
             return raw
         if isinstance(raw, list) and len(raw) == n and all(v in (-1, 0, 1) for v in raw):
             return tuple(raw)  # a multi-hot label, -1 = unknown
+        if isinstance(raw, str) and raw:
+            return raw  # a label map's path
         return None
 
     def items(split: str) -> list[Item]:
@@ -142,7 +144,7 @@ def read_manifest(path: Union[str, Path]) -> Manifest:
             found = label(row[1]) if isinstance(row, list) and len(row) == 2 else None
             if found is None:
                 raise ValueError(f"manifest {path}: {split} entry {row!r} is not [path, label < {n}] "
-                                 f"or [path, multi-hot list of {n} entries in -1 / 0 / 1]")
+                                 f"or [path, multi-hot list of {n} entries in -1 / 0 / 1] or [path, label-map path]")
             out.append(Item(str(row[0]), found))
         return out
 

@@ -25,10 +25,14 @@ def load_image(path: Path) -> Image.Image:
 
 class ImageDataset(Dataset):
     def __init__(self, items: Sequence[Item], root: Union[str, Path],
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, read: Optional[Callable] = None):
+        """``read(image, label, root, transform) -> (x, target)``: a task's own reading of an
+        item (a segmentation label map is a file beside the image); default: the transform on
+        the image and the label as its tensor."""
         self.items = list(items)
         self.root = Path(root)
         self.transform = transform
+        self.read = read
 
     def __len__(self) -> int:
         return len(self.items)
@@ -36,4 +40,6 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         item = self.items[index]
         image = load_image(self.root / item.path)
+        if self.read is not None:
+            return self.read(image, item.label, self.root, self.transform)
         return (self.transform(image) if self.transform is not None else image), as_target(item.label)

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 # one class index, or (multi-label data) a multi-hot tuple over the class list: 1 present,
-# 0 absent, -1 unknown (partial labels)
-Label = Union[int, tuple[int, ...]]
+# 0 absent, -1 unknown (partial labels), or (segmentation) the label map's path relative to the
+# dataset root
+Label = Union[int, tuple[int, ...], str]
 
 
 def clean_classname(name: str) -> str:
@@ -34,7 +35,10 @@ def as_target(label: Label):
 
 
 def positives(label: Label) -> list[int]:
-    """The classes an item shows: its one class, or the present entries of a multi-hot label."""
+    """The classes an item shows: its one class, or the present entries of a multi-hot label
+    (none for a label map: which classes it holds is in the file)."""
+    if isinstance(label, str):
+        return []
     return [c for c, v in enumerate(label) if v == 1] if isinstance(label, tuple) else [label]
 
 

@@ -2,6 +2,6 @@
 from adapt.tasks.base import Task, get_task, list_tasks, register_task
 
 # one import per task file: registration happens at import
-from adapt.tasks import single_label, multi_label  # noqa: E402,F401
+from adapt.tasks import single_label, multi_label, segmentation  # noqa: E402,F401
 
 __all__ = ["Task", "get_task", "list_tasks", "register_task"]

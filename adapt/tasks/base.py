@@ -24,6 +24,19 @@ class Task:
     samples_shots: ClassVar[bool] = True
     # label entries can be unknown (-1) and ``data.partial_labels`` may hide some
     partial_labels: ClassVar[bool] = False
+    # the logits' trailing grid dimensions: [B, K] scores (0), or [B, K, h, w] maps (2)
+    logit_grid: ClassVar[int] = 0
+    # its targets can be stored beside cached frozen features (a class index, a multi-hot row)
+    cacheable: ClassVar[bool] = True
+    # How one item becomes (x, target), ``read(image, label, root, transform)``, and how a batch
+    # of them collates; None: the data path's own (the transform on the image, the label as its
+    # tensor; torch's default collation). A task whose target is a file (a label map) sets them.
+    read = None
+    collate = None
+    # ``train_transform(image_size, mean, std)`` / ``test_transform(...)``: None for the CoOp
+    # protocol's (adapt/data/transforms.py); a task whose targets move with the pixels sets its own
+    train_transform = None
+    test_transform = None
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The default training loss of a method on this task."""
