@@ -17,7 +17,7 @@ Loader = Callable[[DataConfig], DatasetSplits]
 
 _LOADERS: dict[str, Loader] = {}
 # modules whose import registers loaders; the world package is optional (an install may drop it)
-_BUILTIN_MODULES = ("adapt.data.folder", "adapt.data.multilabel", "adapt.data.benchmark",
+_BUILTIN_MODULES = ("adapt.data.folder", "adapt.data.multilabel", "adapt.data.segmentation", "adapt.data.benchmark",
                     "adapt.data.imagenet", "adapt.data.world.datasets")
 _builtins_loaded = False
 

@@ -63,6 +63,12 @@ class MultiObjectTask:
     loader = "multilabel_csv"  # the dataset loader that reads a build
     classnames_file = "classnames.txt"  # the class order (the vocabulary's, not alphabetical)
 
+    header = ("path", "labels", "split")  # the loader's CSV columns
+
+    def target_cell(self, folder: Path, rel: str, labels: list[int], objects: np.ndarray, scenes) -> str:
+        """The CSV's target column of one image: the class names shown, joined by ';'."""
+        return ";".join(self.classnames[c] for c in labels)
+
     def fingerprint(self) -> str:
         spec = {"task": dataclasses.asdict(self), "domain": dataclasses.asdict(get_domain(self.domain)),
                 "vocab": [vocab.SHAPES, vocab.COLOURS, vocab.FILLS, vocab.SIZES, vocab.BACKGROUNDS],
@@ -112,13 +118,13 @@ class MultiObjectTask:
         names = self.classnames
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["path", "labels", "split"])
+        writer.writerow(self.header)
         for split in SPLITS:
             (folder / split).mkdir(parents=True, exist_ok=True)
-            for i, (image, labels, _objects, _scenes) in enumerate(self.generate(split, seed)):
+            for i, (image, labels, objects, scenes) in enumerate(self.generate(split, seed)):
                 rel = f"{split}/{i:05d}.png"
                 Image.fromarray(image).save(folder / rel, compress_level=1)
-                writer.writerow([rel, ";".join(names[c] for c in labels), split])
+                writer.writerow([rel, self.target_cell(folder, rel, labels, objects, scenes), split])
         meta = {"task": self.name, "version": self.version, "fingerprint": self.fingerprint(), "seed": seed,
                 "domain": self.domain, "attribute": self.attribute, "classnames": names,
                 "template": self.template, "images": dict(zip(SPLITS, self.images)),
@@ -128,8 +134,30 @@ class MultiObjectTask:
         (folder / self.split_file).write_text(out.getvalue())  # last: it marks the folder complete
 
 
+class SegmentationWorldTask(MultiObjectTask):
+    """The same scenes with a label map per image (``masks/<split>/<i>.png``): each pixel the
+    class of the object seen there (the object's opacity at least one half, later objects
+    over earlier ones), the background and the clutter 255 (ignored), as the "without background"
+    protocol of MaskCLIP's VOC-20 and Context-59 figures. A ``segmentation_csv`` build."""
+
+    loader = "segmentation_csv"
+    header = ("path", "mask", "split")
+
+    def target_cell(self, folder, rel, labels, objects, scenes) -> str:
+        values = _VALUES[self.attribute]
+        lut = np.full(256, 255, np.uint8)  # object index (int8, -1 = background) -> class id
+        for i, scene in enumerate(scenes):
+            lut[i] = values.index(scene.attribute(self.attribute))
+        mask_rel = f"masks/{rel}"
+        (folder / mask_rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(lut[objects.astype(np.uint8)], mode="L").save(folder / mask_rel, compress_level=1)
+        return mask_rel
+
+
 MULTI_TASKS: dict[str, MultiObjectTask] = {t.name: t for t in (
     # the colours of 1-3 objects per image, seen under world_colour's warm cast
     MultiObjectTask("world_multi_colour", "colour", "dusk"),
     MultiObjectTask("world_multi_colour_clean", "colour", "clean"),
+    # the same kind of scenes with a label map per image: which colour each pixel shows
+    SegmentationWorldTask("world_seg_colour", "colour", "dusk"),
 )}
