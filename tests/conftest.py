@@ -79,6 +79,28 @@ def multilabel_folder(image_folder) -> Path:
     return csv
 
 
+@pytest.fixture(scope="session")
+def segmentation_folder(image_folder) -> Path:
+    """The image folder's files as segmentation data (``segmentation_csv``): each image's label
+    map is its folder's class, with a 4-pixel ignored (255) border."""
+    root = image_folder.parent / f"{image_folder.name}-segmentation"
+    rows = ["path,mask,split"]
+    for split in ("train", "val", "test"):
+        for c, name in enumerate(CLASSES):
+            for p in sorted((image_folder / split / name).glob("*.png")):
+                rel = p.relative_to(image_folder).as_posix()
+                mask = np.full((32, 32), 255, np.uint8)
+                mask[4:-4, 4:-4] = c
+                (root / "masks" / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask, mode="L").save(root / "masks" / rel)
+                rows.append(f"images/{rel},masks/{rel},{split}")
+    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    (root / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+    if not (root / "images").exists():
+        (root / "images").symlink_to(image_folder)
+    return root
+
+
 def tiny_overrides(root: Path, out: Path, method: str = "coop", **extra) -> list[str]:
     """Overrides that turn any recipe into a seconds-long CPU run on the generated images."""
     items = {

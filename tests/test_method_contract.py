@@ -11,6 +11,7 @@ from adapt.config import load_recipe
 from adapt.export import load_adapter, save_adapter
 from adapt.methods import Method, build_method, get_method, list_methods
 from adapt.run import run_fit
+from adapt.tasks import get_task
 from tests.conftest import CLASSES, tiny_overrides
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -26,9 +27,14 @@ def _task(name) -> str:
 
 
 def _labels(task: str) -> torch.Tensor:
-    """Four images' training targets of the task (multi-label with an unknown entry)."""
+    """Four images' training targets of the task (multi-label with an unknown entry; label
+    maps with an ignored band)."""
     if task == "single_label":
         return torch.tensor([0, 1, 2, 3])
+    if task == "segmentation":
+        maps = torch.arange(4)[:, None, None].repeat(1, 32, 32)
+        maps[:, :, :4] = 255
+        return maps
     return torch.tensor([[1, 0, 0, 1], [0, 1, -1, 0], [0, 0, 1, 0], [1, 1, 0, 1]])
 
 
@@ -48,7 +54,8 @@ def test_logits_are_finite_and_shaped(name, tiny_backbone, tiny_datamodule):
     method = _build(name, tiny_backbone, tiny_datamodule).eval()
     images = torch.randn(3, 3, 32, 32)
     logits = method.predict(images)
-    assert logits.shape == (3, len(NAMES))
+    # [B, K] scores, or [B, K, h, w] maps for a task whose logits have a grid
+    assert logits.shape[:2] == (3, len(NAMES)) and logits.dim() == 2 + get_task(_task(name)).logit_grid
     assert torch.isfinite(logits).all()
 
 
@@ -141,7 +148,7 @@ def test_repointing_keeps_each_class_or_refuses(name, tiny_backbone, tiny_datamo
         before = predict()
         method.set_classnames(other)
         after = predict()
-    assert after.shape == (3, len(other)) and torch.isfinite(after).all()
+    assert after.shape[:2] == (3, len(other)) and torch.isfinite(after).all()
     # test-time adaptation (TPT's tuning, Zero's vote, TDA's and DMN's memories) depends on the
     # whole class list; every other method keeps each known class's column
     if not (method.test_time or method.couples_classes):
@@ -158,11 +165,14 @@ def test_repointing_keeps_each_class_or_refuses(name, tiny_backbone, tiny_datamo
 
 
 @pytest.mark.parametrize("name,task", METHOD_TASKS)
-def test_method_scalars_reach_results_json(name, task, image_folder, multilabel_folder, tmp_path):
+def test_method_scalars_reach_results_json(name, task, image_folder, multilabel_folder, segmentation_folder,
+                                          tmp_path):
     """Every method runs from a recipe through the runner on data of each task kind it
     declares, the task's metrics name the result, and its scalars land in results.json."""
-    data = {} if task == "single_label" else {
-        "data.dataset": "multilabel_csv", "data.root": str(multilabel_folder), "data.shots": 0}
+    data = {"single_label": {},
+            "multi_label": {"data.dataset": "multilabel_csv", "data.root": str(multilabel_folder), "data.shots": 0},
+            "segmentation": {"data.dataset": "segmentation_csv", "data.root": str(segmentation_folder),
+                             "data.shots": 0}}[task]
     over = tiny_overrides(image_folder, tmp_path, name, **{
         "trainer.max_epochs": 1, "run_name": "r", "method.name": name, **data})
     if name == "tpt":

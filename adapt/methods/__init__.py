@@ -25,3 +25,4 @@ from adapt.methods import dualcoop  # noqa: E402,F401
 __all__ = ["HandWrittenClassifier", "Method", "MethodOutput", "build_method", "get_method", "list_methods",
            "method_config", "parse_method_section", "register_method", "unregister_method",
            "zero_shot_text_features"]
+from adapt.methods import maskclip  # noqa: E402,F401

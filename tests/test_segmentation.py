@@ -1,0 +1,230 @@
+"""The segmentation task (label maps, mIoU as mmsegmentation computes it), its data in the
+community's layouts and the user's CSV form, the world's label maps, and MaskCLIP."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from adapt.config import load_recipe
+from adapt.data import DataConfig
+from adapt.data.registry import build_dataset
+from adapt.methods import build_method
+from adapt.run import run_fit
+from adapt.tasks import get_task
+from adapt.tasks.segmentation import JointTransform, SegmentationEvaluator, confusion, segmentation_scores
+from tests.conftest import CLASSES, tiny_overrides
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+# ------------------------------------------------------------------------------ metrics ---------
+def test_scores_of_a_confusion_matrix_by_hand():
+    hist = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # class 2 occurs nowhere: left out
+    s = segmentation_scores(hist)
+    assert s["miou"] == pytest.approx((3 / 4 + 2 / 3) / 2)
+    assert s["aacc"] == pytest.approx(5 / 6)
+    assert s["macc"] == pytest.approx((3 / 4 + 1) / 2)
+
+
+def test_miou_accumulates_over_the_split_not_per_image():
+    """Two images, one class each: per-image IoUs would average 1 and 0.5; the split's
+    intersection over union is what mmseg reports."""
+    ev = SegmentationEvaluator(2)
+    t1 = torch.zeros(1, 2, 2, dtype=torch.long)  # all class 0, predicted right
+    t2 = torch.tensor([[[1, 1], [1, 1]]])  # all class 1, half predicted 0
+    l1 = torch.tensor([[[[1.0, 1.0], [1.0, 1.0]], [[0.0, 0.0], [0.0, 0.0]]]])
+    l2 = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]]]])
+    ev.update(l1, t1)
+    ev.update(l2, t2)
+    s = ev.compute()
+    # class 0: inter 4, union 4 + 6 - 4 = 6; class 1: inter 2, union 4 + 2 - 2 = 4
+    assert s["miou"] == pytest.approx((4 / 6 + 2 / 4) / 2)
+    assert s["aacc"] == pytest.approx(6 / 8)
+
+
+def test_logits_are_upsampled_to_the_label_map_and_ignore_counts_nowhere():
+    logits = torch.randn(2, 3, 2, 2)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[:, :, :3] = 255
+    ev = SegmentationEvaluator(3)
+    ev.update(logits, target)
+    pred = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False).argmax(1)
+    keep = target != 255
+    hand = torch.zeros(3, 3, dtype=torch.long)
+    for t, p in zip(target[keep].tolist(), pred[keep].tolist()):
+        hand[t, p] += 1
+    assert torch.equal(ev.hist, hand) and int(ev.hist.sum()) == 2 * 8 * 5
+    task = get_task("segmentation")
+    loss = task.loss(logits, target)
+    up = F.interpolate(logits, size=(8, 8), mode="bilinear", align_corners=False)
+    expected = F.cross_entropy(up.permute(0, 2, 3, 1)[keep], target[keep])
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_class_id_outside_the_list_is_named():
+    with pytest.raises(ValueError, match="class id 7, outside the 3 classes"):
+        confusion(torch.zeros(1, 2, 2, dtype=torch.long), torch.full((1, 2, 2), 7), 3)
+
+
+# ------------------------------------------------------------------------------ transforms ------
+def test_training_crop_moves_the_label_map_with_the_pixels():
+    """An image whose colour is its label: after the random crop and flip, every labelled pixel
+    still sits on its colour (nearest-neighbour for the map, so no label is blended)."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, (8, 8)).repeat(12, 0).repeat(12, 1).astype(np.int64)  # 12 px blocks
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 255]], np.uint8)
+    image = Image.fromarray(colours[labels])
+    palette = torch.from_numpy(colours).float()
+    for scale, least in (((1.0, 1.0), 1.0), ((0.3, 0.6), 0.8)):
+        t = JointTransform(24, mean=(0, 0, 0), std=(1, 1, 1), scale=scale)
+        for seed in range(5):
+            torch.manual_seed(seed)
+            x, m = t(image, torch.from_numpy(labels))
+            assert x.shape == (3, 24, 24) and m.shape == (24, 24) and m.dtype == torch.int64
+            nearest = torch.cdist((x.permute(1, 2, 0) * 255).reshape(-1, 3), palette).argmin(1).reshape(24, 24)
+            agree = float((nearest == m).float().mean())
+            # whole frame: every pixel; small crops: bicubic blurs the image's block edges only
+            assert agree >= least
+            assert float((nearest == m.flip(-1)).float().mean()) < agree - 0.2  # a map left unflipped
+
+
+# ------------------------------------------------------------------------------ data ------------
+def _write_csv_tree(root: Path, mask_size=(16, 16), bad_id: int | None = None) -> Path:
+    (root / "img").mkdir(parents=True)
+    (root / "ann").mkdir()
+    rows = ["path,mask,split"]
+    for i, split in enumerate(["train", "train", "test"]):
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(root / "img" / f"{i}.png")
+        m = np.full(mask_size[::-1], 255, np.uint8)
+        m[:4] = i % 2
+        if bad_id is not None and i == 2:
+            m[0, 0] = bad_id
+        Image.fromarray(m, mode="L").save(root / "ann" / f"{i}.png")
+        rows.append(f"img/{i}.png,ann/{i}.png,{split}")
+    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    (root / "classnames.txt").write_text("sky\nroad_sign\n")
+    return root
+
+
+def test_segmentation_csv_reads_label_maps(tmp_path):
+    d = build_dataset(DataConfig(dataset="segmentation_csv", root=str(_write_csv_tree(tmp_path))))
+    assert d.task == "segmentation" and d.classnames == ["sky", "road sign"]
+    assert [it.label for it in d.train] == ["ann/0.png", "ann/1.png"] and len(d.test) == 1
+
+
+@pytest.mark.parametrize("problem,match", [
+    ({"mask_size": (16, 12)}, r"ann/0.png: the label map is 16x12 but its image .* is 16x16"),
+    ({"bad_id": 9}, r"ann/2.png: class id 9 is outside the 2 classes"),
+])
+def test_bad_label_maps_are_named_before_training(tmp_path, problem, match):
+    with pytest.raises(ValueError, match=match):
+        build_dataset(DataConfig(dataset="segmentation_csv", root=str(_write_csv_tree(tmp_path, **problem))))
+
+
+def test_voc2012_layout(tmp_path):
+    root = tmp_path / "VOC2012"
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "SegmentationClass").mkdir()
+    for split, ids in (("train", ["2007_000032"]), ("val", ["2007_000033", "2007_000042"])):
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for i in ids:
+            Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(root / "JPEGImages" / f"{i}.jpg")
+            m = Image.fromarray(np.array([[0] * 12] * 9 + [[255] * 12], np.uint8), mode="P")
+            m.putpalette([0, 0, 0, 128, 0, 0] + [0] * (253 * 3) + [224, 224, 192])
+            m.save(root / "SegmentationClass" / f"{i}.png")
+    d = build_dataset(DataConfig(dataset="voc2012_seg", root=str(root)))
+    assert len(d.classnames) == 21 and d.classnames[0] == "background" and d.classnames[15] == "person"
+    assert [it.path for it in d.test] == ["JPEGImages/2007_000033.jpg", "JPEGImages/2007_000042.jpg"]
+    task = get_task("segmentation")
+    image = Image.open(root / d.test[0].path).convert("RGB")
+    _, target = task.read(image, d.test[0].label, root, lambda im: im)
+    assert target.shape == (10, 12) and set(target.unique().tolist()) == {0, 255}  # palette indices
+
+
+def test_world_label_maps_match_the_multi_label_scenes():
+    """world_seg_colour's label maps hold exactly the colours its scenes show, ids of the class
+    list, background 255."""
+    d = build_dataset(DataConfig(dataset="world_seg_colour", root=None))
+    assert d.task == "segmentation" and len(d.classnames) == 12
+    assert len(d.train) == 1200 and len(d.test) == 600
+    from adapt.data.world.multi import MULTI_TASKS
+
+    world = MULTI_TASKS["world_seg_colour"]
+    for item, (image, _, objects, scenes) in zip(d.train[:20], world.generate("train", seed=0)):
+        m = np.asarray(Image.open(d.root / item.label))
+        shown = sorted(set(np.unique(m).tolist()) - {255})
+        visible = sorted({world.classnames.index(scenes[i].attribute("colour"))
+                          for i in np.unique(objects[objects >= 0]).tolist()})
+        assert shown == visible and (m == 255).sum() == (objects < 0).sum()
+        assert np.array_equal(np.asarray(Image.open(d.root / item.path)), image)
+
+
+def test_different_sizes_in_one_batch_name_the_fix():
+    task = get_task("segmentation")
+    batch = [(torch.zeros(3, 4, 4), torch.zeros(4, 4)), (torch.zeros(3, 4, 6), torch.zeros(4, 6))]
+    with pytest.raises(ValueError, match="set data.eval_batch_size=1"):
+        task.collate(batch)
+
+
+# ------------------------------------------------------------------------------ MaskCLIP --------
+def test_maskclip_logits_are_the_value_path_cosines(tiny_backbone):
+    method = build_method("maskclip", None, tiny_backbone, CLASSES[:3], ["a photo of a {}."],
+                          task="segmentation").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        dense = tiny_backbone.encode_image_dense(images, outputs=("value",), normalize=False)
+        f = F.normalize(dense.as_map("value"), dim=1)
+        t = method.text_features
+        hand = (f[:, None] * t[None, :, :, None, None]).sum(2)
+        logits = method.predict(images)
+    assert logits.shape == (2, 3, *dense.grid) and torch.allclose(logits, hand, atol=1e-6)
+    assert logits.abs().max() <= 1 + 1e-6  # cosines: no logit scale
+    from adapt.methods.maskclip import maskclip_templates, prompt_denoise
+
+    templates = maskclip_templates()
+    assert len(templates) == 85 and templates[0] == "a bad photo of a {}."
+    assert templates[-1] == "this is one {} in the scene."
+    assert method.hand_written_templates() == templates  # the original's prompt engineering
+    # prompt denoising: a class never confident anywhere is set to -100 everywhere
+    x = torch.zeros(1, 2, 2, 2)
+    x[0, 0] = 0.05  # class 0 wins every pixel: softmax(100 x) = e^5 / (e^5 + 1) ~ 0.993
+    out = prompt_denoise(x, 0.5)
+    assert torch.equal(out[0, 0], x[0, 0]) and bool((out[0, 1] == -100).all())
+
+
+def test_maskclip_refuses_single_label_data(tiny_backbone):
+    with pytest.raises(ValueError, match="method 'maskclip' does segmentation"):
+        build_method("maskclip", None, tiny_backbone, CLASSES[:3], ["a {}"], task="single_label")
+
+
+def test_maskclip_segments_the_world_above_chance(tmp_path):
+    """Training-free, on the shipped tiny CLIP: the value path segments the world's colours well
+    above chance, and better than the plain last-block tokens (MaskCLIP's finding)."""
+    over = ["trainer.progress_bar=false", "logger.csv=false", "data.num_workers=0", f"output_dir={tmp_path}"]
+    value = run_fit(load_recipe(RECIPES / "maskclip" / "world.yaml", over + ["run_name=v"]))
+    tokens = run_fit(load_recipe(RECIPES / "maskclip" / "world.yaml", over + ["run_name=t", "method.features=tokens"]))
+    saved = json.loads((tmp_path / "v" / "results.json").read_text())
+    # chance: a uniform guess over 12 classes has IoU ~ 1/23 per class (about 4.3) and aAcc 8.3
+    assert value["metrics"]["test_miou"] > 8.0 and saved["task_metrics"]["test"]["aacc"] > 15.0
+    assert value["metrics"]["test_miou"] > tokens["metrics"]["test_miou"] + 3.0
+    assert not math.isnan(saved["task_metrics"]["test"]["macc"])
+
+
+def test_contract_data_runs_maskclip_through_the_runner(image_folder, segmentation_folder, tmp_path):
+    """On the fixture's label maps (each image one colour, a border ignored) the run reports
+    the task's metrics, and the ignored border counts nowhere."""
+    over = tiny_overrides(image_folder, tmp_path, "maskclip", **{
+        "data.dataset": "segmentation_csv", "data.root": str(segmentation_folder), "data.shots": 0,
+        "run_name": "r", "method.template_set": "dataset"})
+    res = run_fit(load_recipe(RECIPES / "maskclip" / "voc2012.yaml", over + ["data.eval_batch_size=4"]))
+    saved = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert saved["task"] == "segmentation" and 0 <= res["metrics"]["test_miou"] <= 100
+    assert set(saved["task_metrics"]["test"]) == {"miou", "aacc", "macc"}
