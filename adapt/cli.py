@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="comparison files from finished runs, without training")
     rep.add_argument("targets", nargs="+", metavar="RUN_DIR_OR_GLOB")
     rep.add_argument("--out", default=".", help="output folder (default: the working directory)")
-    pred = sub.add_parser("predict", help="classify images with an adapter, write a CSV of top-k labels")
+    pred = sub.add_parser("predict", help="label images with an adapter: a CSV of top-k labels (and label maps)")
     pred.add_argument("adapter", help="an adapter directory (run_dir/adapter or `adapt export` output)")
     pred.add_argument("images", nargs="+", metavar="IMAGES_OR_FOLDER")
     names = pred.add_mutually_exclusive_group()
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     names.add_argument("--classnames-file", help="a text file with one class name per line")
     pred.add_argument("--top-k", type=int, default=5)
     pred.add_argument("--out", default="predictions.csv")
+    pred.add_argument("--maps-dir", default=None,
+                      help="segmentation adapters: the folder of label-map PNGs (default: <out>_label_maps)")
     pred.add_argument("--batch-size", type=int, default=64)
     pred.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     config = sub.add_parser("config", help="print the resolved recipe (defaults + file + overrides)")

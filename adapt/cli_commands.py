@@ -71,15 +71,22 @@ def report(targets: Sequence[str], out: str) -> None:
 
 
 def predict(args) -> None:
-    from adapt.inference import check_predictions_path, load_adapter, predict_files, write_predictions
+    from adapt.inference import (check_maps_dir, check_predictions_path, load_adapter, predict_files,
+                                 write_predictions)
 
     check_predictions_path(args.out)  # before any time is spent
+    maps_dir = Path(args.maps_dir) if args.maps_dir else Path(args.out).with_suffix("").with_name(
+        Path(args.out).stem + "_label_maps")
     classnames = _classnames(args.classnames, args.classnames_file)
     model = load_adapter(args.adapter, classnames=classnames, device=args.device)
+    if model.task.logit_grid:  # it writes label maps: their folder too, before any image is read
+        check_maps_dir(maps_dir)
     rows = predict_files(model, args.images, top_k=args.top_k, batch_size=args.batch_size,
-                         progress=True)
+                         progress=True, maps_dir=maps_dir)
     out = write_predictions(rows, args.out)
-    print(f"{len(rows)} images classified into {len(model.classnames)} classes; written to {out}")
+    maps = f"; label maps in {maps_dir}" if rows and "label_map" in rows[0] else ""
+    print(f"{len(rows)} images labelled with {len(model.classnames)} classes ({model.task.name}); "
+          f"written to {out}{maps}")
 
 
 def _classnames(inline: Optional[str], file: Optional[str]) -> Optional[list[str]]:

@@ -1,5 +1,8 @@
 """Use an exported adapter: ``load_adapter`` -> an eval-mode model with its preprocessing;
-``predict_files`` -> top-k labels and probabilities per image (``adapt predict``).
+``predict_files`` -> top-k labels and probabilities per image (``adapt predict``), as the adapter's
+task reads its logits: a softmax for single-label, each class's own probability (and the classes
+above 0.5) for multi-label, a label-map PNG per image (and the classes covering most pixels) for
+segmentation.
 
     import adapt
     from PIL import Image
@@ -50,7 +53,9 @@ def load_adapter(path: str | Path, classnames: Optional[Sequence[str]] = None,
                                                  pretrained=meta["backbone"]["pretrained"]))
     backbone = backbone.to(device)
     method = load_onto(path, backbone=backbone, classnames=classnames).to(device).eval()
-    method.preprocess = test_transform(backbone.image_size, backbone.image_mean, backbone.image_std)
+    # the task's evaluation transform where it has one (segmentation: the whole image, no crop)
+    make = method.task.test_transform or test_transform
+    method.preprocess = make(backbone.image_size, backbone.image_mean, backbone.image_std)
     method.device = device
     return method
 
@@ -73,33 +78,85 @@ def image_files(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def predict_files(model: Method, inputs: Sequence[str | Path], top_k: int = 5, batch_size: int = 64,
-                  progress: bool = True) -> list[dict]:
-    """One row per image: path, then label_i / prob_i for the ``top_k`` most probable classes."""
+                  progress: bool = True, maps_dir: Optional[str | Path] = None) -> list[dict]:
+    """One row per image: path, then label_i / prob_i for the ``top_k`` most probable classes
+    (the task's columns: ``present`` for multi-label; ``share_i`` and ``label_map`` for
+    segmentation, whose maps are written into ``maps_dir``, default ``label_maps/``)."""
     from tqdm.auto import tqdm
 
     from adapt.data.image_dataset import load_image
 
     files = image_files(inputs)
-    k = max(1, min(top_k, len(model.classnames)))
+    task = model.task
+    maps_dir = None if maps_dir is None else Path(maps_dir)
+    written: set[str] = set()
     rows = []
     device = getattr(model, "device", next(model.parameters()).device)
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        x = torch.stack([model.preprocess(load_image(f)) for f in chunk]).to(device)
-        # test-time methods (TPT) take gradient steps inside predict; the rest need none
-        with torch.set_grad_enabled(model.grad_at_test), torch.inference_mode(not model.grad_at_test):
-            probs = model.predict(x).float().softmax(dim=-1)
-        top = probs.topk(k, dim=-1)
-        for f, p, i in zip(chunk, top.values.tolist(), top.indices.tolist()):
-            row = {"path": str(f)}
-            for rank, (pi, ii) in enumerate(zip(p, i), start=1):
-                row[f"label_{rank}"] = model.classnames[ii]
-                row[f"prob_{rank}"] = round(pi, 6)
+        images = [load_image(f) for f in chunk]
+        xs = [model.preprocess(im) for im in images]
+        # whole images of different shapes (segmentation's test transform) go one at a time
+        batches = [torch.stack(xs)] if len({x.shape for x in xs}) == 1 else [x[None] for x in xs]
+        logits = []
+        for x in batches:
+            # test-time methods (TPT) take gradient steps inside predict; the rest need none
+            with torch.set_grad_enabled(model.grad_at_test), torch.inference_mode(not model.grad_at_test):
+                logits.append(model.predict(x.to(device)))
+        chunk_rows, maps = [], []
+        for out, sub in zip(logits, _split(images, [len(x) for x in batches])):
+            r, m = task.predictions(out, model.classnames, top_k, [(im.height, im.width) for im in sub])
+            chunk_rows += r
+            maps += m or []
+        for i, (f, row) in enumerate(zip(chunk, chunk_rows)):
+            row = {"path": str(f), **row}
+            if maps:
+                row["label_map"] = str(write_label_map(maps[i], _map_path(maps_dir or Path("label_maps"), f, written)))
             rows.append(row)
         bar.update(len(chunk))
     bar.close()
     return rows
+
+
+def _split(items: list, sizes: list[int]) -> list[list]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(items[at:at + n])
+        at += n
+    return out
+
+
+MAPS_MARK = ".adapt-label-maps"  # proves a folder of label maps is adapt predict's own
+
+
+def check_maps_dir(maps_dir: str | Path) -> Path:
+    """``maps_dir`` may receive label maps: it is new or empty, or an earlier ``adapt predict``
+    output (it holds ``.adapt-label-maps``); a folder of anything else is refused."""
+    maps_dir = Path(maps_dir)
+    if maps_dir.exists() and (not maps_dir.is_dir() or (any(maps_dir.iterdir()) and not (maps_dir / MAPS_MARK).is_file())):
+        raise FileExistsError(f"{maps_dir} exists and is not a folder of label maps written by adapt "
+                              "predict; choose another --maps-dir")
+    return maps_dir
+
+
+def _map_path(maps_dir: Path, image: Path, written: set[str]) -> Path:
+    if not written:
+        check_maps_dir(maps_dir).mkdir(parents=True, exist_ok=True)
+        (maps_dir / MAPS_MARK).touch()
+    name, n = f"{image.stem}.png", 1
+    while name in written:  # two images with one stem (different folders) keep both maps
+        name, n = f"{image.stem}_{n}.png", n + 1
+    written.add(name)
+    return maps_dir / name
+
+
+def write_label_map(label_map, path: Path) -> Path:
+    """A [H, W] uint8 class-index map as a single-channel PNG (mode L, readable by
+    ``read_label_map``), written atomically."""
+    from PIL import Image
+
+    return atomic_save(path, lambda tmp: Image.fromarray(label_map, mode="L").save(tmp, format="PNG"))
 
 
 def check_predictions_path(out: str | Path) -> Path:

@@ -179,3 +179,24 @@ def test_any_metric_or_named_scalar_in_results_becomes_a_column(tmp_path):
     md = markdown([group])
     assert "| tipadapter | **72.0 ± 2.8** | 2.0 ± 0.7 |" in md  # alpha has no "best"
     assert "| linearprobe | 70.0 ± 14.1 | – |" in md and "HM of means" not in md
+
+
+def test_segmentation_and_multi_label_scores_lead_the_table_and_have_a_best(tmp_path):
+    from adapt.compare.plot import _headline
+    from adapt.compare.runs import RunRecord
+    from adapt.compare.table import aggregate, markdown
+
+    def rec(method, dataset, metrics, seed=1):
+        return RunRecord(tmp_path / f"{method}{dataset}", {
+            "method": method, "dataset": dataset, "setting": "all", "shots": 0, "seed": seed,
+            "metrics": metrics, "scalars": {"alpha": 1.0}, "trainable_params": 10,
+            "timing": {"fit_seconds": 1.0}}, recipe_hash=method)
+
+    groups = {g.dataset: g for g in aggregate([
+        rec("maskclip", "seg", {"test_miou": 9.7}), rec("denseclip", "seg", {"test_miou": 12.5}),
+        rec("dualcoop", "ml", {"test_map": 46.8}), rec("taidpt", "ml", {"test_map": 40.0})])}
+    assert groups["seg"].columns == ["test_miou", "alpha"] and _headline(groups["seg"]) == "test_miou"
+    assert _headline(groups["ml"]) == "test_map"
+    md = markdown([groups["seg"], groups["ml"]])
+    assert "| method | test mIoU | alpha |" in md and "| denseclip | **12.5** |" in md
+    assert "| dualcoop | **46.8** |" in md and "| maskclip | 9.7 |" in md

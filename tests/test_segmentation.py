@@ -228,3 +228,65 @@ def test_contract_data_runs_maskclip_through_the_runner(image_folder, segmentati
     saved = json.loads((tmp_path / "r" / "results.json").read_text())
     assert saved["task"] == "segmentation" and 0 <= res["metrics"]["test_miou"] <= 100
     assert set(saved["task_metrics"]["test"]) == {"miou", "aacc", "macc"}
+
+
+# ------------------------------------------------------------------------------ predict ---------
+def test_predict_writes_each_images_label_map_at_its_own_size(tmp_path, capsys):
+    """``adapt predict`` on a segmentation adapter: one PNG per image at the image's size, the
+    argmax of the method's upsampled logits; the CSV's shares are the map's pixel shares; a
+    second run reuses its own folder, a foreign folder is refused."""
+    import adapt
+    from adapt.backbone import BackboneConfig, build_backbone
+    from adapt.cli import main
+    from adapt.data.world.vocab import COLOURS
+    from adapt.export import save_adapter
+    from adapt.tasks.segmentation import read_label_map, upsample
+
+    bb = build_backbone(BackboneConfig(name="tiny-vit-p4", pretrained="world"))
+    names = list(COLOURS)[:5]
+    method = build_method("maskclip", None, bb, names, ["a photo of a {} object."], task="segmentation")
+    adapter = save_adapter(method, tmp_path / "adapter")  # training-free: the config is the adapter
+    rng = np.random.default_rng(0)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, (w, h) in {"wide": (48, 32), "tall": (32, 40)}.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"{name}.png")
+    out = tmp_path / "pred.csv"
+    assert main(["predict", str(adapter), str(images), "--top-k", "2", "--out", str(out), "--device", "cpu"]) == 0
+    rows = list(__import__("csv").DictReader(open(out)))
+    assert [Path(r["path"]).name for r in rows] == ["tall.png", "wide.png"]
+    assert list(rows[0]) == ["path", "label_1", "share_1", "label_2", "share_2", "label_map"]
+    model = adapt.load_adapter(adapter, device="cpu")
+    for r in rows:
+        with Image.open(r["path"]) as im:
+            size = (im.height, im.width)
+            x = model.preprocess(im.convert("RGB"))[None]
+        label_map = read_label_map(Path(r["label_map"]))
+        assert label_map.shape == size and Path(r["label_map"]).parent == tmp_path / "pred_label_maps"
+        with torch.no_grad():
+            hand = upsample(model.predict(x), size).argmax(1)[0].numpy()
+        assert np.array_equal(label_map, hand)
+        share = np.bincount(label_map.flatten(), minlength=5) / label_map.size
+        assert r["label_1"] == names[int(share.argmax())] and float(r["share_1"]) == pytest.approx(share.max(), abs=1e-6)
+    assert main(["predict", str(adapter), str(images), "--out", str(out), "--device", "cpu"]) == 0  # its own folder
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert main(["predict", str(adapter), str(images), "--out", str(out), "--maps-dir", str(foreign),
+                 "--device", "cpu"]) != 0
+    assert "mine exists and is not a folder of label maps written by adapt predict" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_task_predictions_read_logits_as_the_task_does():
+    """single-label: a softmax over the classes; multi-label: each class's own sigmoid, and the
+    classes above 0.5 listed as present."""
+    names = ["a", "b", "c"]
+    logits = torch.tensor([[2.0, 0.0, -1.0], [-3.0, 1.0, 0.5]])
+    rows, maps = get_task("single_label").predictions(logits, names, 2, [(1, 1)] * 2)
+    p = logits.softmax(-1)
+    assert maps is None and rows[1]["label_1"] == "b" and rows[1]["prob_1"] == pytest.approx(float(p[1, 1]), abs=1e-6)
+    rows, _ = get_task("multi_label").predictions(logits, names, 3, [(1, 1)] * 2)
+    s = logits.sigmoid()
+    assert rows[0]["prob_1"] == pytest.approx(float(s[0, 0]), abs=1e-6) and rows[0]["present"] == "a"
+    assert rows[1]["present"] == "b;c" and rows[1]["prob_3"] == pytest.approx(float(s[1, 0]), abs=1e-6)

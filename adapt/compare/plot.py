@@ -1,5 +1,5 @@
 """comparison.png: per group, grouped bars (mean ± std per metric, one group of bars per method)
-and accuracy against trainable parameters on a log axis (zero-shot, 0 parameters, as a line)."""
+and the headline score (HM, accuracy, mAP or mIoU) against trainable parameters on a log axis (zero-shot, 0 parameters, as a line)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +7,12 @@ from typing import Sequence
 
 from adapt.compare.table import LABELS, ZERO_SHOT, Group
 
-_BAR_COLUMNS = ("base_acc", "novel_acc", "hm", "test_acc")
+_BAR_COLUMNS = ("base_acc", "novel_acc", "hm", "test_acc", "test_map", "test_miou")
 
 
 def _headline(group: Group) -> str:
-    return "hm" if "hm" in group.columns else ("test_acc" if "test_acc" in group.columns else group.columns[0])
+    """The column a run is summed up by: HM for base-to-novel, else the task's test score."""
+    return next((c for c in ("hm", "test_acc", "test_map", "test_miou") if c in group.columns), group.columns[0])
 
 
 def plot(groups: Sequence[Group], path: Path) -> None:
@@ -31,7 +32,7 @@ def plot(groups: Sequence[Group], path: Path) -> None:
             errs = [(r.stats[c].std or 0.0) if c in r.stats else 0.0 for r in g.rows]
             bars.bar(xs, means, width, yerr=errs, capsize=2, label=LABELS.get(c, c))
         bars.set_xticks(range(len(g.rows)), [r.name for r in g.rows], rotation=30, ha="right")
-        bars.set_ylabel("accuracy (%)")
+        bars.set_ylabel("score (%)")
         bars.set_ylim(0, 100)
         bars.grid(axis="y", alpha=0.3)
         bars.legend(ncol=n, fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False)

@@ -17,8 +17,11 @@ from typing import Optional, Sequence
 from adapt.compare.runs import Missing, RunRecord
 
 # the order columns are shown in; any other metric follows, sorted
-KNOWN = ("base_acc", "novel_acc", "hm", "test_acc")
-LABELS = {"base_acc": "base", "novel_acc": "novel", "hm": "HM", "test_acc": "test", "hm_of_means": "HM of means"}
+KNOWN = ("base_acc", "novel_acc", "hm", "test_acc", "test_map", "test_miou")
+LABELS = {"base_acc": "base", "novel_acc": "novel", "hm": "HM", "test_acc": "test", "hm_of_means": "HM of means",
+          "test_map": "test mAP", "test_miou": "test mIoU"}
+# the task kinds' primary metrics (adapt/tasks/): higher is better, so a column of them has a best
+SCORES = ("acc", "map", "miou")
 ZERO_SHOT = "zero-shot"
 
 
@@ -151,8 +154,9 @@ def _method_rows(recs: list[RunRecord], columns: list[str], seeds: list[int]) ->
 
 
 def _best(group: Group, column: str) -> Optional[float]:
-    """Best mean of an accuracy column (others, e.g. a searched alpha, have no "best")."""
-    if not (column.endswith("acc") or column.startswith("hm")):
+    """Best mean of a score column: accuracy, HM, mAP, mIoU (others, e.g. a searched alpha,
+    have no "best")."""
+    if not (column.endswith(SCORES) or column.startswith("hm")):
         return None
     means = [r.stats[column].mean for r in group.rows if column in r.stats]
     return max(means) if means else None
@@ -163,7 +167,7 @@ def markdown(groups: Sequence[Group], missing: Sequence[Missing] = ()) -> str:
     for g in groups:
         lines += [f"## {g.title}", "",
                   f"Mean ± std over seeds ({', '.join(map(str, g.seeds))}; {len(g.seeds)} seeds); "
-                  "accuracies in %. **Bold**: best per column."]
+                  "scores in %. **Bold**: best per column."]
         if "hm_of_means" in g.columns:
             lines.append("Two harmonic-mean conventions: **HM** is the mean ± std of the per-seed "
                          "harmonic means of base and novel; **HM of means** is the harmonic mean of the "

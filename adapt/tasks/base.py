@@ -57,6 +57,29 @@ class Task:
         """What ``train_metric`` reads from a method's logits."""
         return logits
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, K] per-class probabilities of a batch's logits (``adapt predict``): a softmax over
+        the classes for one label per image."""
+        return logits.float().softmax(dim=-1)
+
+    def predictions(self, logits: torch.Tensor, classnames, k: int, sizes) -> tuple[list[dict], list | None]:
+        """``adapt predict``'s rows of a batch, ``label_i`` / ``prob_i`` of the ``k`` most
+        probable classes, and per-image label maps (None: the task has none). ``sizes``: each
+        original image's (height, width)."""
+        return top_rows(self.probabilities(logits), classnames, k, "prob"), None
+
+
+def top_rows(values: torch.Tensor, classnames, k: int, what: str) -> list[dict]:
+    """Per row of [B, K] ``values``: label_1, <what>_1, ... for its ``k`` largest, in order."""
+    top = values.topk(max(1, min(k, values.shape[-1])), dim=-1)
+    rows = []
+    for vals, idx in zip(top.values.tolist(), top.indices.tolist()):
+        row = {}
+        for rank, (v, i) in enumerate(zip(vals, idx), start=1):
+            row[f"label_{rank}"], row[f"{what}_{rank}"] = classnames[i], round(v, 6)
+        rows.append(row)
+    return rows
+
 
 def register_task(name: str):
     def wrap(cls):

@@ -10,7 +10,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MultilabelAveragePrecision
 from torchmetrics.utilities import dim_zero_cat
 
-from adapt.tasks.base import Task, register_task
+from adapt.tasks.base import Task, register_task, top_rows
 from adapt.tasks.losses import asymmetric_loss, positive_margin, positive_probability
 from adapt.tasks.metrics import mean_average_precision, threshold_scores, topk_scores
 
@@ -59,3 +59,14 @@ class MultiLabel(Task):
 
     def scores(self, logits):
         return positive_probability(logits)
+
+    def probabilities(self, logits):
+        # each class on its own (σ of the positive margin): several can be present at once
+        return positive_probability(logits.float())
+
+    def predictions(self, logits, classnames, k, sizes):
+        probs = self.probabilities(logits)
+        rows = top_rows(probs, classnames, k, "prob")
+        for row, p in zip(rows, probs):  # every class above the task's threshold of 0.5
+            row["present"] = ";".join(classnames[i] for i in (p > 0.5).nonzero().flatten().tolist())
+        return rows, None

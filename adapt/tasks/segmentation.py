@@ -28,7 +28,7 @@ from torchvision import transforms as T
 from torchvision.transforms import v2
 from torchvision import tv_tensors
 
-from adapt.tasks.base import Task, register_task
+from adapt.tasks.base import Task, register_task, top_rows
 
 IGNORE = 255
 
@@ -142,6 +142,16 @@ class Segmentation(Task):
         # the image arrives as RGB (the data path converts every file); no crop: the whole image
         return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
                           T.Normalize(mean, std)])
+
+    def predictions(self, logits, classnames, k, sizes):
+        """Per image: its label map at the image's own size (argmax of the upsampled logits,
+        uint8) and, as rows, the ``k`` classes covering most of it with their pixel shares."""
+        maps, shares = [], []
+        for one, size in zip(logits, sizes):
+            pred = upsample(one[None].float(), size).argmax(1)[0]
+            maps.append(pred.to(torch.uint8).cpu().numpy())
+            shares.append(torch.bincount(pred.flatten(), minlength=len(classnames)).double() / pred.numel())
+        return top_rows(torch.stack(shares), classnames, k, "share"), maps
 
     def read(self, image, label, root: Path, transform):
         """(image tensor, [H, W] long label map) of one item; ``label`` is the label map's path
