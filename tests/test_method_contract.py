@@ -158,7 +158,9 @@ def test_repointing_keeps_each_class_or_refuses(name, tiny_backbone, tiny_datamo
         order = [2, 0, 3, 1]
         with torch.no_grad():
             method.set_classnames([NAMES[i] for i in order])
-            assert (predict() - before[:, order]).abs().max() <= 1e-4
+            # relative: a coupled computation (PLOT's Sinkhorn) carries the text tower's round-off
+            # of another class order through its iterations, at the random tower's logit scale
+            assert torch.allclose(predict(), before[:, order], rtol=1e-5, atol=1e-4)
     method.set_classnames(NAMES)
     with torch.no_grad():
         assert (predict() - before).abs().max() <= 1e-5

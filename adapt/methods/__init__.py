@@ -26,3 +26,4 @@ __all__ = ["HandWrittenClassifier", "Method", "MethodOutput", "build_method", "g
            "method_config", "parse_method_section", "register_method", "unregister_method",
            "zero_shot_text_features"]
 from adapt.methods import maskclip  # noqa: E402,F401
+from adapt.methods import plot  # noqa: E402,F401

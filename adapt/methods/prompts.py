@@ -130,14 +130,16 @@ class ContextPrompts(nn.Module):
         return torch.cat([sos, ctx.to(sos.dtype)], dim=1)
 
     def text_features(self, ctx: torch.Tensor | None = None, deep_prompts=None,
-                      prompt_start: int = 1) -> torch.Tensor:
-        """Normalized class text features [C, d]; ``deep_prompts`` as ``encode_text_embeddings``."""
+                      prompt_start: int = 1, normalize: bool = True) -> torch.Tensor:
+        """Class text features [C, d] (normalized unless told); ``deep_prompts`` as
+        ``encode_text_embeddings``."""
         ctx = self.ctx if ctx is None else ctx
         backbone = self.backbone[0]
         if self.shares_prefix and ctx.dim() == 2:
             return backbone.encode_text_shared(self._shared_prefix(ctx), self.token_suffix, self.tokens,
-                                               deep_prompts, prompt_start)[0]
-        return backbone.encode_text_embeddings(self.embeddings(ctx), self.tokens, deep_prompts, prompt_start)
+                                               deep_prompts, prompt_start, normalize)[0]
+        return backbone.encode_text_embeddings(self.embeddings(ctx), self.tokens, deep_prompts, prompt_start,
+                                               normalize=normalize)
 
     def text_features_per_image(self, ctx: torch.Tensor) -> torch.Tensor:
         """Normalized text features [B, C, d] of the per-image prompts of ``embeddings_per_image``:
