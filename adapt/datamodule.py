@@ -11,6 +11,8 @@ declares; nothing downstream branches on it.
 """
 from __future__ import annotations
 
+import functools
+
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -136,6 +138,13 @@ class AdaptDataModule(pl.LightningDataModule):
             self._task = get_task(self.dataset.task)
         return self._task
 
+    @property
+    def read(self) -> Optional[Callable]:
+        """The task's item reader with the dataset's options for it (a segmentation dataset's
+        ``reduce_zero_label``); None: the data path's own."""
+        read, options = self.task.read, self.dataset.read_options
+        return functools.partial(read, **options) if read is not None and options else read
+
     def eval_names(self) -> list[str]:
         self.setup()
         return list(self.eval_sets)
@@ -145,7 +154,7 @@ class AdaptDataModule(pl.LightningDataModule):
         """A loader over any item list of this dataset (methods use it for caches and pseudo-labels)."""
         self.setup()
         workers = self.cfg.num_workers
-        return DataLoader(ImageDataset(items, self.dataset.root, transform, read=self.task.read),
+        return DataLoader(ImageDataset(items, self.dataset.root, transform, read=self.read),
                           batch_size=batch_size, collate_fn=self.task.collate,
                           shuffle=shuffle, drop_last=drop_last, num_workers=workers,
                           persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
@@ -210,7 +219,7 @@ class AdaptDataModule(pl.LightningDataModule):
         bs = self.cfg.batch_size
         if self._encoder is None:
             return train_loader(ImageDataset(self.train_items, self.dataset.root, self.train_transform(),
-                                             read=self.task.read),
+                                             read=self.read),
                                 EpochOrder(len(self.train_items), self.seed), bs, rank, world_size,
                                 collate_fn=self.task.collate,
                                 num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available())

@@ -149,6 +149,72 @@ def test_voc2012_layout(tmp_path):
     assert target.shape == (10, 12) and set(target.unique().tolist()) == {0, 255}  # palette indices
 
 
+def _map(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.array(rows, np.uint8), mode="L").save(path)
+
+
+def _jpg(path: Path, h: int, w: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(path)
+
+
+def test_reduce_zero_label_ignores_zero_and_moves_every_id_down_one(tmp_path):
+    from adapt.tasks.segmentation import reduce_zero
+
+    assert reduce_zero(np.array([[0, 1, 2], [150, 255, 7]])).tolist() == [[255, 0, 1], [149, 255, 6]]
+    root = tmp_path / "VOC2012"
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    for split in ("train", "val"):
+        (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text(f"{split}0\n")
+        _jpg(root / "JPEGImages" / f"{split}0.jpg", 2, 3)
+        _map(root / "SegmentationClass" / f"{split}0.png", [[0, 15, 20], [255, 1, 0]])
+    d = build_dataset(DataConfig(dataset="voc2012_seg", root=str(root), reduce_zero_label=True))
+    assert len(d.classnames) == 20 and d.classnames[0] == "aeroplane" and d.classnames[14] == "person"
+    from adapt.datamodule import AdaptDataModule
+
+    dm = AdaptDataModule(DataConfig(dataset="voc2012_seg", root=str(root), reduce_zero_label=True, shots=0),
+                         32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), seed=1)
+    dm.setup()
+    loader = dm.dataloader(dm.dataset.test, dm.test_transform(), 1)
+    _, target = next(iter(loader))
+    assert target[0].tolist() == [[255, 14, 19], [255, 0, 255]]  # person (15) is class 14 of VOC-20
+
+
+@pytest.mark.parametrize("name,classes,reduced", [("ade20k", 150, True), ("pascal_context59", 59, True),
+                                                  ("coco_stuff164k", 171, False)])
+def test_mmseg_layouts_read_their_trees(tmp_path, name, classes, reduced):
+    root = tmp_path / name
+    if name == "ade20k":
+        pairs = {s: (f"images/{s}/ADE_{s}_0001.jpg", f"annotations/{s}/ADE_{s}_0001.png")
+                 for s in ("training", "validation")}
+    elif name == "coco_stuff164k":
+        pairs = {s: (f"images/{s}/000000000139.jpg", f"annotations/{s}/000000000139_labelTrainIds.png")
+                 for s in ("train2017", "val2017")}
+    else:
+        pairs = {}
+        for s in ("train", "val"):
+            (root / "ImageSets" / "SegmentationContext").mkdir(parents=True, exist_ok=True)
+            (root / "ImageSets" / "SegmentationContext" / f"{s}.txt").write_text(f"2008_00{s}\n")
+            pairs[s] = (f"JPEGImages/2008_00{s}.jpg", f"SegmentationClassContext/2008_00{s}.png")
+    for image, mask in pairs.values():
+        _jpg(root / image, 2, 2)
+        _map(root / mask, [[0, 1], [classes - 1 + reduced, 255]])
+    d = build_dataset(DataConfig(dataset=name, root=str(root)))
+    assert len(d.classnames) == classes and d.task == "segmentation"
+    assert [it.label for it in d.test] == [list(pairs.values())[1][1]]
+    assert d.read_options == ({"reduce_zero_label": True} if reduced else {})
+    _, target = get_task("segmentation").read(Image.open(root / d.test[0].path), d.test[0].label, root,
+                                              lambda im: im, **d.read_options)
+    want = [[255, 0], [classes - 1, 255]] if reduced else [[0, 1], [classes - 1, 255]]
+    assert target.tolist() == want
+    assert {"ade20k": "wall", "pascal_context59": "aeroplane", "coco_stuff164k": "person"}[name] == d.classnames[0]
+    # an id past the class list is named before training
+    _map(root / list(pairs.values())[0][1], [[0, classes + reduced], [0, 0]])
+    with pytest.raises(ValueError, match=f"class id {classes + reduced} is outside the {classes} classes"):
+        build_dataset(DataConfig(dataset=name, root=str(root)))
+
+
 def test_world_label_maps_match_the_multi_label_scenes():
     """world_seg_colour's label maps hold exactly the colours its scenes show, ids of the class
     list, background 255."""
@@ -223,7 +289,8 @@ def test_contract_data_runs_maskclip_through_the_runner(image_folder, segmentati
     the task's metrics, and the ignored border counts nowhere."""
     over = tiny_overrides(image_folder, tmp_path, "maskclip", **{
         "data.dataset": "segmentation_csv", "data.root": str(segmentation_folder), "data.shots": 0,
-        "run_name": "r", "method.template_set": "dataset"})
+        "run_name": "r", "method.template_set": "dataset", "data.image_size": "null",
+        "data.reduce_zero_label": "null"})
     res = run_fit(load_recipe(RECIPES / "maskclip" / "voc2012.yaml", over + ["data.eval_batch_size=4"]))
     saved = json.loads((tmp_path / "r" / "results.json").read_text())
     assert saved["task"] == "segmentation" and 0 <= res["metrics"]["test_miou"] <= 100

@@ -35,6 +35,10 @@ class DataConfig:
     # multi-label data: the fraction of (image, class) label entries kept known in training
     # (DualCoOp's partial labels); the rest become -1, drawn seeded and stored in the manifest
     partial_labels: float = 1.0
+    # segmentation label maps whose 0 means "no class" (ADE20K, PASCAL Context-59): it becomes
+    # the ignore index 255 and every other id moves down one (mmseg's reduce_zero_label);
+    # null = the dataset's own convention
+    reduce_zero_label: Optional[bool] = None
     # rerun on exactly the images of an earlier run: path to its ``manifest.json``
     manifest: Optional[str] = None
     batch_size: int = 32

@@ -62,6 +62,9 @@ class DatasetSplits:
     class_ids: Optional[list[str]] = None
     # what a label is (``adapt/tasks/``): one class per image, a multi-hot vector, a label map
     task: str = "single_label"
+    # keyword options of the task's item reader for this dataset's files (segmentation:
+    # ``reduce_zero_label``, the label maps' 0 is "no class" and every other id moves down one)
+    read_options: dict = field(default_factory=dict)
 
     def split(self, name: str) -> list[Item]:
         if name not in ("train", "val", "test"):

@@ -52,6 +52,13 @@ def read_label_map(path: Path) -> np.ndarray:
         return np.asarray(im, dtype=np.int64).astype(np.int64)
 
 
+def reduce_zero(label_map: np.ndarray) -> np.ndarray:
+    """mmseg's ``reduce_zero_label``: 0 (no class) -> ``IGNORE``, id i -> i − 1, ``IGNORE`` stays."""
+    out = label_map - 1
+    out[(label_map == 0) | (label_map == IGNORE)] = IGNORE
+    return out
+
+
 class JointTransform:
     """A torchvision v2 pipeline applied to (image, label map) together; the image is then
     converted and normalised alone. A class so that loaders pickle under spawn."""
@@ -153,10 +160,12 @@ class Segmentation(Task):
             shares.append(torch.bincount(pred.flatten(), minlength=len(classnames)).double() / pred.numel())
         return top_rows(torch.stack(shares), classnames, k, "share"), maps
 
-    def read(self, image, label, root: Path, transform):
+    def read(self, image, label, root: Path, transform, reduce_zero_label: bool = False):
         """(image tensor, [H, W] long label map) of one item; ``label`` is the label map's path
-        relative to ``root``."""
+        relative to ``root``; ``reduce_zero_label``: the map's 0 is ignored, id i becomes i − 1."""
         label_map = read_label_map(root / label)
+        if reduce_zero_label:
+            label_map = reduce_zero(label_map)
         if label_map.shape != (image.height, image.width):
             raise ValueError(f"{root / label}: the label map is {label_map.shape[1]}x{label_map.shape[0]} "
                              f"but its image is {image.width}x{image.height}; a label map must have its "
