@@ -38,14 +38,16 @@ class AdaptModule(pl.LightningModule):
         prebuilt_backbone: an already-built backbone for that section (not saved), so that a
             runner shares one frozen model between its data encoding and the method.
         task: the task kind of the data (``adapt/tasks/``): its default loss and its metrics.
+        task_options: its options from the data section (``Task.options_from``: a segmentation
+            run's sliding window).
     """
 
     def __init__(self, method: str, method_config: Optional[dict], classnames: Sequence[str],
                  templates: Sequence[str], backbone: dict, optim: dict, max_epochs: int,
-                 prebuilt_backbone=None, task: str = "single_label"):
+                 prebuilt_backbone=None, task: str = "single_label", task_options: Optional[dict] = None):
         super().__init__()
         self.save_hyperparameters(ignore=["prebuilt_backbone"])
-        self.task = get_task(task)
+        self.task = get_task(task, **(task_options or {}))
         bb = prebuilt_backbone if prebuilt_backbone is not None else build_backbone(BackboneConfig(**backbone))
         self.method: Method = build_method(method, method_config, bb, classnames, templates, task=task)
         self.optim_cfg = OmegaConf.create(dict(optim))
@@ -72,9 +74,10 @@ class AdaptModule(pl.LightningModule):
             method = section.pop("name")
         else:
             section = None
+        options = get_task(task).options_from(recipe.data)
         return cls(method, section, list(classnames), list(templates), plain(recipe.backbone),
                    plain(recipe.optim), int(max_epochs or recipe.trainer.max_epochs),
-                   prebuilt_backbone=backbone, task=task)
+                   prebuilt_backbone=backbone, task=task, task_options=options or None)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None,
@@ -181,7 +184,7 @@ class AdaptModule(pl.LightningModule):
             # one image at a time, state reset after each: no image's adaptation reaches another
             logits = torch.cat([self._predict_episode(xi) for xi in x.split(1)])
         else:  # online methods take the batch in stream order and update as they go
-            logits = self.method.predict(x)
+            logits = self.task.infer(self.method.predict, x)
         self.eval_metric.update(logits, y)
         self._evaluated += y.shape[0]
 

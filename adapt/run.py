@@ -31,6 +31,7 @@ from adapt.io import atomic_write_json, atomic_write_text
 from adapt.loggers import build_loggers, log_final
 from adapt.methods import Method, get_method
 from adapt.methods.registry import check_task
+from adapt.tasks import get_task
 from adapt.process import prepare_cpu_process
 from adapt.rundir import prepare_run_dir, resumable_checkpoint, write_status
 from adapt.settings import get_setting
@@ -57,6 +58,7 @@ class Experiment:
         self.data.setup()
         try:  # the method must do this data's task kind: refused before the backbone loads
             check_task(recipe.method.name, self.data.dataset.task)
+            get_task(self.data.dataset.task).options_from(recipe.data)  # its data options, or none
         except ValueError as err:
             raise RecipeError(str(err)) from None
         self.max_epochs = epochs_of(recipe, len(self.data.train_items))

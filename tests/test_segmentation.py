@@ -357,3 +357,52 @@ def test_task_predictions_read_logits_as_the_task_does():
     s = logits.sigmoid()
     assert rows[0]["prob_1"] == pytest.approx(float(s[0, 0]), abs=1e-6) and rows[0]["present"] == "a"
     assert rows[1]["present"] == "b;c" and rows[1]["prob_3"] == pytest.approx(float(s[1, 0]), abs=1e-6)
+
+
+def test_slide_inference_stitches_windows_like_mmseg():
+    from adapt.tasks.segmentation import slide_inference
+
+    x = torch.randn(2, 3, 10, 13)
+    calls = []
+
+    def pixelwise(crop):  # a per-pixel "model": windows must stitch back to the whole image
+        calls.append(tuple(crop.shape[-2:]))
+        return crop[:, :2] * 3.0
+
+    out = slide_inference(pixelwise, x, crop=6, stride=4)
+    assert torch.allclose(out, x[:, :2] * 3.0, atol=1e-6)
+    # rows: ceil((10 - 6) / 4) + 1 = 2, columns: ceil((13 - 6) / 4) + 1 = 3; every window 6 x 6
+    assert calls == [(6, 6)] * 6
+    # coarse logits are upsampled per window, then averaged where windows overlap
+    coarse = slide_inference(lambda c: c[:, :1, ::2, ::2], x, crop=6, stride=4)
+    by_hand = torch.zeros(2, 1, 10, 13)
+    count = torch.zeros(10, 13)
+    for y1 in (0, 4):
+        for x1 in (0, 4, 7):
+            by_hand[:, :, y1:y1 + 6, x1:x1 + 6] += F.interpolate(x[:, :1, y1:y1 + 6:2, x1:x1 + 6:2], size=(6, 6),
+                                                                 mode="bilinear", align_corners=False)
+            count[y1:y1 + 6, x1:x1 + 6] += 1
+    assert torch.allclose(coarse, by_hand / count, atol=1e-6)
+    small = slide_inference(lambda c: c[:, :2], torch.randn(1, 3, 4, 5), crop=6, stride=4)
+    assert small.shape == (1, 2, 4, 5)  # an image smaller than the crop: one window of its size
+
+
+def test_slide_window_reaches_evaluation_and_is_refused_on_classification(image_folder, segmentation_folder,
+                                                                         tmp_path):
+    from adapt.config import RecipeError
+
+    over = tiny_overrides(image_folder, tmp_path, "maskclip", **{
+        "data.dataset": "segmentation_csv", "data.root": str(segmentation_folder), "data.shots": 0,
+        "method.template_set": "dataset", "data.image_size": "null", "data.reduce_zero_label": "null"})
+    whole = run_fit(load_recipe(RECIPES / "maskclip" / "voc2012.yaml", over + ["run_name=w"]))
+    slid = run_fit(load_recipe(RECIPES / "maskclip" / "voc2012.yaml", over + ["run_name=s", "data.slide_window=[16,8]"]))
+    # 16-pixel windows of 32-pixel images see other context than the whole image: other figures
+    assert slid["metrics"]["test_miou"] != whole["metrics"]["test_miou"]
+    one = run_fit(load_recipe(RECIPES / "maskclip" / "voc2012.yaml", over + ["run_name=o", "data.slide_window=[32,16]"]))
+    assert one["metrics"]["test_miou"] == pytest.approx(whole["metrics"]["test_miou"], abs=1e-9)  # one window
+    with pytest.raises(RecipeError, match=r"data.slide_window configures segmentation data, and this "
+                                          r"dataset's labels are single_label; remove data.slide_window"):
+        run_fit(load_recipe(RECIPES / "coop" / "fewshot.yaml",
+                            tiny_overrides(image_folder, tmp_path, "coop") + ["data.slide_window=[16,8]"]))
+    with pytest.raises(Exception, match=r"must be \[crop, stride\]"):
+        load_recipe(RECIPES / "maskclip" / "voc2012.yaml", over + ["data.slide_window=[8,16]"])

@@ -39,6 +39,9 @@ class DataConfig:
     # the ignore index 255 and every other id moves down one (mmseg's reduce_zero_label);
     # null = the dataset's own convention
     reduce_zero_label: Optional[bool] = None
+    # segmentation evaluation by a sliding window, [crop, stride] in pixels of the resized image
+    # (mmseg's test_cfg mode='slide'); null = the whole image in one pass (mode='whole')
+    slide_window: Optional[list[int]] = None
     # rerun on exactly the images of an earlier run: path to its ``manifest.json``
     manifest: Optional[str] = None
     batch_size: int = 32
@@ -68,5 +71,10 @@ class DataConfig:
         if not 0.0 < self.partial_labels <= 1.0:
             raise ValueError(f"data.partial_labels={self.partial_labels} must be in (0, 1] (the fraction "
                              "of label entries kept known; 1 = every label)")
+        if self.slide_window is not None:
+            window = list(self.slide_window)
+            if len(window) != 2 or not all(isinstance(v, int) and v > 0 for v in window) or window[1] > window[0]:
+                raise ValueError(f"data.slide_window={window} must be [crop, stride]: two positive integers, "
+                                 "stride <= crop (e.g. [224, 149])")
         if self.cache_views < 0:
             raise ValueError(f"data.cache_views must be >= 0 (0 = no augmentation), got {self.cache_views}")

@@ -37,6 +37,26 @@ class Task:
     # protocol's (adapt/data/transforms.py); a task whose targets move with the pixels sets its own
     train_transform = None
     test_transform = None
+    # the ``data`` fields that configure this task kind (``options_from``); set for data of
+    # another kind, they are refused rather than ignored
+    data_options: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def options_from(cls, data) -> dict:
+        """This task's constructor options from a ``data`` section; a field that configures
+        another task kind only, set here, is an error naming it."""
+        for other in _TASKS.values():
+            for field in other.data_options:
+                if field not in cls.data_options and getattr(data, field, None) is not None:
+                    raise ValueError(f"data.{field} configures {other.name} data, and this dataset's labels "
+                                     f"are {cls.name}; remove data.{field}")
+        return {field: _plain(getattr(data, field)) for field in cls.data_options
+                if getattr(data, field, None) is not None}
+
+    def infer(self, predict, x: torch.Tensor) -> torch.Tensor:
+        """A split's evaluation logits of a batch from the method's ``predict``: one call on
+        the batch (segmentation may slide a window instead)."""
+        return predict(x)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The default training loss of a method on this task."""
@@ -81,6 +101,11 @@ def top_rows(values: torch.Tensor, classnames, k: int, what: str) -> list[dict]:
     return rows
 
 
+def _plain(value):
+    """A config value as plain Python (an OmegaConf list as a list), for hyper-parameters."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value
+
+
 def register_task(name: str):
     def wrap(cls):
         if name in _TASKS:
@@ -96,9 +121,10 @@ def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, **options) -> Task:
+    """The task kind ``name``, built with ``options`` (``Task.options_from`` a data section)."""
     if name not in _TASKS:
         close = difflib.get_close_matches(name, _TASKS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise KeyError(f"unknown task {name!r}.{hint} Registered: {', '.join(list_tasks())}")
-    return _TASKS[name]()
+    return _TASKS[name](**options)

@@ -77,6 +77,27 @@ class JointTransform:
         return self.finish(image), label_map.as_subclass(torch.Tensor)
 
 
+def slide_inference(predict, x: torch.Tensor, crop: int, stride: int) -> torch.Tensor:
+    """mmseg's slide inference: ``predict`` on [crop, crop] windows every ``stride`` pixels (the
+    last window of a row or column moved back to end at the edge; an image smaller than the crop
+    is one window of its own size), each window's logits upsampled to the window and summed into
+    a full-size map, then divided by how many windows covered each pixel. [B, K, H, W]."""
+    b, _, h, w = x.shape
+    rows = max(h - crop + stride - 1, 0) // stride + 1
+    cols = max(w - crop + stride - 1, 0) // stride + 1
+    total, count = None, x.new_zeros(1, 1, h, w)
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, h), min(c * stride + crop, w)
+            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
+            logits = upsample(predict(x[:, :, y1:y2, x1:x2]).float(), (y2 - y1, x2 - x1))
+            if total is None:
+                total = logits.new_zeros(b, logits.shape[1], h, w)
+            total[:, :, y1:y2, x1:x2] += logits
+            count[:, :, y1:y2, x1:x2] += 1
+    return total / count
+
+
 def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
     """[K, K] counts of (target, prediction) over the pixels whose target is not ignored."""
     keep = target != IGNORE
@@ -131,6 +152,13 @@ class Segmentation(Task):
     logit_grid = 2
     # label maps are not stored beside cached features: segmentation runs read images
     cacheable = False
+    data_options = ("slide_window",)
+
+    def __init__(self, slide_window=None):
+        self.slide_window = tuple(int(v) for v in slide_window) if slide_window else None
+
+    def infer(self, predict, x):
+        return predict(x) if self.slide_window is None else slide_inference(predict, x, *self.slide_window)
 
     def loss(self, logits, targets):
         return F.cross_entropy(upsample(logits.float(), targets.shape[-2:]), targets.long(),
