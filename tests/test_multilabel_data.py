@@ -180,3 +180,44 @@ def test_world_multi_colour_labels_are_the_colours_drawn():
     assert (len(d.train), len(d.val), len(d.test)) == task.images
     first = next(task.generate("train", 0))
     assert [c for c, v in enumerate(d.train[0].label) if v == 1] == first[1]
+
+
+def test_coco2014_reads_instances_json_as_the_originals(tmp_path):
+    import json
+
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    cats = [{"id": 90, "name": "toothbrush"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}]
+    for split, anns in (("train2014", [(7, 3), (5, 1), (7, 1), (7, 1)]), ("val2014", [(9, 90)])):
+        images = [{"id": i, "file_name": f"COCO_{split}_{i:012d}.jpg"} for i in (5, 7, 8, 9)]
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({
+            "images": images, "categories": cats,
+            "annotations": [{"image_id": i, "category_id": c, "area": 10.0} for i, c in anns]}))
+    d = build_dataset(DataConfig(dataset="coco2014", root=str(root)))
+    assert d.task == "multi_label" and d.classnames == ["person", "car", "toothbrush"]  # category-id order
+    # only annotated images, in first-annotation order (image 8 has none)
+    assert [(it.path, it.label) for it in d.train] == [("train2014/COCO_train2014_000000000007.jpg", (1, 1, 0)),
+                                                       ("train2014/COCO_train2014_000000000005.jpg", (1, 0, 0))]
+    assert [it.label for it in d.test] == [(0, 0, 1)]
+
+
+def test_nus_wide_reads_the_official_81_concept_lists(tmp_path):
+    root = tmp_path / "nus"
+    (root / "ImageList").mkdir(parents=True)
+    (root / "Groundtruth" / "TrainTestLabels").mkdir(parents=True)
+    (root / "Concepts81.txt").write_text("airport\nanimal\n")
+    lists = {"Train": ["actor\\0001_1.jpg", "zebra\\0002_2.jpg"], "Test": ["sky\\0003_3.jpg"]}
+    labels = {("airport", "Train"): "1\n0\n", ("animal", "Train"): "1\n1\n",
+              ("airport", "Test"): "0\n", ("animal", "Test"): "1\n"}
+    for name, paths in lists.items():
+        (root / "ImageList" / f"{name}Imagelist.txt").write_text("\n".join(paths) + "\n")
+    for (c, name), text in labels.items():
+        (root / "Groundtruth" / "TrainTestLabels" / f"Labels_{c}_{name}.txt").write_text(text)
+    d = build_dataset(DataConfig(dataset="nus_wide", root=str(root)))
+    assert d.classnames == ["airport", "animal"]
+    assert [(it.path, it.label) for it in d.train] == [("Flickr/actor/0001_1.jpg", (1, 1)),
+                                                       ("Flickr/zebra/0002_2.jpg", (0, 1))]
+    assert [it.label for it in d.test] == [(0, 1)]
+    (root / "Groundtruth" / "TrainTestLabels" / "Labels_animal_Test.txt").write_text("1\n1\n")
+    with pytest.raises(ValueError, match=r"Labels_animal_Test.txt: expected one 0 or 1 per image"):
+        build_dataset(DataConfig(dataset="nus_wide", root=str(root)))

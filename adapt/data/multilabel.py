@@ -8,6 +8,15 @@
   trains, ``test.txt`` tests, labels from ``Annotations/<id>.xml``; objects marked difficult are
   left out (absent, 0), as both originals do; the class names are VOC's own words
   (``diningtable``, ``tvmonitor``), which the originals put into their prompts as they are.
+* ``coco2014``: MS-COCO 2014 as DualCoOp reads it: ``annotations/instances_{train,val}2014.json``,
+  the 80 categories in category-id order (COCO's own names), the images that have at least one
+  annotation, in the order they first appear in the annotations (pycocotools' ``imgToAnns``);
+  crowd regions count as objects, as there. Read with the standard ``json`` module.
+* ``nus_wide``: NUS-WIDE's official 81-concept release: ``Concepts81.txt``,
+  ``ImageList/{Train,Test}Imagelist.txt`` and ``Groundtruth/TrainTestLabels/Labels_<concept>_{Train,
+  Test}.txt`` (one 0/1 per image line), images under ``Flickr/``. Many of its Flickr images are
+  gone from every copy: ``data.bad_images=skip`` trains and tests on those present, and counts the
+  rest. (DualCoOp's own NUS-WIDE files are a zero-shot split over 1,006 tags, not this release.)
 * ``partial_labels``: DualCoOp's partial-label protocol. Each (image, class) entry stays known
   with probability ``p`` (a Bernoulli mask) and becomes -1 otherwise, whether it was present or
   absent. The original draws its mask from torch's global generator and saves it beside the
@@ -165,3 +174,76 @@ def load_voc2007(cfg: DataConfig) -> DatasetSplits:
     return DatasetSplits(name="voc2007", root=root, classnames=list(VOC_CLASSES),
                          templates=dataset_templates(cfg, [DEFAULT_TEMPLATE]), task="multi_label",
                          train=split("trainval"), test=split("test"))
+
+
+# ---------------------------------------------------------------------------------- coco2014 ---
+COCO2014_LAYOUT = ("root with annotations/instances_train2014.json and instances_val2014.json, and the "
+                   "images in train2014/ and val2014/")
+
+
+@register_dataset("coco2014")
+def load_coco2014(cfg: DataConfig) -> DatasetSplits:
+    """MS-COCO 2014 multi-label, 80 classes: train2014 trains, val2014 tests."""
+    import json
+
+    root = dataset_root(cfg, COCO2014_LAYOUT)
+    classes: list[str] = []
+
+    def split(name: str) -> list[Item]:
+        file = root / "annotations" / f"instances_{name}.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing; the coco2014 dataset expects {COCO2014_LAYOUT}")
+        data = json.loads(file.read_text())
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        names = [c["name"] for c in cats]
+        if classes and names != classes:
+            raise ValueError(f"{file}: its categories differ from the training annotations'")
+        classes[:] = names
+        index = {c["id"]: i for i, c in enumerate(cats)}
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        present: dict[int, set[int]] = {}  # image id -> classes, in first-annotation order
+        for ann in data["annotations"]:
+            present.setdefault(ann["image_id"], set()).add(index[ann["category_id"]])
+        return [Item(f"{name}/{files[i]}", multi_hot(sorted(c), [], len(cats))) for i, c in present.items()]
+
+    train, test = split("train2014"), split("val2014")
+    return DatasetSplits(name="coco2014", root=root, classnames=[clean_classname(c) for c in classes],
+                         templates=dataset_templates(cfg, [DEFAULT_TEMPLATE]), task="multi_label",
+                         train=train, test=test)
+
+
+# ---------------------------------------------------------------------------------- nus_wide ---
+NUS_WIDE_LAYOUT = ("root with Concepts81.txt, ImageList/TrainImagelist.txt and TestImagelist.txt, "
+                   "Groundtruth/TrainTestLabels/Labels_<concept>_Train.txt and _Test.txt, and the images "
+                   "under Flickr/ (the paths of the image lists)")
+
+
+@register_dataset("nus_wide")
+def load_nus_wide(cfg: DataConfig) -> DatasetSplits:
+    """NUS-WIDE, the 81 concepts: the official train / test image lists."""
+    root = dataset_root(cfg, NUS_WIDE_LAYOUT)
+    concepts_file = root / "Concepts81.txt"
+    if not concepts_file.is_file():
+        raise FileNotFoundError(f"{concepts_file} is missing; the nus_wide dataset expects {NUS_WIDE_LAYOUT}")
+    concepts = [ln.strip() for ln in concepts_file.read_text().splitlines() if ln.strip()]
+
+    def split(name: str) -> list[Item]:
+        listing = root / "ImageList" / f"{name}Imagelist.txt"
+        if not listing.is_file():
+            raise FileNotFoundError(f"{listing} is missing; the nus_wide dataset expects {NUS_WIDE_LAYOUT}")
+        paths = [ln.strip().replace("\\", "/") for ln in listing.read_text().splitlines() if ln.strip()]
+        columns = []
+        for c in concepts:
+            f = root / "Groundtruth" / "TrainTestLabels" / f"Labels_{c}_{name}.txt"
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} is missing; the nus_wide dataset expects {NUS_WIDE_LAYOUT}")
+            values = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
+            if len(values) != len(paths) or any(v not in ("0", "1") for v in values):
+                raise ValueError(f"{f}: expected one 0 or 1 per image of {listing} ({len(paths)} lines), "
+                                 f"found {len(values)} lines")
+            columns.append(values)
+        return [Item(f"Flickr/{p}", tuple(int(col[i]) for col in columns)) for i, p in enumerate(paths)]
+
+    return DatasetSplits(name="nus_wide", root=root, classnames=[clean_classname(c) for c in concepts],
+                         templates=dataset_templates(cfg, [DEFAULT_TEMPLATE]), task="multi_label",
+                         train=split("Train"), test=split("Test"))
