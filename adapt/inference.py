@@ -38,10 +38,9 @@ def load_adapter(path: str | Path, classnames: Optional[Sequence[str]] = None,
     from the name and weights the adapter records)."""
     from adapt.backbone import BackboneConfig, build_backbone
     from adapt.export import AdapterError, load_adapter as load_onto, read_adapter_meta
+    from adapt.methods.adapters import adapter_folder
 
-    path = Path(path)
-    if not (path / "adapter.json").is_file() and (path / "adapter" / "adapter.json").is_file():
-        path = path / "adapter"
+    path = adapter_folder(path)
     meta = read_adapter_meta(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if backbone is None:
@@ -88,7 +87,7 @@ def predict_files(model: Method, inputs: Sequence[str | Path], top_k: int = 5, b
 
     files = image_files(inputs)
     task = model.task
-    maps_dir = None if maps_dir is None else Path(maps_dir)
+    maps_dir = Path("label_maps" if maps_dir is None else maps_dir)
     written: set[str] = set()
     rows = []
     device = getattr(model, "device", next(model.parameters()).device)
@@ -112,7 +111,7 @@ def predict_files(model: Method, inputs: Sequence[str | Path], top_k: int = 5, b
         for i, (f, row) in enumerate(zip(chunk, chunk_rows)):
             row = {"path": str(f), **row}
             if maps:
-                row["label_map"] = str(write_label_map(maps[i], _map_path(maps_dir or Path("label_maps"), f, written)))
+                row["label_map"] = str(write_label_map(maps[i], _map_path(maps_dir, f, written)))
             rows.append(row)
         bar.update(len(chunk))
     bar.close()

@@ -102,6 +102,20 @@ def load_imagefolder(cfg: DataConfig) -> DatasetSplits:
 
 
 # ------------------------------------------------------------------------------------------- csv
+def csv_rows(file: Path, header: Sequence[str]):
+    """(line number, row) of a CSV whose header must hold the columns ``header`` (names stripped;
+    a spreadsheet's byte-order mark tolerated); a missing column is one message naming them."""
+    with open(file, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        found = [h.strip() for h in reader.fieldnames or []]
+        missing = [c for c in header if c not in found]
+        if missing:
+            raise ValueError(f"{file}: missing column(s) {', '.join(missing)}; expected the header "
+                             f"line '{','.join(header)}', found {','.join(found) or 'none'}")
+        reader.fieldnames = found
+        yield from enumerate(reader, start=2)
+
+
 @register_dataset("csv")
 def load_csv(cfg: DataConfig) -> DatasetSplits:
     """A CSV with columns ``path,label,split``; classes are the sorted unique labels."""
@@ -110,20 +124,12 @@ def load_csv(cfg: DataConfig) -> DatasetSplits:
     if not file.is_file():
         raise FileNotFoundError(f"CSV file {file} does not exist; the csv dataset expects {CSV_LAYOUT}")
     rows: list[tuple[str, str, str, int]] = []  # path, label, split, line number
-    with open(file, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a spreadsheet's BOM
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        missing = [c for c in CSV_HEADER if c not in header]
-        if missing:
-            raise ValueError(f"{file}: missing column(s) {', '.join(missing)}; expected the header "
-                             f"line '{','.join(CSV_HEADER)}', found {','.join(header) or 'none'}")
-        reader.fieldnames = header
-        for line, row in enumerate(reader, start=2):
-            path, label, split = ((row.get(c) or "").strip() for c in CSV_HEADER)
-            if not path or not label or split.lower() not in SPLITS:
-                raise ValueError(f"{file}, line {line}: need a path, a label and a split in "
-                                 f"{'/'.join(SPLITS)}; got {path!r}, {label!r}, {split!r}")
-            rows.append((_relative(root, path), label, split.lower(), line))
+    for line, row in csv_rows(file, CSV_HEADER):
+        path, label, split = ((row.get(c) or "").strip() for c in CSV_HEADER)
+        if not path or not label or split.lower() not in SPLITS:
+            raise ValueError(f"{file}, line {line}: need a path, a label and a split in "
+                             f"{'/'.join(SPLITS)}; got {path!r}, {label!r}, {split!r}")
+        rows.append((_relative(root, path), label, split.lower(), line))
     labels = _csv_classes(cfg, root, file, rows)
     index = {label: i for i, label in enumerate(labels)}
     splits = {s: [Item(p, index[label]) for p, label, sp, _ in rows if sp == s] for s in SPLITS}

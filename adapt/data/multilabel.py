@@ -25,13 +25,12 @@
 """
 from __future__ import annotations
 
-import csv
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Sequence
 
 from adapt.data.config import DataConfig
-from adapt.data.folder import DEFAULT_TEMPLATE, SPLITS, _relative, dataset_root, dataset_templates
+from adapt.data.folder import DEFAULT_TEMPLATE, SPLITS, _relative, csv_rows, dataset_root, dataset_templates
 from adapt.data.items import DatasetSplits, Item, clean_classname
 from adapt.data.registry import register_dataset
 
@@ -83,24 +82,16 @@ def load_multilabel_csv(cfg: DataConfig) -> DatasetSplits:
         raise FileNotFoundError(f"CSV file {file} does not exist; the multilabel_csv dataset expects "
                                 f"{MULTILABEL_CSV_LAYOUT}")
     rows = []  # (path, present names, unknown names, split, line)
-    with open(file, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        missing = [c for c in MULTILABEL_CSV_HEADER if c not in header]
-        if missing:
-            raise ValueError(f"{file}: missing column(s) {', '.join(missing)}; expected the header line "
-                             f"'{','.join(MULTILABEL_CSV_HEADER)}', found {','.join(header) or 'none'}")
-        reader.fieldnames = header
-        for line, row in enumerate(reader, start=2):
-            path, split = (row.get("path") or "").strip(), (row.get("split") or "").strip().lower()
-            if not path or split not in SPLITS:
-                raise ValueError(f"{file}, line {line}: need a path and a split in {'/'.join(SPLITS)}; "
-                                 f"got {path!r}, {split!r}")
-            present, unknown = _names(row.get("labels") or ""), _names(row.get("unknown") or "")
-            both = sorted(set(present) & set(unknown))
-            if both:
-                raise ValueError(f"{file}, line {line}: class {both[0]!r} is both in labels and in unknown")
-            rows.append((_relative(root, path), present, unknown, split, line))
+    for line, row in csv_rows(file, MULTILABEL_CSV_HEADER):
+        path, split = (row.get("path") or "").strip(), (row.get("split") or "").strip().lower()
+        if not path or split not in SPLITS:
+            raise ValueError(f"{file}, line {line}: need a path and a split in {'/'.join(SPLITS)}; "
+                             f"got {path!r}, {split!r}")
+        present, unknown = _names(row.get("labels") or ""), _names(row.get("unknown") or "")
+        both = sorted(set(present) & set(unknown))
+        if both:
+            raise ValueError(f"{file}, line {line}: class {both[0]!r} is both in labels and in unknown")
+        rows.append((_relative(root, path), present, unknown, split, line))
     classes = _classes(cfg, root, file, rows)
     index = {name: i for i, name in enumerate(classes)}
     splits = {s: [Item(p, multi_hot([index[n] for n in pr], [index[n] for n in un], len(classes)))

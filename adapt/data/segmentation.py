@@ -29,7 +29,6 @@ would take minutes); the reader checks the size of every map it reads, and the m
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Sequence
 
@@ -37,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from adapt.data.config import DataConfig
-from adapt.data.folder import DEFAULT_TEMPLATE, SPLITS, _relative, dataset_root, dataset_templates
+from adapt.data.folder import DEFAULT_TEMPLATE, SPLITS, _relative, csv_rows, dataset_root, dataset_templates
 from adapt.data.items import DatasetSplits, Item, clean_classname
 from adapt.data.registry import register_dataset
 
@@ -101,21 +100,13 @@ def load_segmentation_csv(cfg: DataConfig) -> DatasetSplits:
                                     f"{SEGMENTATION_CSV_LAYOUT}")
     classes = [ln.strip() for ln in names_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
     splits: dict[str, list[Item]] = {s: [] for s in SPLITS}
-    with open(file, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        missing = [c for c in SEGMENTATION_CSV_HEADER if c not in header]
-        if missing:
-            raise ValueError(f"{file}: missing column(s) {', '.join(missing)}; expected the header line "
-                             f"'{','.join(SEGMENTATION_CSV_HEADER)}', found {','.join(header) or 'none'}")
-        reader.fieldnames = header
-        for line, row in enumerate(reader, start=2):
-            path, mask = (row.get("path") or "").strip(), (row.get("mask") or "").strip()
-            split = (row.get("split") or "").strip().lower()
-            if not path or not mask or split not in SPLITS:
-                raise ValueError(f"{file}, line {line}: need a path, a mask and a split in {'/'.join(SPLITS)}; "
-                                 f"got {path!r}, {mask!r}, {split!r}")
-            splits[split].append(Item(_relative(root, path), _relative(root, mask)))
+    for line, row in csv_rows(file, SEGMENTATION_CSV_HEADER):
+        path, mask = (row.get("path") or "").strip(), (row.get("mask") or "").strip()
+        split = (row.get("split") or "").strip().lower()
+        if not path or not mask or split not in SPLITS:
+            raise ValueError(f"{file}, line {line}: need a path, a mask and a split in {'/'.join(SPLITS)}; "
+                             f"got {path!r}, {mask!r}, {split!r}")
+        splits[split].append(Item(_relative(root, path), _relative(root, mask)))
     for s in ("train", "test"):
         if not splits[s]:
             raise ValueError(f"{file} has no rows with split={s}; expected {SEGMENTATION_CSV_LAYOUT}")

@@ -70,6 +70,14 @@ def adapter_file(adapter_dir: str | Path, rel, meta_path: str | Path) -> Path:
     return adapter_dir / rel
 
 
+def adapter_folder(path: str | Path) -> Path:
+    """The adapter folder ``path`` names: itself, or the ``adapter/`` of the run directory it is."""
+    path = Path(path).expanduser()
+    if not (path / META_FILE).is_file() and (path / "adapter" / META_FILE).is_file():
+        return path / "adapter"
+    return path
+
+
 def read_adapter_meta(adapter_dir: str | Path) -> dict:
     path = Path(adapter_dir) / META_FILE
     if not path.is_file():

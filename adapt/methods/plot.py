@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapt.methods.adapters import read_adapter_meta, read_adapter_state
+from adapt.methods.adapters import adapter_folder, read_adapter_meta, read_adapter_state
 from adapt.methods.base import Method
 from adapt.methods.deep_prompts import layer_tokens
 from adapt.methods.prompts import ContextPrompts
@@ -148,10 +148,7 @@ class PLOT(Method):
     def _start_from(self, path: str) -> None:
         """Take the stage-1 adapter's tensors (its visual prompts; its text contexts when it
         has them) as this stage's starting point."""
-        from pathlib import Path
-
-        root = Path(path).expanduser()
-        adapter = root / "adapter" if (root / "adapter" / "adapter.json").is_file() else root
+        adapter = adapter_folder(path)
         meta = read_adapter_meta(adapter)
         if meta["method"] != "plot":
             raise ValueError(f"method.init_from={path} is a {meta['method']} adapter; the joint stage "

@@ -103,7 +103,9 @@ def top_rows(values: torch.Tensor, classnames, k: int, what: str) -> list[dict]:
 
 def _plain(value):
     """A config value as plain Python (an OmegaConf list as a list), for hyper-parameters."""
-    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig" else value
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def register_task(name: str):
