@@ -139,6 +139,15 @@ class AdaptModule(pl.LightningModule):
         # (e.g. a baseline pass) must train in train mode (its backbone stays in eval mode)
         self.method.train()
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # after accumulation, the DDP all-reduce and fp16 unscaling; before clipping and the step
+        self.method.transform_gradients(self._mean_over_processes)
+
+    def _mean_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size == 1:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="mean")
+
     def on_train_epoch_end(self) -> None:
         self.method.on_train_epoch_end(self.current_epoch, self.max_epochs)
 

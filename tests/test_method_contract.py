@@ -93,6 +93,29 @@ def test_only_method_parameters_train(name, tiny_backbone, tiny_datamodule):
 
 
 @pytest.mark.parametrize("name", list_methods())
+def test_the_gradient_transform_is_the_identity_unless_the_method_defines_one(name, tiny_backbone,
+                                                                              tiny_datamodule):
+    """The engine hands every step's gradient to ``transform_gradients``: a method that does not
+    define one gets its backward gradient back untouched; one that does acts once per step (on
+    what its losses since the last step left), and a second call with nothing new is a no-op."""
+    method = _build(name, tiny_backbone, tiny_datamodule)
+    if not method.is_trainable:
+        pytest.skip(f"{name} has no trainable parameters")
+    method.train()
+    images, labels = torch.randn(4, 3, 32, 32), _labels(_task(name))
+    method.loss(method.output(images), labels).backward()
+    params = [p for p in method.trainable_parameters() if p.grad is not None]
+    backward = [p.grad.clone() for p in params]
+    reduced = []
+    method.transform_gradients(lambda t: reduced.append(t) or t)
+    once = [p.grad.clone() for p in params]
+    if type(method).transform_gradients is Method.transform_gradients:
+        assert all(torch.equal(a, b) for a, b in zip(once, backward)) and not reduced
+    method.transform_gradients(lambda t: t)
+    assert all(torch.equal(a, p.grad) for a, p in zip(once, params))
+
+
+@pytest.mark.parametrize("name", list_methods())
 def test_export_then_load_gives_identical_logits(name, tiny_backbone, tiny_datamodule, tmp_path):
     method = _build(name, tiny_backbone, tiny_datamodule)
     with torch.no_grad():  # move the trainable state away from its initialisation
@@ -197,7 +220,7 @@ def test_method_scalars_reach_results_json(name, task, image_folder, multilabel_
 
 
 # the loss terms a method's training reports (the rest report Method.scalars after fitting)
-TRAINING_SCALARS = {"kgcoop": ("ce", "kg"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl")}
+TRAINING_SCALARS = {"kgcoop": ("ce", "kg"), "prograd": ("ce", "kl"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl")}
 
 
 @pytest.mark.parametrize("name", list_methods())

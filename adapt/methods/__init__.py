@@ -27,3 +27,4 @@ __all__ = ["HandWrittenClassifier", "Method", "MethodOutput", "build_method", "g
            "zero_shot_text_features"]
 from adapt.methods import maskclip  # noqa: E402,F401
 from adapt.methods import plot  # noqa: E402,F401
+from adapt.methods import prograd  # noqa: E402,F401

@@ -152,6 +152,16 @@ class Method(nn.Module):
         ratio); they reach the training log and ``results.json``."""
         return {}
 
+    def transform_gradients(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Rewrite the trainable parameters' ``.grad`` before the optimizer step (ProGrad's
+        projection); the default changes nothing. The engine calls it once per optimizer step,
+        on the gradient that step will use: accumulated over ``accumulate_grad_batches``,
+        averaged over the DDP processes, unscaled under fp16 mixed precision; before gradient
+        clipping and before the optimizer adds weight decay (as in the originals, whose SGD adds
+        it inside ``step``). ``reduce`` averages a tensor over the processes (the identity on one):
+        a gradient the method took itself with ``torch.autograd.grad`` is its process's own and
+        goes through ``reduce`` before it is compared with ``.grad``."""
+
     def setup(self, datamodule) -> None:
         """Called once before fitting/evaluating with the data (Tip-Adapter's cache, UPL labels)."""
 
@@ -277,6 +287,23 @@ class HandWrittenClassifier(Method):
 
     def rebuild_classes(self) -> None:
         self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
+
+
+class HandWrittenAnchor(Method):
+    """A mixin for methods that also read the frozen hand-written prompts' text features beside
+    what they learn (KgCoOp's anchor, ProGrad's zero-shot teacher): ``handcrafted()`` [C, d],
+    computed the first time it is needed for each class list, never trained or saved."""
+
+    def rebuild_classes(self) -> None:
+        super().rebuild_classes()
+        # derived from the class names: non-persistent, recomputed for a new class list
+        self.register_buffer("handcrafted_features", None, persistent=False)
+
+    def handcrafted(self) -> torch.Tensor:
+        """Frozen text features [C, d] of the hand-written prompts of the current classes."""
+        if self.handcrafted_features is None:
+            self.register_buffer("handcrafted_features", self.hand_written_text_features(), persistent=False)
+        return self.handcrafted_features
 
 
 def items_of_classes(items: Sequence[Item], names: Sequence[str], classnames: Sequence[str]) -> list[Item]:

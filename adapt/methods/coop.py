@@ -38,10 +38,15 @@ class CoOp(Method):
         super().__init__(config, backbone, classnames, templates)
         self.repointable = not config.csc
         self.repoint_fix = "method.csc=false"
-        self.prompts = ContextPrompts(backbone, n_ctx_of(config), config.ctx_init, config.csc,
-                                      config.class_token_position, len(self.classnames), config.init_std)
-        check_init_length(config.n_ctx, config.ctx_init, self.prompts)
+        self.prompts = self.make_prompts(config, backbone)
         self.rebuild_classes()
+
+    def make_prompts(self, config: CoOpConfig, backbone) -> ContextPrompts:
+        """The learned context; a variant that initialises it otherwise overrides this (ProGrad)."""
+        prompts = ContextPrompts(backbone, n_ctx_of(config), config.ctx_init, config.csc,
+                                 config.class_token_position, len(self.classnames), config.init_std)
+        check_init_length(config.n_ctx, config.ctx_init, prompts)
+        return prompts
 
     def rebuild_classes(self) -> None:
         self.prompts.build(self.classnames)

@@ -20,7 +20,7 @@ from typing import ClassVar, Optional
 import torch
 import torch.nn.functional as F
 
-from adapt.methods.base import MethodOutput, as_output, check_templates
+from adapt.methods.base import HandWrittenAnchor, MethodOutput, as_output, check_templates
 from adapt.methods.coop import CoOp, CoOpConfig
 from adapt.methods.registry import register_method
 
@@ -46,20 +46,9 @@ class KgCoOpConfig(CoOpConfig):
 
 
 @register_method("kgcoop")
-class KgCoOp(CoOp):
+class KgCoOp(HandWrittenAnchor, CoOp):
     Config = KgCoOpConfig
     trainable_kind = "text context"
-
-    def rebuild_classes(self) -> None:
-        super().rebuild_classes()
-        # derived from the class names: non-persistent, recomputed for a new class list
-        self.register_buffer("handcrafted_features", None, persistent=False)
-
-    def handcrafted(self) -> torch.Tensor:
-        """Frozen text features [C, d] of the hand-written prompts of the current classes."""
-        if self.handcrafted_features is None:
-            self.register_buffer("handcrafted_features", self.hand_written_text_features(), persistent=False)
-        return self.handcrafted_features
 
     def output(self, x: torch.Tensor) -> MethodOutput:
         # the text features of this step go to the loss, which would otherwise encode them again

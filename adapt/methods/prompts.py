@@ -42,7 +42,10 @@ def n_ctx_of(config) -> int:
 
 class ContextPrompts(nn.Module):
     def __init__(self, backbone: ClipBackbone, n_ctx: int, ctx_init: str = "", csc: bool = False,
-                 position: str = "end", n_classes: int = 0, init_std: float = 0.02):
+                 position: str = "end", n_classes: int = 0, init_std: float = 0.02,
+                 pad_to: Optional[int] = None):
+        """``pad_to``: with ``ctx_init``, that many context vectors, the text's embeddings last and
+        zero vectors before them (ProGrad's ``CTX_INIT`` padding); without it the text sets M."""
         super().__init__()
         if position not in POSITIONS:
             raise ValueError(f"class_token_position={position!r}; expected one of {POSITIONS}")
@@ -56,6 +59,13 @@ class ContextPrompts(nn.Module):
             n_ctx = backbone.token_count(words)
             with torch.no_grad():
                 init = backbone.embed_tokens(backbone.tokenize([words]))[0, 1:1 + n_ctx].clone()
+            if pad_to is not None:
+                if pad_to < n_ctx:
+                    raise ValueError(f"ctx_init={words!r} has {n_ctx} tokens, more than the {pad_to} "
+                                     f"context vectors asked for; set n_ctx >= {n_ctx} or a shorter ctx_init")
+                init = torch.cat([init.new_zeros(pad_to - n_ctx, width), init])
+                words = " ".join(["X"] * (pad_to - n_ctx) + [words])
+                n_ctx = pad_to
             if csc:
                 init = init.unsqueeze(0).repeat(n_classes, 1, 1)
             self.prefix_text = words

@@ -1,0 +1,89 @@
+"""Engine hooks beyond the loss: the gradient transform runs once per optimizer step, on the
+gradient that step uses (accumulated over micro-batches), before the optimizer reads it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from adapt.config import OptimConfig
+from adapt.engine import AdaptModule
+from adapt.methods import HandWrittenClassifier, register_method, unregister_method
+from tests.conftest import CLASSES
+
+NAMES = CLASSES[:4]
+
+
+@dataclass
+class _Config:
+    zero: bool = False  # the transform zeroes the gradient
+
+
+@pytest.fixture
+def recording_method():
+    @register_method("toy_gradient_hook")
+    class Recording(HandWrittenClassifier):
+        Config = _Config
+        supports_feature_cache = True
+
+        def __init__(self, config, backbone, classnames, templates):
+            super().__init__(config, backbone, classnames, templates)
+            self.scale = torch.nn.Parameter(torch.tensor(10.0))
+            self.bias = torch.nn.Parameter(torch.zeros(len(self.classnames)))
+            self.seen: list[torch.Tensor] = []
+            self.rebuild_classes()
+
+        def forward_features(self, f):
+            return self.scale * (f @ self.text_features.t()) + self.bias
+
+        def transform_gradients(self, reduce):
+            self.seen.append(reduce(self.bias.grad.clone()))
+            if self.config.zero:
+                for p in self.trainable_parameters():
+                    p.grad.zero_()
+
+    yield Recording
+    unregister_method("toy_gradient_hook")
+
+
+def _fit(backbone, feats, labels, accumulate: int, **config):
+    optim = {**dataclasses.asdict(OptimConfig()), "lr": 0.1, "warmup_epochs": 0, "weight_decay": 0.0}
+    module = AdaptModule("toy_gradient_hook", config, NAMES, ["a photo of a {}."], {"name": "adapt-tiny-vit"},
+                         optim, 1, prebuilt_backbone=backbone)
+    start = {k: v.clone() for k, v in module.method.trainable_state().items()}
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, max_epochs=1, accumulate_grad_batches=accumulate)
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(feats, labels), batch_size=4))
+    return module.method, start
+
+
+def test_the_transform_sees_the_accumulated_gradient_once_per_step(tiny_backbone, recording_method):
+    g = torch.Generator().manual_seed(0)
+    feats, labels = torch.randn(16, tiny_backbone.embed_dim, generator=g), torch.randint(0, 4, (16,), generator=g)
+    method, start = _fit(tiny_backbone, feats, labels, accumulate=2)
+    assert len(method.seen) == 2  # 4 micro-batches, 2 optimizer steps
+    # the first step's gradient: the mean of the first two micro-batches' gradients, at the start values
+    method.load_trainable_state(start)
+    method.train()
+    by_hand = []
+    for lo in (0, 4):
+        method.bias.grad = None
+        method.loss(method.output(feats[lo:lo + 4]), labels[lo:lo + 4]).backward()
+        by_hand.append(method.bias.grad.clone())
+    assert torch.allclose(method.seen[0], (by_hand[0] + by_hand[1]) / 2, atol=1e-6)
+    assert not torch.allclose(method.seen[0], by_hand[1] / 2, atol=1e-6)
+
+
+def test_the_optimizer_steps_with_the_transformed_gradient(tiny_backbone, recording_method):
+    g = torch.Generator().manual_seed(1)
+    feats, labels = torch.randn(12, tiny_backbone.embed_dim, generator=g), torch.randint(0, 4, (12,), generator=g)
+    zeroed, start = _fit(tiny_backbone, feats, labels, accumulate=1, zero=True)
+    assert len(zeroed.seen) == 3 and zeroed.seen[0].abs().max() > 0
+    # momentum SGD without weight decay on zero gradients: nothing moves
+    assert all(torch.equal(v, start[k]) for k, v in zeroed.trainable_state().items())
+    plain, start = _fit(tiny_backbone, feats, labels, accumulate=1)
+    assert not torch.equal(plain.trainable_state()["bias"], start["bias"])
