@@ -87,6 +87,28 @@ def test_two_processes_learn_what_one_process_learns_at_the_same_global_batch(tm
         assert ckpt["global_step"] == 6, name
 
 
+def test_prograd_under_ddp_projects_onto_the_global_batchs_teacher_gradient(tmp_path):
+    """ProGrad takes the teacher's gradient itself (autograd.grad, per process); the engine
+    averages it over the processes before the projection, so two processes step as one does at
+    the same global batch (without that average they differ by 0.35 here)."""
+    from safetensors.torch import load_file
+
+    root = write_image_folder(tmp_path / "images", per_split={"train": 4, "val": 2, "test": 2})
+    common = ["trainer.progress_bar=false", f"output_dir={tmp_path / 'runs'}", "seed=1",
+              "data.dataset=imagefolder", f"data.root={root}", "data.batch_size=4", "method.name=prograd",
+              "method.n_ctx=8", "method.ctx_init=''", "trainer.max_epochs=2", "optim.warmup_epochs=0",
+              "optim.lr=0.05", "trainer.accelerator=cpu"]
+    _adapt("fit", str(ROOT / "recipes/coop/tiny.yaml"), "trainer.devices=2", "trainer.strategy=ddp",
+           "run_name=ddp", *common, cwd=tmp_path)
+    _adapt("fit", str(ROOT / "recipes/coop/tiny.yaml"), "trainer.devices=1", "run_name=one", *common, cwd=tmp_path)
+    ddp = load_file(str(tmp_path / "runs/ddp/adapter/adapter.safetensors"))["prompts.ctx"]
+    one = load_file(str(tmp_path / "runs/one/adapter/adapter.safetensors"))["prompts.ctx"]
+    assert (ddp - one).abs().max() <= 1e-5
+    conflicts = [json.loads((tmp_path / f"runs/{n}/results.json").read_text())["scalars"]["conflict_rate"]
+                 for n in ("ddp", "one")]
+    assert conflicts[0] == conflicts[1] > 0  # the projection acted, at the same steps
+
+
 def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     root = write_image_folder(tmp_path / "images", per_split={"train": 2, "test": 1})
