@@ -48,6 +48,9 @@ class OptimConfig:
     # min_lr (CLIP-LoRA's eta_min 1e-6)
     warmup_steps: int = 0
     min_lr: float = 0.0
+    # per parameter group of the method (``adapt methods`` lists them), multipliers of lr and
+    # weight_decay over the method's own: e.g. ``groups: {norms: {lr_scale: 0.1}}`` (LASP's)
+    groups: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, ("sgd", "adam", "adamw"))
@@ -63,6 +66,12 @@ class OptimConfig:
                               "use optim.warmup_epochs)")
         if not 0 <= self.min_lr < self.lr:
             raise RecipeError(f"optim.min_lr must be in [0, optim.lr), got {self.min_lr}")
+        for name, scales in self.groups.items():
+            keys = set(scales or {}) if isinstance(scales, (dict, DictConfig)) else None
+            if keys is None or not keys <= {"lr_scale", "weight_decay_scale"} or any(
+                    not isinstance(v, (int, float)) or v < 0 for v in scales.values()):
+                raise RecipeError(f"optim.groups.{name} must map lr_scale / weight_decay_scale to numbers "
+                                  f">= 0 (e.g. optim.groups.{name}.lr_scale=0.1), got {scales!r}")
 
 
 @dataclass

@@ -51,6 +51,7 @@ class AdaptModule(pl.LightningModule):
         bb = prebuilt_backbone if prebuilt_backbone is not None else build_backbone(BackboneConfig(**backbone))
         self.method: Method = build_method(method, method_config, bb, classnames, templates, task=task)
         self.optim_cfg = OmegaConf.create(dict(optim))
+        optimizer_groups(self.method, self.optim_cfg)  # a group the method lacks: refused before training
         self.max_epochs = max_epochs
         # checkpoints hold only the method's trainable state; the backbone comes from its weights
         self.strict_loading = False
@@ -75,8 +76,11 @@ class AdaptModule(pl.LightningModule):
         else:
             section = None
         options = get_task(task).options_from(recipe.data)
+        optim = plain(recipe.optim)
+        if section is None:  # another method than the recipe's (the zero-shot baseline): its groups only
+            optim.pop("groups", None)
         return cls(method, section, list(classnames), list(templates), plain(recipe.backbone),
-                   plain(recipe.optim), int(max_epochs or recipe.trainer.max_epochs),
+                   optim, int(max_epochs or recipe.trainer.max_epochs),
                    prebuilt_backbone=backbone, task=task, task_options=options or None)
 
     @classmethod
@@ -212,7 +216,7 @@ class AdaptModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimisation -----------
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        params = self.method.trainable_parameters()
+        params = optimizer_groups(self.method, cfg)
         if cfg.name == "sgd":
             opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         elif cfg.name == "adam":  # L2 in the gradient, as Dassl's "adam" (TaskRes)
@@ -239,6 +243,25 @@ class AdaptModule(pl.LightningModule):
         state = {k[len(METHOD_PREFIX):]: v for k, v in checkpoint["state_dict"].items()
                  if k.startswith(METHOD_PREFIX)}
         self.method.load_trainable_state(state)
+
+
+def optimizer_groups(method: Method, cfg) -> list[dict]:
+    """The optimizer's parameter groups: the method's (``Method.param_groups``), each at the
+    recipe's lr and weight decay times its multipliers, which ``optim.groups`` may override.
+    Every group gets its own lr, so the schedule's factor scales them all alike."""
+    groups = method.param_groups()
+    overrides = dict(cfg.get("groups") or {})
+    unknown = sorted(set(overrides) - set(groups))
+    if unknown:
+        raise ValueError(f"optim.groups names {', '.join(unknown)}, but {method.name}'s parameter groups "
+                         f"are: {', '.join(groups)}; use those names or drop optim.groups")
+    out = []
+    for name, group in groups.items():
+        scales = dict(overrides.get(name) or {})
+        out.append({"params": group.params, "name": name,
+                    "lr": cfg.lr * scales.get("lr_scale", group.lr_scale),
+                    "weight_decay": cfg.weight_decay * scales.get("weight_decay_scale", group.weight_decay_scale)})
+    return out
 
 
 def check_test_time_world(method: Method, world_size: int) -> None:

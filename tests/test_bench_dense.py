@@ -1,5 +1,5 @@
-"""experiments/bench_dense.py and bench_multilabel.py --quick: every workload and target is reported (tiny model, toy
-sizes). No timing assertions."""
+"""experiments/bench_dense.py, bench_multilabel.py and bench_text_prompts.py --quick: every
+workload and target is reported (tiny model, toy sizes). No timing assertions."""
 from __future__ import annotations
 
 import json
@@ -35,4 +35,16 @@ def test_bench_multilabel_quick_runs_and_reports(tmp_path):
     assert [r["workload"] for r in result["rows"]] == ["coop step", "dualcoop step", "dualcoop step, many classes"]
     assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in result["rows"])
     assert set(result["targets"]) == {"dualcoop_vs_coop_step", "dualcoop_many_peak_gb"}
+    assert all(math.isfinite(t["value"]) and t["value"] > 0 for t in result["targets"].values())
+
+
+def test_bench_text_prompts_quick_runs_and_reports(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_text_prompts.py"), "--quick",
+                           "--threads", "1", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "bench_text_prompts.json").read_text())
+    assert [r["workload"] for r in result["rows"]] == ["coop step", "prograd step"]
+    assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in result["rows"])
+    assert set(result["targets"]) == {"prograd_vs_coop_step"}
     assert all(math.isfinite(t["value"]) and t["value"] > 0 for t in result["targets"].values())

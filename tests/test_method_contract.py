@@ -116,6 +116,38 @@ def test_the_gradient_transform_is_the_identity_unless_the_method_defines_one(na
 
 
 @pytest.mark.parametrize("name", list_methods())
+def test_parameter_groups_partition_what_trains_and_at_multiplier_one_equal_one_group(name, tiny_backbone,
+                                                                                      tiny_datamodule):
+    """``param_groups`` names every trainable tensor exactly once; the engine's optimizer over
+    those groups with every multiplier set to 1 steps exactly as one group at the recipe's lr."""
+    from omegaconf import OmegaConf
+
+    from adapt.engine import optimizer_groups
+
+    method = _build(name, tiny_backbone, tiny_datamodule)
+    if not method.is_trainable:
+        pytest.skip(f"{name} has no trainable parameters")
+    groups = method.param_groups()
+    grouped = [id(p) for g in groups.values() for p in g.params]
+    assert sorted(grouped) == sorted(id(p) for p in method.trainable_parameters())
+    method.train()
+    method.loss(method.output(torch.randn(4, 3, 32, 32)), _labels(_task(name))).backward()
+    grads = {id(p): p.grad.clone() for p in method.trainable_parameters() if p.grad is not None}
+    start = {k: v.clone() for k, v in method.trainable_state().items()}
+    cfg = OmegaConf.create({"lr": 0.5, "weight_decay": 0.01,
+                            "groups": {g: {"lr_scale": 1.0, "weight_decay_scale": 1.0} for g in groups}})
+    ends = []
+    for params in (optimizer_groups(method, cfg), method.trainable_parameters()):
+        method.load_trainable_state(start)
+        for p in method.trainable_parameters():
+            p.grad = grads[id(p)].clone() if id(p) in grads else None
+        torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=0.01).step()
+        ends.append({k: v.clone() for k, v in method.trainable_state().items()})
+    assert all(torch.equal(ends[0][k], ends[1][k]) for k in start)
+    assert any(not torch.equal(ends[0][k], start[k]) for k in start)
+
+
+@pytest.mark.parametrize("name", list_methods())
 def test_export_then_load_gives_identical_logits(name, tiny_backbone, tiny_datamodule, tmp_path):
     method = _build(name, tiny_backbone, tiny_datamodule)
     with torch.no_grad():  # move the trainable state away from its initialisation
@@ -220,7 +252,7 @@ def test_method_scalars_reach_results_json(name, task, image_folder, multilabel_
 
 
 # the loss terms a method's training reports (the rest report Method.scalars after fitting)
-TRAINING_SCALARS = {"kgcoop": ("ce", "kg"), "prograd": ("ce", "kl"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl")}
+TRAINING_SCALARS = {"kgcoop": ("ce", "kg"), "prograd": ("ce", "kl"), "lasp": ("ce", "t2t"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl")}
 
 
 @pytest.mark.parametrize("name", list_methods())

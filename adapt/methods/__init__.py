@@ -28,3 +28,4 @@ __all__ = ["HandWrittenClassifier", "Method", "MethodOutput", "build_method", "g
 from adapt.methods import maskclip  # noqa: E402,F401
 from adapt.methods import plot  # noqa: E402,F401
 from adapt.methods import prograd  # noqa: E402,F401
+from adapt.methods import lasp  # noqa: E402,F401

@@ -38,6 +38,17 @@ class MethodOutput:
     scalars: dict[str, Union[float, torch.Tensor]] = field(default_factory=dict)
 
 
+@dataclass
+class ParamGroup:
+    """Trainable parameters the optimizer treats alike: their lr and weight decay are the
+    recipe's times these multipliers (LASP: the image tower's LayerNorms at 0.1x the prompt's
+    lr); a recipe may override them (``optim.groups.<name>.lr_scale``)."""
+
+    params: list[nn.Parameter]
+    lr_scale: float = 1.0
+    weight_decay_scale: float = 1.0
+
+
 def as_output(out: Union[MethodOutput, torch.Tensor]) -> MethodOutput:
     """Loss hooks accept bare logits too (then only what they can recompute is available)."""
     return out if isinstance(out, MethodOutput) else MethodOutput(out)
@@ -203,6 +214,11 @@ class Method(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def param_groups(self) -> dict[str, ParamGroup]:
+        """The trainable parameters by named group, each exactly once; one group at the recipe's
+        lr unless the method's original trains some at their own rate."""
+        return {"params": ParamGroup(self.trainable_parameters())}
 
     def backbone_state(self) -> dict[str, torch.Tensor]:
         """The backbone tensors this method owns, by their names under ``backbone`` (LoRA's

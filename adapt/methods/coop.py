@@ -38,7 +38,7 @@ class CoOp(Method):
         super().__init__(config, backbone, classnames, templates)
         self.repointable = not config.csc
         self.repoint_fix = "method.csc=false"
-        self.prompts = self.make_prompts(config, backbone)
+        self.prompts = self.make_prompts(config, self.backbone)  # the method's own clone when it changes it
         self.rebuild_classes()
 
     def make_prompts(self, config: CoOpConfig, backbone) -> ContextPrompts:

@@ -1,0 +1,101 @@
+"""The cost of the text-prompt family's training steps against a CoOp step (issue: part two).
+
+    python experiments/bench_text_prompts.py [--quick] [--out DIR] [--threads 2]
+
+ViT-B/16 architecture with random weights (the real model's FLOPs), fp32, CPU, one process,
+100 classes, batch 32 of cached image features (the frozen image tower is out of the loop, as
+the feature cache runs these methods). A step is what the engine does: forward, loss, backward,
+the method's gradient transform, an SGD step (CoOp's settings). CoOp (16 random context vectors)
+and ProGrad (16 vectors from "a photo of a", zero-padded; its teacher gradient is one more
+backward through the text tower, its projection a few dot products) are timed in alternating
+rounds; peak resident memory of each (the ~0.6 GB model included). Target: ProGrad <= 1.3x CoOp.
+
+Writes bench_text_prompts.json and .md to --out (default: a new temporary folder). ``--quick``
+runs at toy sizes on a tiny model (a smoke test; the numbers mean nothing).
+"""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from experiments.benchlib import (PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
+                                  start_heap, target_lines, targets_met, write_result)
+
+FULL = dict(model="ViT-B-16", classes=100, batch=32, rounds=3)
+QUICK = dict(model="adapt-tiny-vit", classes=10, batch=4, rounds=1)
+TEMPLATE = ["a photo of a {}."]
+SGD = dict(lr=0.002, momentum=0.9, weight_decay=5e-4)
+TARGETS = [("prograd_vs_coop_step", "ProGrad / CoOp training step, same batch and classes", "<= 1.3x",
+            lambda v: v <= 1.3)]
+
+
+def classnames(n: int) -> list[str]:
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES[:n])
+
+
+def step(method, feats, labels):
+    opt = torch.optim.SGD(method.trainable_parameters(), **SGD)
+
+    def run():
+        method.train()
+        loss = method.loss(method.output(feats), labels)
+        loss.backward()
+        method.transform_gradients(lambda t: t)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+    return run
+
+
+def main(argv=None) -> int:
+    args, cfg, out = bench_cli(__doc__, argv, "bench_text_prompts", QUICK, FULL)
+    from adapt.backbone import BackboneConfig, build_backbone
+    from adapt.methods import build_method
+
+    start, load_before = time.perf_counter(), load_average()
+    allocator = start_heap()
+    memory = PeakMemory()
+    torch.manual_seed(0)
+    bb = build_backbone(BackboneConfig(name=cfg["model"], pretrained=None))
+    g = torch.Generator().manual_seed(0)
+    k = cfg["classes"]
+    feats = torch.randn(cfg["batch"], bb.embed_dim, generator=g)
+    labels = torch.randint(0, k, (cfg["batch"],), generator=g)
+    methods = {"coop step": build_method("coop", None, bb, classnames(k), TEMPLATE),
+               "prograd step": build_method("prograd", None, bb, classnames(k), TEMPLATE)}
+    methods["prograd step"].handcrafted()  # the teacher's features: once per class list, not per step
+    modes = {name: (step(m, feats, labels), cfg["rounds"]) for name, m in methods.items()}
+    measured = interleaved(modes, memory, warmup=1)
+    notes = {"coop step": f"{k} classes, M=16, cross-entropy",
+             "prograd step": f"{k} classes, M=16, CE + teacher KL gradient, projection "
+                             f"(conflicts in {methods['prograd step'].conflicts} of {methods['prograd step'].steps} steps)"}
+    rows = [{"workload": name, "seconds": s, "seconds_per_image": s / cfg["batch"], "peak_rss_mb": peak,
+             "note": notes[name]} for name, (s, peak) in measured.items()]
+    per = {r["workload"]: r for r in rows}
+    ratios = {"prograd_vs_coop_step": per["prograd step"]["seconds"] / per["coop step"]["seconds"]}
+    result = {"quick": args.quick, "config": cfg, "rows": rows, "ratios": ratios,
+              "targets": targets_met(TARGETS, ratios), "allocator": allocator,
+              "machine": {"threads": args.threads, "python": platform.python_version(), "torch": torch.__version__,
+                          "load_average_before": load_before, "load_average_after": load_average()},
+              "wall_seconds": time.perf_counter() - start}
+    lines = [f"Training steps on cached features: {cfg['model']} (random weights), fp32, CPU, {args.threads} "
+             f"threads, batch {cfg['batch']}; load average before/after {load_before[:1]}/{load_average()[:1]}. "
+             + ("QUICK smoke run: toy sizes, numbers mean nothing." if args.quick else ""),
+             "", "| workload | s / step | peak RSS (GB) | notes |", "|---|---:|---:|---|"]
+    lines += [f"| {r['workload']} | {r['seconds']:.2f} | {r['peak_rss_mb'] / 1024:.2f} | {r['note']} |" for r in rows]
+    lines += target_lines(TARGETS, result["targets"], value=lambda key, v: f"{v:.2f}x")
+    write_result(out, "bench_text_prompts", result, "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
