@@ -39,11 +39,16 @@ class _Permissive(types.ModuleType):
         return object
 
 
-def _dassl_trainer_base(repo: Path):
-    """``TrainerBase`` of the fork's ``dassl/engine/trainer.py``, its imports stood in while it loads."""
-    path = repo / "Dassl.ProGrad.pytorch" / "dassl" / "engine" / "trainer.py"
+def dassl_trainer_base(path: Path):
+    """``TrainerBase`` of a Dassl fork's ``dassl/engine/trainer.py`` at ``path``, its imports stood in
+    while it loads (ProGrad's and SubPT's forks add their projections to it)."""
     stand_ins = ["dassl.data", "dassl.modeling", "dassl.evaluation", "dassl.utils", "dassl.optim",
                  "torch.utils.tensorboard"]
+    for optional in ("sklearn", "sklearn.decomposition"):  # SubPT's fork imports PCA, unused by the projection
+        try:
+            importlib.import_module(optional)
+        except ImportError:
+            stand_ins.append(optional)
     saved = {name: sys.modules.get(name) for name in stand_ins}
     try:
         for name in stand_ins:
@@ -73,7 +78,7 @@ class OriginalProGrad:
             raise SystemExit(f"{repo}: {', '.join(missing)} missing; point it at a checkout of "
                              "https://github.com/BeierZhu/Prompt-align (git clone, commit 1b76203)")
         _install_dassl_stand_in()
-        base = _dassl_trainer_base(repo)
+        base = dassl_trainer_base(repo / "Dassl.ProGrad.pytorch" / "dassl" / "engine" / "trainer.py")
         for name in ("clip", "clip.clip", "clip.model", "clip.simple_tokenizer", "trainers"):
             sys.modules.pop(name, None)  # another checkout's clip/ (CoOp's) must not answer
         sys.path.insert(0, str(code))

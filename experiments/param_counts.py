@@ -28,6 +28,9 @@ REFERENCE = {
                       "(KaiyangZhou/CoOp trainers/cocoop.py shapes)"),
     "kgcoop": (2048, "4 x 512 context; only parameters named 'ctx' train "
                      "(htyao89/KgCoOp trainers/kgcoop.py)"),
+    "prograd": (8192, "16 x 512 context (BeierZhu/Prompt-align trainers/prograd.py, N_CTX 16)"),
+    "lasp": (39424, "4 x 512 context + 512 text bias + 12 blocks x 2 LayerNorms x (768 + 768) "
+                    "(1adrianb/lasp prompting/lasp.py shapes)"),
     "vp": (69840, "30 px frame at 224 px: 2*3*30*224 + 2*3*164*30 "
                   "(hjbahng/visual_prompting models/prompters.py shapes; the paper used ViT-B/32)"),
     "maple": (3_550_000, "3.55M (MaPLe paper)"),

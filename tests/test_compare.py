@@ -125,11 +125,12 @@ def test_report_states_missing_seeds(tmp_path, image_folder):
 
 def test_standard_comparison_lists_every_base2novel_recipe():
     listed = {p.resolve() for p in expand_recipes([RECIPES / "compare" / "base2novel.yaml"])}
-    # a recipe that starts from an earlier run (method.init_from: PLOT's joint stage) is chained
+    # a recipe that starts from an earlier run (method.init_from: PLOT's joint stage, SubPT's
+    # subspace stage) is chained
     # by hand, not compared standalone; the comparison's comment says so
     chained = {p.resolve() for p in RECIPES.glob("*/base2novel.yaml")
                if p.parent.name != "compare" and "init_from" in load_recipe(p).method}
-    assert chained == {(RECIPES / "plot" / "base2novel.yaml").resolve()}
+    assert chained == {(RECIPES / m / "base2novel.yaml").resolve() for m in ("plot", "subpt")}
     assert listed == {p.resolve() for p in RECIPES.glob("*/base2novel.yaml")
                       if p.parent.name != "compare"} - chained
 

@@ -29,3 +29,4 @@ from adapt.methods import maskclip  # noqa: E402,F401
 from adapt.methods import plot  # noqa: E402,F401
 from adapt.methods import prograd  # noqa: E402,F401
 from adapt.methods import lasp  # noqa: E402,F401
+from adapt.methods import subpt  # noqa: E402,F401

@@ -149,7 +149,10 @@ def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = Non
             f"loaded onto {have.name} / {have.pretrained}; build that backbone (or omit it and "
             "let load_adapter build it)")
     state = read_adapter_state(adapter_dir, meta)
-    config = method_config(meta["method"], meta["method_config"])
+    saved = dict(meta["method_config"])
+    if saved.get("init_from"):  # where training started (PLOT's, SubPT's stage 1): the adapter holds
+        saved["init_from"] = None  # where it ended, so that run need not exist where this one is loaded
+    config = method_config(meta["method"], saved)
     method = build_method(meta["method"], config, backbone, meta["classnames"], meta["templates"],
                           task=meta.get("task", "single_label"))
     try:
