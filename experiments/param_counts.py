@@ -31,6 +31,9 @@ REFERENCE = {
     "prograd": (8192, "16 x 512 context (BeierZhu/Prompt-align trainers/prograd.py, N_CTX 16)"),
     "lasp": (39424, "4 x 512 context + 512 text bias + 12 blocks x 2 LayerNorms x (768 + 768) "
                     "(1adrianb/lasp prompting/lasp.py shapes)"),
+    "bpl": (3072, "4 x 512 context + 512 mean + 512 log-variance (saic-fi/Bayesian-Prompt-Learning "
+                  "trainers/vpt.py, coopvpt)"),
+    "subpt": (8192, "16 x 512 context (machengcheng2016/Subspace-Prompt-Learning coop_sub.py)"),
     "vp": (69840, "30 px frame at 224 px: 2*3*30*224 + 2*3*164*30 "
                   "(hjbahng/visual_prompting models/prompters.py shapes; the paper used ViT-B/32)"),
     "maple": (3_550_000, "3.55M (MaPLe paper)"),

@@ -1,10 +1,12 @@
 """The text-prompt family on the offline world beside zero-shot, CoOp and KgCoOp: the shipped tiny
 CLIP (tiny-vit-p4, tag ``world``) on world_colour, 16 shots, few-shot (all 12 classes) and
 base-to-novel (6 + 6), each recipe's own settings (epochs, batch, lr, context) with only the
-backbone, dataset and shots swapped. The methods built to protect novel classes should
-keep novel accuracy nearer zero-shot's than CoOp does (ProGrad, LASP); the table says what the world shows.
+backbone, dataset and shots swapped. SubPT runs both its stages per seed: its trajectory recipe
+(the CoOp run it records; base-to-novel: the stage-2 recipe's 100 epochs and t_early 30), then
+its subspace stage from that run. The methods built to protect novel classes should
+keep novel accuracy nearer zero-shot's than CoOp does (ProGrad, LASP, SubPT, Bayesian prompts); the table says what the world shows.
 
-    python experiments/text_prompts_world.py [--seeds 1 2 3] [--methods coop kgcoop prograd lasp]
+    python experiments/text_prompts_world.py [--seeds 1 2 3] [--methods coop kgcoop prograd lasp subpt bpl]
                                             [--out experiments/results]
 
 Figures go to a new temporary folder unless ``--out`` names one (a partial run may not write over
@@ -27,17 +29,30 @@ from experiments.benchlib import output_dir, write_result  # noqa: E402
 from experiments.world_numbers import mean_std  # noqa: E402
 
 STEM = "text_prompts_world"
-METHODS = ["coop", "kgcoop", "prograd", "lasp"]
+METHODS = ["coop", "kgcoop", "prograd", "lasp", "subpt", "bpl"]
 WORLD = ["backbone.name=tiny-vit-p4", "backbone.pretrained=world", "data.dataset=world_colour",
          "data.root=null", "data.shots=16", "data.num_workers=0", "trainer.progress_bar=false",
          "logger.csv=false"]
 SETTINGS = {"fewshot": ("all", ("test_acc",)), "base2novel": ("base2novel", ("base_acc", "novel_acc", "hm"))}
 
 
+# two-stage methods: the first stage's recipe and its overrides per setting (the second stage
+# starts from it: method.init_from)
+FIRST_STAGE = {"subpt": ("subpt/trajectory.yaml", {
+    "fewshot": [], "base2novel": ["trainer.max_epochs=100", "method.trajectory_epochs=30"]})}
+
+
 def fit(method: str, key: str, seed: int, out: Path, baseline: bool) -> dict:
     setting = SETTINGS[key][0]
     name = f"{key}-{method}-{seed}"
-    cfg = load_recipe(ROOT / "recipes" / method / f"{key}.yaml", WORLD + [
+    extra = []
+    if method in FIRST_STAGE:
+        recipe, over = FIRST_STAGE[method]
+        first = load_recipe(ROOT / "recipes" / recipe, WORLD + over[key] + [
+            f"data.setting={setting}", f"seed={seed}", f"output_dir={out}", f"run_name={name}-stage1"])
+        run_fit(first)
+        extra = [f"method.init_from={out / (name + '-stage1')}"]
+    cfg = load_recipe(ROOT / "recipes" / method / f"{key}.yaml", WORLD + extra + [
         f"data.setting={setting}", f"seed={seed}", f"output_dir={out}", f"run_name={name}",
         f"baseline={str(baseline).lower()}"])
     start = time.perf_counter()

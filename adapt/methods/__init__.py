@@ -30,3 +30,4 @@ from adapt.methods import plot  # noqa: E402,F401
 from adapt.methods import prograd  # noqa: E402,F401
 from adapt.methods import lasp  # noqa: E402,F401
 from adapt.methods import subpt  # noqa: E402,F401
+from adapt.methods import bpl  # noqa: E402,F401
