@@ -48,8 +48,8 @@ class OptimConfig:
     # min_lr (CLIP-LoRA's eta_min 1e-6)
     warmup_steps: int = 0
     min_lr: float = 0.0
-    # per parameter group of the method (``adapt methods`` lists them), multipliers of lr and
-    # weight_decay over the method's own: e.g. ``groups: {norms: {lr_scale: 0.1}}`` (LASP's)
+    # per parameter group of the method (``Method.param_groups``; a name it lacks is refused with
+    # the list), multipliers of lr and weight_decay: e.g. ``groups: {norms: {lr_scale: 0.1}}`` (LASP's)
     groups: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -7,13 +7,16 @@ ViT-B/16 architecture with random weights (the real model's FLOPs), fp32, CPU, o
 gradient transform, an SGD step (CoOp's settings). Each method beside the CoOp step on the same
 inputs, in alternating rounds:
 - cached image features (the frozen image tower out of the loop, as the feature cache runs
-  them): CoOp (16 random context vectors) and ProGrad (16 vectors from "a photo of a",
-  zero-padded; its teacher gradient is one more backward through the text tower);
+  them): CoOp (16 random context vectors) beside ProGrad (16 vectors from "a photo of a",
+  zero-padded; its teacher gradient is one more backward through the text tower) and SubPT's
+  projected stage (a random orthonormal rank-10 basis standing in for a trajectory's); CoOp
+  with 4 vectors from "a photo of a" beside Bayesian prompts (the same context, L = 10 shifted
+  copies through the text tower: its ratio is per sample, step / (L x CoOp step));
 - images at 224 px (LASP tunes the image tower's LayerNorms, so its images go through the tower
   with a graph and its backward reaches the first block): CoOp and LASP (4 context vectors, the
   text bias, 35 template features per class once, L_tt on the same step's text features).
-Peak resident memory of each (the ~0.6 GB model included). Targets: ProGrad <= 1.3x CoOp;
-LASP <= 1.5x CoOp.
+Peak resident memory of each (the ~0.6 GB model included). Targets: ProGrad <= 1.3x CoOp,
+SubPT's projected step <= 1.05x, Bayesian prompts <= 1.2x per sample, LASP <= 1.5x.
 
 Writes bench_text_prompts.json and .md to --out (default: a new temporary folder). ``--quick``
 runs at toy sizes on a tiny model (a smoke test; the numbers mean nothing).
@@ -33,12 +36,16 @@ sys.path.insert(0, str(ROOT))
 from experiments.benchlib import (PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
                                   start_heap, target_lines, targets_met, write_result)
 
-FULL = dict(model="ViT-B-16", classes=100, batch=32, rounds=3, image_rounds=2)
+FULL = dict(model="ViT-B-16", classes=100, batch=32, rounds=6, image_rounds=2)
 QUICK = dict(model="adapt-tiny-vit", classes=10, batch=4, rounds=1, image_rounds=1)
 TEMPLATE = ["a photo of a {}."]
 SGD = dict(lr=0.002, momentum=0.9, weight_decay=5e-4)
 TARGETS = [("prograd_vs_coop_step", "ProGrad / CoOp training step, cached features", "<= 1.3x",
             lambda v: v <= 1.3),
+           ("subpt_vs_coop_step", "SubPT projected / CoOp training step, cached features", "<= 1.05x",
+            lambda v: v <= 1.05),
+           ("bpl_per_sample_vs_coop_step", "Bayesian prompts step / (L x CoOp step), cached features", "<= 1.2x",
+            lambda v: v <= 1.2),
            ("lasp_vs_coop_step", "LASP / CoOp training step, images in the loop", "<= 1.5x", lambda v: v <= 1.5)]
 
 
@@ -80,9 +87,17 @@ def main(argv=None) -> int:
     names = classnames(k)
     prograd = build_method("prograd", None, bb, names, TEMPLATE)
     prograd.handcrafted()  # the teacher's features: once per class list, not per step
+    subpt = build_method("subpt", {"stage": "subspace"}, bb, names, TEMPLATE)
+    with torch.no_grad():  # an orthonormal rank-10 basis in place of a trajectory's PCA
+        subpt.basis.copy_(torch.linalg.qr(torch.randn(subpt.basis.shape[1], 10, generator=g))[0].t())
+    bpl = build_method("bpl", None, bb, names, TEMPLATE)
+    coop4 = build_method("coop", {"n_ctx": 4, "ctx_init": "a photo of a"}, bb, names, TEMPLATE)
     measured = interleaved({"coop step": (step(build_method("coop", None, bb, names, TEMPLATE), feats, labels),
                                           cfg["rounds"]),
-                            "prograd step": (step(prograd, feats, labels), cfg["rounds"])}, memory, warmup=1)
+                            "prograd step": (step(prograd, feats, labels), cfg["rounds"]),
+                            "subpt step": (step(subpt, feats, labels), cfg["rounds"])}, memory, warmup=1)
+    measured.update(interleaved({"coop step, M=4": (step(coop4, feats, labels), cfg["rounds"]),
+                                 "bpl step": (step(bpl, feats, labels), cfg["rounds"])}, memory, warmup=1))
     lasp = build_method("lasp", None, bb, names, TEMPLATE)
     lasp.references()  # the 35 template features per class: once per class list
     measured.update(interleaved(
@@ -92,6 +107,9 @@ def main(argv=None) -> int:
     notes = {"coop step": f"{k} classes, M=16, cross-entropy, cached features",
              "prograd step": f"{k} classes, M=16, CE + teacher KL gradient, projection "
                              f"(conflicts in {prograd.conflicts} of {prograd.steps} steps)",
+             "subpt step": f"{k} classes, M=16, gradient projected on a rank-10 basis",
+             "coop step, M=4": f"{k} classes, M=4 from 'a photo of a', cached features",
+             "bpl step": f"{k} classes, M=4, L={bpl.config.samples} shifted contexts, MC likelihood + KL",
              "coop step, images": f"{k} classes, M=4, frozen image tower without a graph",
              "lasp step, images": f"{k} classes, M=4, CE + L_tt over {len(lasp.config.templates_t2t)} templates, "
                                   f"{len(lasp.backbone_state())} LayerNorm tensors"}
@@ -99,6 +117,9 @@ def main(argv=None) -> int:
              "note": notes[name]} for name, (s, peak) in measured.items()]
     per = {r["workload"]: r for r in rows}
     ratios = {"prograd_vs_coop_step": per["prograd step"]["seconds"] / per["coop step"]["seconds"],
+              "subpt_vs_coop_step": per["subpt step"]["seconds"] / per["coop step"]["seconds"],
+              "bpl_per_sample_vs_coop_step": per["bpl step"]["seconds"] / bpl.config.samples
+              / per["coop step, M=4"]["seconds"],
               "lasp_vs_coop_step": per["lasp step, images"]["seconds"] / per["coop step, images"]["seconds"]}
     result = {"quick": args.quick, "config": cfg, "rows": rows, "ratios": ratios,
               "targets": targets_met(TARGETS, ratios), "allocator": allocator,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from adapt.backbone import BackboneConfig, build_backbone
-from adapt.methods import build_method, list_methods
+from adapt.methods import build_method, get_method, list_methods
 
 # Published or code-derived reference counts (ViT-B/16 unless noted), where one is known.
 REFERENCE = {
@@ -58,14 +58,16 @@ def main(argv=None) -> dict:
     rows = {}
     for name in list_methods():
         start = time.perf_counter()
+        tasks = get_method(name).tasks  # built for single-label data where it does it, else its own kind
+        task = "single_label" if "single_label" in tasks else tasks[0]
         try:
-            method = build_method(name, None, backbone, names, ["a photo of a {}."])
+            method = build_method(name, None, backbone, names, ["a photo of a {}."], task=task)
         except Exception as err:  # a method that cannot be built without data says so here
             rows[name] = {"trainable_params": None, "error": f"{type(err).__name__}: {err}"}
             continue
         n = count(method)
         other = count(build_method(name, None, backbone, names[: max(1, args.classes // 2)],
-                                   ["a photo of a {}."]))
+                                   ["a photo of a {}."], task=task))
         row = {"trainable_params": n, "depends_on_classes": n != other,
                "build_seconds": round(time.perf_counter() - start, 2)}
         if name in REFERENCE:

@@ -44,8 +44,9 @@ def test_bench_text_prompts_quick_runs_and_reports(tmp_path):
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "bench_text_prompts.json").read_text())
-    assert [r["workload"] for r in result["rows"]] == ["coop step", "prograd step", "coop step, images",
-                                                       "lasp step, images"]
+    assert [r["workload"] for r in result["rows"]] == ["coop step", "prograd step", "subpt step", "coop step, M=4",
+                                                       "bpl step", "coop step, images", "lasp step, images"]
     assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in result["rows"])
-    assert set(result["targets"]) == {"prograd_vs_coop_step", "lasp_vs_coop_step"}
+    assert set(result["targets"]) == {"prograd_vs_coop_step", "subpt_vs_coop_step",
+                                      "bpl_per_sample_vs_coop_step", "lasp_vs_coop_step"}
     assert all(math.isfinite(t["value"]) and t["value"] > 0 for t in result["targets"].values())
