@@ -7,7 +7,7 @@ saic-fi/Bayesian-Prompt-Learning, beside adapt's ``bpl``.
 
 Nothing of the original is copied or committed: ``trainers/vpt.py`` and its ``clip/`` are imported
 from the folder the user names, Dassl stood in as for CoOp (``experiments/original_coop.py``).
-``CustomCLIP`` is built as its trainer builds it with ``VPT_TYPE coopvpt`` and ``PREC fp32``
+``CustomCLIP`` is built as its trainer builds it with ``VPT_TYPE coopvpt`` (or ``cocoopvpt``) and ``PREC fp32``
 (only the prompt learner trains), on the weights of an adapt backbone.
 """
 from __future__ import annotations
@@ -45,8 +45,9 @@ class OriginalBPL:
         model.load_state_dict(state, assign=True)
         return model
 
-    def bpl(self, classnames, samples: int = 10):
-        cfg = _node(TRAINER=_node(VPT=_node(N_CTX=4, CTX_INIT="a photo of a", L=samples, VPT_TYPE="coopvpt",
+    def bpl(self, classnames, samples: int = 10, variant: str = "global"):
+        kind = {"global": "coopvpt", "conditional": "cocoopvpt"}[variant]
+        cfg = _node(TRAINER=_node(VPT=_node(N_CTX=4, CTX_INIT="a photo of a", L=samples, VPT_TYPE=kind,
                                             PREC="fp32")),
                     INPUT=_node(SIZE=(self.backbone.image_size, self.backbone.image_size)))
         model = self.module.CustomCLIP(cfg, list(classnames), self.clip_model())

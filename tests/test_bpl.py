@@ -85,34 +85,69 @@ def test_evaluation_is_seeded_and_independent_of_the_batch(tiny_backbone):
 REPO = os.environ.get("ADAPT_BPL_REPO")
 
 
+def test_the_conditional_variant_gives_each_image_its_posterior(tiny_backbone):
+    bpl = _bpl(tiny_backbone, variant="conditional", samples=4)
+    assert {n for n, p in bpl.named_parameters() if p.requires_grad} == {
+        "prompts.ctx", *(f"meta_{k}.{i}.{w}" for k in ("mean", "logvar") for i in (0, 2, 4) for w in ("weight", "bias"))}
+    feats = torch.randn(3, tiny_backbone.embed_dim)
+    bpl.train()
+    out = bpl.output(feats)
+    mu, logvar = bpl.posterior(F.normalize(feats, dim=-1))
+    assert mu.shape == (3, bpl.prompts.ctx.shape[-1]) and not torch.allclose(mu[0], mu[1])
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(mu, logvar.exp().sqrt()),
+                                           torch.distributions.Normal(0.0, 1.0)).mean()
+    assert float(bpl.kl(F.normalize(feats, dim=-1))) == pytest.approx(float(kl), rel=1e-5)
+    bpl.loss(out, torch.tensor([0, 1, 2])).backward()
+    assert bpl.meta_logvar[0].weight.grad.abs().sum() > 0
+    bpl.eval()
+    with torch.no_grad():  # one ε per evaluation, each image its own μ and σ: batch-independent
+        whole = bpl(feats)
+        assert torch.allclose(torch.cat([bpl(feats[:1]), bpl(feats[1:])]), whole, atol=1e-6)
+
+
 @pytest.mark.skipif(not REPO, reason="set ADAPT_BPL_REPO to a checkout of saic-fi/Bayesian-Prompt-Learning")
-def test_loss_and_gradients_match_the_original(capsys):
+@pytest.mark.parametrize("variant", ["global", "conditional"])
+def test_loss_and_gradients_match_the_original(variant, capsys):
     from experiments.original_bpl import OriginalBPL
     from experiments.original_coop import round_to_fp16
 
     names = ["tench", "goldfish", "great white shark", "tiger shark"]
     bb = make_backbone("test-vit-openai-77-e64")  # the shift is added in the text width
     round_to_fp16(bb)
-    theirs = OriginalBPL(REPO, bb).bpl(names, samples=5)
-    ours = build_method("bpl", {"samples": 5}, bb, names, TEMPLATE).train()
+    theirs = OriginalBPL(REPO, bb).bpl(names, samples=5, variant=variant)
+    ours = build_method("bpl", {"samples": 5, "variant": variant}, bb, names, TEMPLATE).train()
     assert "Initial context" in capsys.readouterr().out
     learner = theirs.prompt_learner
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         ours.prompts.ctx.normal_(0, 0.1, generator=g)
-        ours.mean_posterior.normal_(0, 0.1, generator=g)
         learner.ctx.copy_(ours.prompts.ctx)
-        learner.mean_posterior.copy_(ours.mean_posterior[None])
-        learner.std_posterior.copy_(ours.logvar_posterior[None])
-    images, labels = torch.randn(2, 3, 32, 32, generator=g), torch.tensor([1, 3])
+        if variant == "global":
+            ours.mean_posterior.normal_(0, 0.1, generator=g)
+            learner.mean_posterior.copy_(ours.mean_posterior[None])
+            learner.std_posterior.copy_(ours.logvar_posterior[None])
+            pairs = [("mean_posterior", "mean_posterior"), ("logvar_posterior", "std_posterior")]
+        else:  # the meta nets, layer by layer
+            pairs = []
+            for ours_net, theirs_net in (("meta_mean", "weight_mean"), ("meta_logvar", "weight_log_variance")):
+                for i in (0, 2, 4):
+                    for w in ("weight", "bias"):
+                        getattr(getattr(learner.meta_net, theirs_net).module[i], w).copy_(
+                            getattr(getattr(ours, ours_net)[i], w))
+                        pairs.append((f"{ours_net}.{i}.{w}", f"meta_net.{theirs_net}.module.{i}.{w}"))
+    batch = 2 if variant == "global" else 1  # the original's conditional shift broadcasts right at batch 1 only
+    images, labels = torch.randn(batch, 3, 32, 32, generator=g), torch.tensor([1, 3][:batch])
     torch.manual_seed(7)
     loss_theirs = theirs(images, labels).sum()
     torch.manual_seed(7)
     loss_ours = ours.loss(ours.output(images), labels)
     assert float(loss_ours) == pytest.approx(float(loss_theirs), rel=1e-5)
     loss_theirs.backward(), loss_ours.backward()
-    for a, b in ((learner.ctx.grad, ours.prompts.ctx.grad), (learner.mean_posterior.grad[0], ours.mean_posterior.grad),
-                 (learner.std_posterior.grad[0], ours.logvar_posterior.grad)):
+    grads_theirs = dict(learner.named_parameters())
+    grads_ours = dict(ours.named_parameters())
+    checks = [(learner.ctx.grad, ours.prompts.ctx.grad)]
+    checks += [(grads_theirs[t].grad.reshape(grads_ours[o].shape), grads_ours[o].grad) for o, t in pairs]
+    for a, b in checks:
         assert (a - b).abs().max() <= 1e-4 * a.abs().max()
     theirs.eval(), ours.eval()
     with torch.no_grad():  # evaluation: the same estimator (the original's draws are its own)
