@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
+from experiments.benchlib import (classnames, PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
                                   start_heap, target_lines, targets_met, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, batch=16, rounds=4, taps=[3, 5, 7, 11])
@@ -38,12 +38,6 @@ TARGETS = [
     ("calip_vs_zeroshot", "CALIP / zero-shot inference, per image", "<= 1.3x", lambda v: v <= 1.3),
     ("maskclip_vs_zeroshot", "MaskCLIP / zero-shot inference, per image", "<= 1.3x", lambda v: v <= 1.3),
 ]
-
-
-def classnames(n: int) -> list[str]:
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    return list(IMAGENET_CLASSNAMES[:n])
 
 
 def modes(cfg: dict) -> tuple[dict, dict]:

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
+from experiments.benchlib import (classnames, PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
                                   start_heap, target_lines, targets_met, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, many=1000, batch=16, rounds=3)
@@ -37,12 +37,6 @@ TARGETS = [
      lambda v: v <= 1.5),
     ("dualcoop_many_peak_gb", "peak RSS of a 1000-class DualCoOp step", "<= 3 GB", lambda v: v <= 3.0),
 ]
-
-
-def classnames(n: int) -> list[str]:
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    return list(IMAGENET_CLASSNAMES[:n])
 
 
 def step(method, images, targets):

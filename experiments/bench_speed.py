@@ -77,7 +77,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapt import process  # noqa: E402
-from experiments.benchlib import (PeakMemory, in_reference_mode, interleaved,  # noqa: E402
+from experiments.benchlib import (classnames, PeakMemory, in_reference_mode, interleaved,  # noqa: E402
                                   linear_estimate, load_average, matmul_gflops, output_dir,
                                   rates_beside_matmul, reference_mode, start_heap, targets_met, timed,
                                   write_result)
@@ -91,12 +91,6 @@ QUICK = dict(model="adapt-tiny-vit", classes=10, many=40, second=20, batch=4, st
              eval_images=8, eval_batch=4, text_memory_mb=4.0, rounds=1, matmul_n=256, prompt_batch=2)
 TEMPLATE = ["a photo of a {}."]
 SGD = dict(lr=0.002, momentum=0.9, weight_decay=5e-4)
-
-
-def classnames(n: int) -> list[str]:
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    return list(IMAGENET_CLASSNAMES[:n])
 
 
 def sgd_step(opt, logits, y):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
+from experiments.benchlib import (classnames, PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
                                   start_heap, target_lines, timed, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, many=1000, rounds=3, slow_rounds=1, views=64, dmn_views=32)
@@ -42,12 +42,6 @@ TARGETS = [
     ("zero_vs_views", "Zero per image / encoding its views", "<= 1.10x", lambda v: v <= 1.10),
     ("tpt_many_peak_gb", "TPT per image at 1000 classes: peak resident memory", "<= 2.5 GB", lambda v: v <= 2.5),
 ]
-
-
-def classnames(n: int) -> list[str]:
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    return list(IMAGENET_CLASSNAMES[:n])
 
 
 def fill_online_state(method, gen: torch.Generator) -> None:

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
+from experiments.benchlib import (classnames, PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
                                   start_heap, target_lines, targets_met, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, batch=32, rounds=6, image_rounds=2)
@@ -47,12 +47,6 @@ TARGETS = [("prograd_vs_coop_step", "ProGrad / CoOp training step, cached featur
            ("bpl_per_sample_vs_coop_step", "Bayesian prompts step / (L x CoOp step), cached features", "<= 1.2x",
             lambda v: v <= 1.2),
            ("lasp_vs_coop_step", "LASP / CoOp training step, images in the loop", "<= 1.5x", lambda v: v <= 1.5)]
-
-
-def classnames(n: int) -> list[str]:
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    return list(IMAGENET_CLASSNAMES[:n])
 
 
 def step(method, feats, labels):

@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (PeakMemory, current_rss_mb, interleaved, load_average,  # noqa: E402
+from experiments.benchlib import (classnames, PeakMemory, current_rss_mb, interleaved, load_average,  # noqa: E402
                                   matmul_gflops, output_dir, start_heap, targets_met, timed,
                                   write_result)
 
@@ -66,12 +66,6 @@ TARGETS = [  # key, label, goal, test
     ("split_vs_fused_forward", "image tower forward: split q/k/v attention / fused", "<= 1.05x",
      lambda v: v <= 1.05),
 ]
-
-
-def classnames(n: int) -> list[str]:
-    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
-
-    return list(IMAGENET_CLASSNAMES[:n])
 
 
 def train_step(key: str, bb, images, labels, cfg: dict, memory: PeakMemory) -> dict:

@@ -219,6 +219,13 @@ def start_heap() -> str:
 COMMITTED = Path(__file__).resolve().parent / "results"
 
 
+def classnames(n: int) -> list[str]:
+    """The first ``n`` ImageNet class names (open_clip's list): real words for the text tower."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES[:n])
+
+
 def output_dir(out, quick: bool, stem: str) -> Path:
     """Where a benchmark writes: ``--out`` if given, else a new temporary folder. A ``--quick``
     (or partial) run, whose numbers mean nothing, never writes over the committed figures."""

@@ -48,8 +48,8 @@ def measure(workload: str, cfg: dict, threads: int) -> dict:
     from adapt import process
     from adapt.backbone import BackboneConfig, build_backbone
     from adapt.methods import build_method
-    from experiments.bench_speed import SGD, TEMPLATE, classnames
-    from experiments.benchlib import PeakMemory, matmul_gflops
+    from experiments.bench_speed import SGD, TEMPLATE
+    from experiments.benchlib import PeakMemory, classnames, matmul_gflops
 
     torch.set_num_threads(threads)
     process.prepare_cpu_process("cpu")  # the policy a run starts with (or the env's threshold)

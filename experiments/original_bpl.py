@@ -12,13 +12,11 @@ from the folder the user names, Dassl stood in as for CoOp (``experiments/origin
 """
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import torch
 
-from experiments.original_coop import _head, _install_dassl_stand_in, _node
+from experiments.original_coop import _head, _install_dassl_stand_in, _node, clip_on, import_checkout
 
 
 class OriginalBPL:
@@ -29,21 +27,11 @@ class OriginalBPL:
             raise SystemExit(f"{repo}: {', '.join(missing)} missing; point it at a checkout of "
                              "https://github.com/saic-fi/Bayesian-Prompt-Learning (git clone, commit 8a73fff)")
         _install_dassl_stand_in()
-        for name in ("clip", "clip.clip", "clip.model", "clip.simple_tokenizer", "trainers", "trainers.vpt"):
-            sys.modules.pop(name, None)  # another checkout's clip/ must not answer
-        sys.path.insert(0, str(repo))
-        try:
-            self.clip = importlib.import_module("clip.clip")
-            self.module = importlib.import_module("trainers.vpt")
-        finally:
-            sys.path.remove(str(repo))
+        self.clip, self.module = import_checkout(repo, "clip.clip", "trainers.vpt")
         self.repo, self.commit, self.backbone = repo, _head(repo), backbone
 
     def clip_model(self) -> torch.nn.Module:
-        state = self.backbone.model.state_dict()
-        model = self.clip.build_model({k: v.detach().clone() for k, v in state.items()}).float().eval()
-        model.load_state_dict(state, assign=True)
-        return model
+        return clip_on(self.clip, self.backbone)
 
     def bpl(self, classnames, samples: int = 10, variant: str = "global"):
         kind = {"global": "coopvpt", "conditional": "cocoopvpt"}[variant]

@@ -76,6 +76,32 @@ def _install_dassl_stand_in() -> None:
         sys.modules[name] = module
 
 
+CLIP_MODULES = ("clip", "clip.clip", "clip.model", "clip.simple_tokenizer")
+
+
+def import_checkout(root: Path, *modules: str) -> list:
+    """``modules`` imported from the folder ``root`` of a user's checkout (first on ``sys.path``
+    while they import). Each checkout vendors its own ``clip/`` and ``trainers/``: copies an earlier
+    import left (another checkout's) are dropped first, so this checkout's answer."""
+    for name in (*CLIP_MODULES, *modules, *{m.split(".")[0] for m in modules}):
+        sys.modules.pop(name, None)
+    sys.path.insert(0, str(root))
+    try:
+        return [importlib.import_module(m) for m in modules]
+    finally:
+        sys.path.remove(str(root))
+
+
+def clip_on(clip, backbone) -> torch.nn.Module:
+    """An original's CLIP on the backbone's weights: its ``clip.build_model`` (fp16 storage), then fp32
+    as ``PREC: fp32`` does, then the backbone's own tensors (the same keys: open_clip keeps OpenAI's
+    layout), so the two models share one copy of the weights."""
+    state = backbone.model.state_dict()
+    model = clip.build_model({k: v.detach().clone() for k, v in state.items()}).float().eval()
+    model.load_state_dict(state, assign=True)
+    return model
+
+
 class OriginalCoOp:
     """The original trainers of a CoOp checkout, built on the weights of an adapt backbone."""
 
@@ -86,13 +112,9 @@ class OriginalCoOp:
             raise SystemExit(f"--reference-repo {repo}: {', '.join(missing)} missing; point it at a "
                              "checkout of https://github.com/KaiyangZhou/CoOp (git clone, commit ff61507)")
         _install_dassl_stand_in()
-        sys.path.insert(0, str(repo))
-        try:
-            self.clip = importlib.import_module("clip.clip")  # the trainers: `from clip import clip`
-            self.coop_module = importlib.import_module("trainers.coop")
-            self.cocoop_module = importlib.import_module("trainers.cocoop")
-        finally:
-            sys.path.remove(str(repo))
+        # the trainers: `from clip import clip`
+        self.clip, self.coop_module, self.cocoop_module = import_checkout(
+            repo, "clip.clip", "trainers.coop", "trainers.cocoop")
         self.repo = repo
         self.commit = _head(repo)
         self.backbone = backbone
@@ -100,12 +122,7 @@ class OriginalCoOp:
     def clip_model(self) -> torch.nn.Module:
         """The original's CLIP on the backbone's weights: ``clip.build_model`` (fp16), then fp32 as
         the trainers' ``PREC: fp32`` does."""
-        state = self.backbone.model.state_dict()
-        model = self.clip.build_model({k: v.detach().clone() for k, v in state.items()}).float().eval()
-        # then the backbone's own tensors (the same keys: open_clip keeps OpenAI's layout), so the
-        # two models share one copy of the weights and adapt's rows carry no extra memory
-        model.load_state_dict(state, assign=True)
-        return model
+        return clip_on(self.clip, self.backbone)
 
     def _trainer(self, module, cls_name: str, key: str, classnames, n_ctx: int, ctx_init: str):
         cfg = _node(TRAINER=_node(**{key: _node(N_CTX=n_ctx, CTX_INIT=ctx_init, CSC=False,

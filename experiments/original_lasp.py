@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.original_coop import _head, _install_dassl_stand_in, _node
+from experiments.original_coop import _head, _install_dassl_stand_in, _node, clip_on, import_checkout
 
 
 @contextlib.contextmanager
@@ -58,22 +58,11 @@ class OriginalLASP:
                              "https://github.com/1adrianb/lasp (git clone, commit 5b1e8d9)")
         _install_dassl_stand_in()
         _pkg_resources_stand_in()
-        for name in ("clip", "clip.clip", "clip.model", "clip.simple_tokenizer", "prompting", "prompting.lasp",
-                     "prompting.losses"):
-            sys.modules.pop(name, None)  # another checkout's clip/ must not answer
-        sys.path.insert(0, str(repo))
-        try:
-            self.clip = importlib.import_module("clip.clip")
-            self.module = importlib.import_module("prompting.lasp")
-        finally:
-            sys.path.remove(str(repo))
+        self.clip, self.module = import_checkout(repo, "clip.clip", "prompting.lasp")
         self.repo, self.commit, self.backbone = repo, _head(repo), backbone
 
     def clip_model(self) -> torch.nn.Module:
-        state = self.backbone.model.state_dict()
-        model = self.clip.build_model({k: v.detach().clone() for k, v in state.items()}).float().eval()
-        model.load_state_dict(state, assign=True)
-        return model
+        return clip_on(self.clip, self.backbone)
 
     def lasp(self, classnames, all_classnames, templates, weight: float = 5.0):
         cfg = _node(TRAINER=_node(LASP=_node(N_CTX=4, CTX_INIT="a photo of a", ENABLE=True, ENABLE_CORRECTION=True,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.original_coop import SGD, _head, _install_dassl_stand_in, _node
+from experiments.original_coop import SGD, _head, _install_dassl_stand_in, _node, clip_on, import_checkout
 
 DATASET = "ImageNet"  # a key of the original's CUSTOM_TEMPLATES: "a photo of a {}."
 
@@ -79,23 +79,13 @@ class OriginalProGrad:
                              "https://github.com/BeierZhu/Prompt-align (git clone, commit 1b76203)")
         _install_dassl_stand_in()
         base = dassl_trainer_base(repo / "Dassl.ProGrad.pytorch" / "dassl" / "engine" / "trainer.py")
-        for name in ("clip", "clip.clip", "clip.model", "clip.simple_tokenizer", "trainers"):
-            sys.modules.pop(name, None)  # another checkout's clip/ (CoOp's) must not answer
-        sys.path.insert(0, str(code))
-        try:
-            self.clip = importlib.import_module("clip.clip")
-            self.module = importlib.import_module("trainers.prograd")
-        finally:
-            sys.path.remove(str(code))
+        self.clip, self.module = import_checkout(code, "clip.clip", "trainers.prograd")
         self.project = base.prograd_backward_and_update
         self.helpers = {n: getattr(base, n) for n in ("get_model_names", "model_zero_grad", "detect_anomaly")}
         self.repo, self.commit, self.backbone = repo, _head(repo), backbone
 
     def clip_model(self) -> torch.nn.Module:
-        state = self.backbone.model.state_dict()
-        model = self.clip.build_model({k: v.detach().clone() for k, v in state.items()}).float().eval()
-        model.load_state_dict(state, assign=True)
-        return model
+        return clip_on(self.clip, self.backbone)
 
     def prograd(self, classnames, n_ctx: int = 16, lam: float = 1.0, temperature: float = 1.0):
         cfg = _node(TRAINER=_node(COOP=_node(N_CTX=n_ctx, CTX_INIT=True, CSC=False,
