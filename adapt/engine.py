@@ -51,7 +51,7 @@ class AdaptModule(pl.LightningModule):
         bb = prebuilt_backbone if prebuilt_backbone is not None else build_backbone(BackboneConfig(**backbone))
         self.method: Method = build_method(method, method_config, bb, classnames, templates, task=task)
         self.optim_cfg = OmegaConf.create(dict(optim))
-        optimizer_groups(self.method, self.optim_cfg)  # a group the method lacks: refused before training
+        group_overrides(self.method, self.optim_cfg)  # a group the method lacks: refused before training
         self.max_epochs = max_epochs
         # checkpoints hold only the method's trainable state; the backbone comes from its weights
         self.strict_loading = False
@@ -250,11 +250,7 @@ def optimizer_groups(method: Method, cfg) -> list[dict]:
     recipe's lr and weight decay times its multipliers, which ``optim.groups`` may override.
     Every group gets its own lr, so the schedule's factor scales them all alike."""
     groups = method.param_groups()
-    overrides = dict(cfg.get("groups") or {})
-    unknown = sorted(set(overrides) - set(groups))
-    if unknown:
-        raise ValueError(f"optim.groups names {', '.join(unknown)}, but {method.name}'s parameter groups "
-                         f"are: {', '.join(groups)}; use those names or drop optim.groups")
+    overrides = group_overrides(method, cfg, groups)
     out = []
     for name, group in groups.items():
         scales = dict(overrides.get(name) or {})
@@ -262,6 +258,17 @@ def optimizer_groups(method: Method, cfg) -> list[dict]:
                     "lr": cfg.lr * scales.get("lr_scale", group.lr_scale),
                     "weight_decay": cfg.weight_decay * scales.get("weight_decay_scale", group.weight_decay_scale)})
     return out
+
+
+def group_overrides(method: Method, cfg, groups: Optional[dict] = None) -> dict:
+    """The recipe's ``optim.groups``, each naming one of the method's parameter groups."""
+    groups = method.param_groups() if groups is None else groups
+    overrides = dict(cfg.get("groups") or {})
+    unknown = sorted(set(overrides) - set(groups))
+    if unknown:
+        raise ValueError(f"optim.groups names {', '.join(unknown)}, but {method.name}'s parameter groups "
+                         f"are: {', '.join(groups)}; use those names or drop optim.groups")
+    return overrides
 
 
 def check_test_time_world(method: Method, world_size: int) -> None:

@@ -33,6 +33,7 @@ REFERENCE = {
                     "(1adrianb/lasp prompting/lasp.py shapes)"),
     "bpl": (3072, "4 x 512 context + 512 mean + 512 log-variance (saic-fi/Bayesian-Prompt-Learning "
                   "trainers/vpt.py, coopvpt)"),
+    "proda": (262144, "32 prompts x 16 x 512 (K = 32, the reimplementations' default; no official code)"),
     "subpt": (8192, "16 x 512 context (machengcheng2016/Subspace-Prompt-Learning coop_sub.py)"),
     "vp": (69840, "30 px frame at 224 px: 2*3*30*224 + 2*3*164*30 "
                   "(hjbahng/visual_prompting models/prompters.py shapes; the paper used ViT-B/32)"),

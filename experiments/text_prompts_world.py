@@ -6,7 +6,7 @@ backbone, dataset and shots swapped. SubPT runs both its stages per seed: its tr
 its subspace stage from that run. The methods built to protect novel classes should
 keep novel accuracy nearer zero-shot's than CoOp does (ProGrad, LASP, SubPT, Bayesian prompts); the table says what the world shows.
 
-    python experiments/text_prompts_world.py [--seeds 1 2 3] [--methods coop kgcoop prograd lasp subpt bpl]
+    python experiments/text_prompts_world.py [--seeds 1 2 3] [--methods coop kgcoop prograd lasp subpt bpl proda]
                                             [--out experiments/results]
 
 Figures go to a new temporary folder unless ``--out`` names one (a partial run may not write over
@@ -29,7 +29,7 @@ from experiments.benchlib import output_dir, write_result  # noqa: E402
 from experiments.world_numbers import mean_std  # noqa: E402
 
 STEM = "text_prompts_world"
-METHODS = ["coop", "kgcoop", "prograd", "lasp", "subpt", "bpl"]
+METHODS = ["coop", "kgcoop", "prograd", "lasp", "subpt", "bpl", "proda"]
 WORLD = ["backbone.name=tiny-vit-p4", "backbone.pretrained=world", "data.dataset=world_colour",
          "data.root=null", "data.shots=16", "data.num_workers=0", "trainer.progress_bar=false",
          "logger.csv=false"]

@@ -31,3 +31,4 @@ from adapt.methods import prograd  # noqa: E402,F401
 from adapt.methods import lasp  # noqa: E402,F401
 from adapt.methods import subpt  # noqa: E402,F401
 from adapt.methods import bpl  # noqa: E402,F401
+from adapt.methods import proda  # noqa: E402,F401
