@@ -141,7 +141,10 @@ class PLOT(Method):
         self.rebuild_classes()
         if config.init_from:
             self._start_from(config.init_from)
-        elif config.stage == "joint":
+
+    def setup(self, datamodule) -> None:
+        # here, before training, not at construction: a loaded joint-stage adapter has no init_from
+        if self.config.stage == "joint" and not self.config.init_from:
             log.warning("plot: the joint stage starts from fresh visual prompts (no method.init_from); "
                         "the original starts it from a stage-1 run (recipes/plot/vision.yaml)")
 
