@@ -17,7 +17,6 @@ row at toy sizes on a tiny model (a smoke test; the numbers mean nothing).
 """
 from __future__ import annotations
 
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (classnames, PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
+from experiments.benchlib import (classnames, machine, PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
                                   start_heap, target_lines, targets_met, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, batch=16, rounds=4, taps=[3, 5, 7, 11])
@@ -101,8 +100,7 @@ def main(argv=None) -> int:
               "taps_vs_pooled": per["pooled + taps"] / per["pooled feature"]}
     result = {"quick": args.quick, "config": cfg, "rows": rows, "ratios": ratios,
               "targets": targets_met(TARGETS, ratios), "allocator": allocator,
-              "machine": {"threads": args.threads, "python": platform.python_version(), "torch": torch.__version__,
-                          "load_average_before": load_before, "load_average_after": load_average()},
+              "machine": machine(args.threads, load_before),
               "wall_seconds": time.perf_counter() - start}
     write_result(out, "bench_dense", result, markdown(result))
     return 0

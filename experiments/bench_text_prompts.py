@@ -23,7 +23,6 @@ runs at toy sizes on a tiny model (a smoke test; the numbers mean nothing).
 """
 from __future__ import annotations
 
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (classnames, PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
+from experiments.benchlib import (classnames, machine, PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
                                   start_heap, target_lines, targets_met, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, batch=32, rounds=6, image_rounds=2)
@@ -117,8 +116,7 @@ def main(argv=None) -> int:
               "lasp_vs_coop_step": per["lasp step, images"]["seconds"] / per["coop step, images"]["seconds"]}
     result = {"quick": args.quick, "config": cfg, "rows": rows, "ratios": ratios,
               "targets": targets_met(TARGETS, ratios), "allocator": allocator,
-              "machine": {"threads": args.threads, "python": platform.python_version(), "torch": torch.__version__,
-                          "load_average_before": load_before, "load_average_after": load_average()},
+              "machine": machine(args.threads, load_before),
               "wall_seconds": time.perf_counter() - start}
     lines = [f"Training steps: {cfg['model']} (random weights), fp32, CPU, {args.threads} "
              f"threads, batch {cfg['batch']}; load average before/after {load_before[:1]}/{load_average()[:1]}. "

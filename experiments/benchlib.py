@@ -219,6 +219,16 @@ def start_heap() -> str:
 COMMITTED = Path(__file__).resolve().parent / "results"
 
 
+def machine(threads: int, load_before) -> dict:
+    """What a benchmark's figures were measured on: threads, versions, load before and after."""
+    import platform
+
+    import torch
+
+    return {"threads": threads, "python": platform.python_version(), "torch": torch.__version__,
+            "load_average_before": load_before, "load_average_after": load_average()}
+
+
 def classnames(n: int) -> list[str]:
     """The first ``n`` ImageNet class names (open_clip's list): real words for the text tower."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
