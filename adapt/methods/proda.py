@@ -22,6 +22,9 @@ library's ``ProDAPromptLearner``); the choices where they differ or say nothing:
   drops it): ``diversity_weight: 0`` removes it;
 - the test-time classifier is the plain mean, not renormalised (both);
 - optimisation: CoOp's (both), in the recipe.
+
+Departures: none from an original, as none was released; the choices above are where the paper
+and the reimplementations leave room, and each is a Config field.
 """
 from __future__ import annotations
 
