@@ -49,7 +49,7 @@ class AdaptModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["prebuilt_backbone"])
         self.task = get_task(task, **(task_options or {}))
         bb = prebuilt_backbone if prebuilt_backbone is not None else build_backbone(BackboneConfig(**backbone))
-        self.method: Method = build_method(method, method_config, bb, classnames, templates, task=task)
+        self.method: Method = build_method(method, method_config, bb, classnames, templates, task=self.task)
         self.optim_cfg = OmegaConf.create(dict(optim))
         group_overrides(self.method, self.optim_cfg)  # a group the method lacks: refused before training
         self.max_epochs = max_epochs
@@ -168,7 +168,7 @@ class AdaptModule(pl.LightningModule):
         method starts every evaluation set with no adaptation state (a new stream)."""
         check_test_time_world(self.method, self.trainer.world_size)
         self.method.reset_test_state()
-        self.eval_metric = self.task.evaluator(len(self.method.classnames)).to(self.device)
+        self.eval_metric = self.task.evaluator_for(self.method.classnames).to(self.device)
         self._evaluated = 0
 
     def finish_evaluation(self, stage: str) -> None:

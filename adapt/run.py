@@ -57,8 +57,12 @@ class Experiment:
                                     run_dir=None if evaluation else self.run_dir)
         self.data.setup()
         try:  # the method must do this data's task kind: refused before the backbone loads
-            check_task(recipe.method.name, self.data.dataset.task)
-            get_task(self.data.dataset.task).options_from(recipe.data)  # its data options, or none
+            check_task(recipe.method.name, self.data.dataset.task, recipe.data)
+            kind = get_task(self.data.dataset.task, **get_task(self.data.dataset.task).options_from(recipe.data))
+            # its data options (a class tree) must fit every class the run meets
+            met = list(self.data.train_classnames)
+            met += [c for names, _ in self.data.eval_sets.values() for c in names if c not in met]
+            kind.check_classes(met)
         except ValueError as err:
             raise RecipeError(str(err)) from None
         self.max_epochs = epochs_of(recipe, len(self.data.train_items))
@@ -80,6 +84,7 @@ class Experiment:
                 f"{recipe.method.name} (as configured) learns one thing per training class and "
                 f"cannot classify the novel classes of evaluation set(s) {', '.join(others)} "
                 f"(data.setting={recipe.data.setting}); use data.setting=all{fix}")
+        check_scores_names(self.method, self.module.task, self.data.eval_sets)
         self.inputs = self.serve(self.method)
         self.fit_trainer: Optional[pl.Trainer] = None  # kept for its loggers
 
@@ -137,7 +142,8 @@ class Experiment:
         for (name, (classnames, _)), loader in zip(self.data.eval_sets.items(), loaders):
             # a cross-dataset target brings its own hand-written template(s)
             self.method.templates = list(self.data.eval_templates.get(name, templates))
-            self.method.set_classnames(classnames)
+            # the task may score more names than the classes (a class tree's internal nodes)
+            self.method.set_classnames(self.module.task.evaluation_classes(classnames))
             if self.method.test_time == "online":  # the whole set, in the seed's order
                 loader = stream_loader(loader, self.recipe.seed)
             else:  # under DDP each process takes an unpadded share (Lightning's sampler is off here)
@@ -163,6 +169,21 @@ class Experiment:
         finally:
             apply(chosen)
         return {"name": name, "chosen": chosen, "values": rows}
+
+
+def check_scores_names(method: Method, task, eval_sets) -> None:
+    """Where the task evaluates over more names than a set's classes (a class tree's nodes), the
+    method must score names it was not trained on, each independently of the others in its
+    list, with no test-time state: otherwise its leaf accuracy would change and its node
+    scores would mean nothing. Refused before any training time is spent."""
+    extended = [name for name, (c, _) in eval_sets.items() if task.evaluation_classes(c) != list(c)]
+    if not extended:
+        return
+    why = method.names_not_scored_alone()
+    if why:
+        fix = f" (or {method.repoint_fix})" if method.repoint_fix and not method.repointable else ""
+        raise RecipeError(f"data.hierarchy: the hierarchical metrics score the tree's internal nodes by name, "
+                          f"and {method.name} (as configured) {why}; drop data.hierarchy{fix}")
 
 
 def _encode_device(recipe: DictConfig) -> torch.device:

@@ -115,6 +115,18 @@ def tiny_overrides(root: Path, out: Path, method: str = "coop", **extra) -> list
     return [f"{k}={v}" for k, v in items.items()]
 
 
+# a class tree over CLASSES (data.hierarchy), for the methods that require one (ProTeCt)
+COLOUR_TREE = ASSETS / "colour_tree.json"
+REQUIRED_DATA = {"hierarchy": str(COLOUR_TREE)}
+
+
+def required_data(method: str) -> dict:
+    """The data fields ``method`` cannot run without (``Method.requires_data``), set to test data."""
+    from adapt.methods import get_method
+
+    return {field: REQUIRED_DATA[field] for field in get_method(method).requires_data}
+
+
 @pytest.fixture(scope="session")
 def tiny_datamodule(image_folder, tiny_backbone):
     from adapt.data import DataConfig

@@ -42,6 +42,10 @@ class DataConfig:
     # segmentation evaluation by a sliding window, [crop, stride] in pixels of the resized image
     # (mmseg's test_cfg mode='slide'); null = the whole image in one pass (mode='whole')
     slide_window: Optional[list[int]] = None
+    # single-label data: a class tree (JSON mapping each internal node to its children, the leaves
+    # being the classes; adapt/tasks/hierarchy.py); evaluation then also reports ProTeCt's
+    # hierarchical consistency (hca) and mean tree-cut (mta) accuracies, and ProTeCt trains on it
+    hierarchy: Optional[str] = None
     # rerun on exactly the images of an earlier run: path to its ``manifest.json``
     manifest: Optional[str] = None
     batch_size: int = 32

@@ -68,6 +68,9 @@ class Method(nn.Module):
     # data is refused before anything loads. ``self.task`` is the one it was built for; the
     # default ``loss`` is that task's.
     tasks: ClassVar[tuple[str, ...]] = ("single_label",)
+    # ``data`` fields the method cannot do without, each with what to give (ProTeCt's class
+    # tree); a recipe without them is refused before anything loads
+    requires_data: ClassVar[dict[str, str]] = {}
     task: Task = SingleLabel()
     # ``forward_features`` receives L2-normalized image features (CLIP's convention); False for
     # methods that read the encoder's raw output (CLIP-Adapter's blend, the linear probe).
@@ -200,6 +203,19 @@ class Method(nn.Module):
         self.classnames = names
         self._text_cache = None
         self.rebuild_classes()
+
+    def names_not_scored_alone(self) -> str:
+        """Why a name's logit would not be the one the method gives that name pointed at it
+        alone (a class-specific classifier, a softmax over the list, test-time adaptation to
+        the list), in a few words; "" when each column depends only on its own name, so that
+        a subset of the columns is the method pointed at that subset (hierarchical metrics)."""
+        if not self.repointable:
+            return "learns one thing per training class"
+        if self.couples_classes:
+            return "scores each class against the others in its list"
+        if self.test_time or self.grad_at_test:
+            return "adapts at test time to the classes it is given"
+        return ""
 
     def rebuild_classes(self) -> None:
         """Rebuild whatever depends on ``self.classnames`` (tokenized prompts, classifiers)."""

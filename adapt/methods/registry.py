@@ -79,8 +79,9 @@ def config_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def check_task(name: str, task: str) -> None:
-    """The method can learn / predict the data's task kind, or one message saying which can."""
+def check_task(name: str, task: str, data=None) -> None:
+    """The method can learn / predict the data's task kind and has the data fields it needs
+    (``Method.requires_data``, checked when ``data`` is given), or one message saying what."""
     from adapt.tasks import get_task
 
     kind = get_task(task)  # an unknown task kind is named first
@@ -89,15 +90,20 @@ def check_task(name: str, task: str) -> None:
         able = [m for m in list_methods() if task in get_method(m).tasks]
         raise ValueError(f"method {name!r} does {', '.join(cls.tasks)} but this data is {task} "
                          f"({kind.target}); methods for {task}: {', '.join(able) or 'none yet'}")
+    for field, what in (cls.requires_data.items() if data is not None else ()):
+        if getattr(data, field, None) in (None, ""):
+            raise ValueError(f"method {name!r} needs data.{field}: {what}")
 
 
 def build_method(name: str, config, backbone, classnames: Sequence[str], templates: Sequence[str],
-                 task: str = "single_label"):
+                 task="single_label"):
     """``config``: the method's Config, or a mapping of its fields (None = the defaults);
-    ``task``: the data's task kind (``adapt/tasks/``), which the method must declare."""
-    from adapt.tasks import get_task
+    ``task``: the data's task kind (``adapt/tasks/``), which the method must declare: its name,
+    or the task object built with the data's options (a class tree)."""
+    from adapt.tasks import Task, get_task
 
-    check_task(name, task)
+    kind = task if isinstance(task, Task) else get_task(task)
+    check_task(name, kind.name)
     method = get_method(name)(method_config(name, config), backbone, classnames, templates)
-    method.task = get_task(task)
+    method.task = kind
     return method

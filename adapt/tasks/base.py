@@ -53,6 +53,20 @@ class Task:
         return {field: _plain(getattr(data, field)) for field in cls.data_options
                 if getattr(data, field, None) is not None}
 
+    def check_classes(self, classnames) -> None:
+        """Refuse, before anything loads, task options that do not fit the dataset's classes
+        (every class the run meets); the default has none."""
+
+    def evaluation_classes(self, classnames) -> list[str]:
+        """The names the method is pointed at to evaluate a split of these classes: the classes
+        themselves, or more (a class tree's internal nodes, for hierarchical metrics); column
+        ``c < len(classnames)`` of the logits stays class ``c``."""
+        return list(classnames)
+
+    def evaluator_for(self, names) -> Metric:
+        """The evaluator of a split whose logits are over ``names`` (``evaluation_classes``)."""
+        return self.evaluator(len(names))
+
     def infer(self, predict, x: torch.Tensor) -> torch.Tensor:
         """A split's evaluation logits of a batch from the method's ``predict``: one call on
         the batch (segmentation may slide a window instead)."""

@@ -1,12 +1,19 @@
-"""One class per image (today's every dataset): cross-entropy, top-1 accuracy."""
+"""One class per image (today's every dataset): cross-entropy, top-1 accuracy. With a class tree
+(``data.hierarchy``, adapt/tasks/hierarchy.py) evaluation also scores the tree's internal nodes by
+name and reports ProTeCt's hierarchical consistency (``hca``) and mean tree-cut (``mta``)
+accuracies beside the leaf accuracy; training stays cross-entropy over the classes."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from adapt.tasks.hierarchy import ClassTree
 from adapt.tasks.base import Task, register_task
+from adapt.tasks.hierarchy_metrics import HierarchicalAccuracy
 
 
 class _Accuracy(Metric):
@@ -31,6 +38,27 @@ class _Accuracy(Metric):
 class SingleLabel(Task):
     primary = "acc"
     target = "one class index per image"
+    data_options = ("hierarchy",)
+
+    def __init__(self, hierarchy: Optional[str] = None):
+        """``hierarchy``: a class tree file (read and checked here, before anything loads)."""
+        self.tree = ClassTree.load(hierarchy) if hierarchy else None
+
+    def check_classes(self, classnames) -> None:
+        if self.tree is not None:
+            self.tree.check_classes(classnames)
+
+    def evaluation_classes(self, classnames) -> list[str]:
+        return list(classnames) if self.tree is None else self.tree.over(classnames).names
+
+    def evaluator_for(self, names) -> Metric:
+        if self.tree is None:
+            return self.evaluator(len(names))
+        view = self.tree.over(names)
+        if view.names != list(names):
+            raise ValueError(f"hierarchical evaluation needs logits over the tree's names {view.names[:4]}..., "
+                             f"got {list(names)[:4]}...")
+        return HierarchicalAccuracy(view, view.evaluation_cuts())
 
     def loss(self, logits, targets):
         return F.cross_entropy(logits, targets)
