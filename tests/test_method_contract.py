@@ -12,7 +12,7 @@ from adapt.export import load_adapter, save_adapter
 from adapt.methods import Method, build_method, get_method, list_methods
 from adapt.run import run_fit
 from adapt.tasks import get_task
-from tests.conftest import CLASSES, tiny_overrides
+from tests.conftest import CLASSES, required_data, tiny_overrides
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -40,7 +40,8 @@ def _labels(task: str) -> torch.Tensor:
 
 def _build(name, backbone, datamodule):
     torch.manual_seed(0)
-    method = build_method(name, None, backbone, NAMES, TEMPLATES, task=_task(name))
+    task = get_task(_task(name), **required_data(name))  # with the data it requires (a class tree)
+    method = build_method(name, None, backbone, NAMES, TEMPLATES, task=task)
     method.setup(datamodule)
     return method
 
@@ -230,8 +231,9 @@ def test_method_scalars_reach_results_json(name, task, image_folder, multilabel_
             "multi_label": {"data.dataset": "multilabel_csv", "data.root": str(multilabel_folder), "data.shots": 0},
             "segmentation": {"data.dataset": "segmentation_csv", "data.root": str(segmentation_folder),
                              "data.shots": 0}}[task]
+    need = {f"data.{k}": v for k, v in required_data(name).items()}
     over = tiny_overrides(image_folder, tmp_path, name, **{
-        "trainer.max_epochs": 1, "run_name": "r", "method.name": name, **data})
+        "trainer.max_epochs": 1, "run_name": "r", "method.name": name, **data, **need})
     if name == "tpt":
         over += ["method.n_views=4"]
     if name == "linearprobe":
@@ -254,7 +256,7 @@ def test_method_scalars_reach_results_json(name, task, image_folder, multilabel_
 
 
 # the loss terms a method's training reports (the rest report Method.scalars after fitting)
-TRAINING_SCALARS = {"kgcoop": ("ce", "kg"), "prograd": ("ce", "kl"), "lasp": ("ce", "t2t"), "bpl": ("nll", "kl"), "proda": ("ce", "diversity"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl")}
+TRAINING_SCALARS = {"kgcoop": ("ce", "kg"), "protect": ("dtl", "nce"), "protect_maple": ("dtl", "nce"), "prograd": ("ce", "kl"), "lasp": ("ce", "t2t"), "bpl": ("nll", "kl"), "proda": ("ce", "diversity"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl")}
 
 
 @pytest.mark.parametrize("name", list_methods())
