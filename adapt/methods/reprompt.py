@@ -27,7 +27,9 @@ The two stages (each a choice in its form):
    r = Σ_j w_j key_j (neighbour features only, no labels); a learnable linear map of r is added
    to every layer-0 visual prompt token of that image (CoCoOp's meta-net bias, conditioned on
    retrieved neighbours rather than on the image itself). The map is zero-initialised, so
-   training starts from VPT. ``prompt_from_retrieval: false`` turns it off.
+   training starts from VPT. ``prompt_from_retrieval: false`` turns it off. (The v1 abstract
+   sets RePrompt against prompts that are "a fixed prompt token or an input-conditional token";
+   this one is a fixed token plus a retrieval-conditioned shift.)
 2. **Output (kNN vote, in training and inference).** p_knn[c] = Σ_{j: y_j = c} w_j over the same
    neighbours; the prediction is p = (1 − λ)·softmax(z) + λ·p_knn with z the prompted model's
    logits, and the method's logits are log p (a softmax of log p is p, so the default
