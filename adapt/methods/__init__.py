@@ -33,3 +33,4 @@ from adapt.methods import subpt  # noqa: E402,F401
 from adapt.methods import bpl  # noqa: E402,F401
 from adapt.methods import proda  # noqa: E402,F401
 from adapt.methods import protect  # noqa: E402,F401
+from adapt.methods import reprompt  # noqa: E402,F401
