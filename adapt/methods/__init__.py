@@ -32,3 +32,4 @@ from adapt.methods import lasp  # noqa: E402,F401
 from adapt.methods import subpt  # noqa: E402,F401
 from adapt.methods import bpl  # noqa: E402,F401
 from adapt.methods import proda  # noqa: E402,F401
+from adapt.methods import cpl  # noqa: E402,F401
