@@ -55,7 +55,12 @@ Departures, each deliberate:
   ``cfgen`` only runs at B = 1 anyway. Here each term is a batch mean (identical at B = 1).
 - Precision: fp32 on CPU, the engine's autocast on GPUs (the original: fp16 CLIP).
 The original learns u_θ with the prompt learner; so does this (it is saved, one row per
-training class, and never used at prediction, so a re-pointed CPL predicts as CoCoOp does).
+training class, and never used at prediction, so a re-pointed CPL predicts as CoCoOp does). At
+its initial ones u = 0.999 + 0.001 is exactly 1.0 in fp32, the clamp's bound, where torch
+(2.14 here) passes no gradient, and on unswapped dimensions u is clamped at 0: u_θ only starts to
+move once weight decay has pulled it below 1, and then at 0.001 of the mask's scale. The
+original's u_θ is fp32 too; which torch it ran on, and so its gradient at the bound, is not known. The training log gets ``ce``, ``cf`` (the contrastive term), ``unorm`` and ``edits``
+(the mean number of swapped dimensions per sample).
 """
 from __future__ import annotations
 
