@@ -298,10 +298,14 @@ def test_a_table_naming_unknown_or_missing_classes_is_refused_naming_them(tiny_b
     assert "not among the 6 training classes: crimson" in msg
     assert "own most similar: green" in msg
     assert "fix the file" in msg
+    csv = tmp_path / "twice.csv"
+    csv.write_text("".join(f"{c},{CLASSES[(i + 1) % 6]}\n" for i, c in enumerate(CLASSES)) + "red,blue\n")
+    with pytest.raises(ValueError, match="'red' is listed twice"):
+        _build("cpl", tiny_backbone, similarity=str(csv)).setup(tiny_datamodule)
 
 
 @pytest.mark.parametrize("text,problem", [
-    ("[1, 2]", "expected {class: most similar class}"),
+    ("[1, 2]", "cannot read .* expected"),
     ('{"classnames": ["red", "green"], "scores": [[1, 0]]}', "must be square"),
     ("{not json", "cannot read"),
 ])
@@ -346,3 +350,23 @@ def test_loss_before_setup_and_after_repointing_is_refused(tiny_backbone, tiny_d
 def test_bad_config_values_are_refused(tiny_backbone, cfg, match):
     with pytest.raises(ValueError, match=match):
         _build("cpl", tiny_backbone, **cfg)
+
+
+# ------------------------------------------------------------------------------ runs -----------
+def test_base_to_novel_run_trains_on_base_negatives_and_predicts_novel(image_folder, tmp_path):
+    from pathlib import Path
+
+    from adapt.config import load_recipe
+    from adapt.run import run_fit
+    from tests.conftest import tiny_overrides
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    over = tiny_overrides(image_folder, tmp_path, "cpl", **{
+        "trainer.max_epochs": 1, "data.cache_dir": str(tmp_path / "features"), "run_name": "b2n"})
+    recipe = load_recipe(recipes / "cpl" / "base2novel.yaml", over)
+    assert (recipe.method.lam, recipe.method.u_weight, recipe.method.mix) == (1.0, 0.07, "mask")
+    results = run_fit(recipe)
+    assert set(results["metrics"]) == {"base_acc", "novel_acc", "hm"}
+    assert results["classes"] == {"base": 3, "novel": 3}
+    assert {"ce", "cf", "unorm", "edits"} <= set(results["scalars"])
+    assert results["scalars"]["cf"] > 0 and results["scalars"]["edits"] >= 1

@@ -43,7 +43,8 @@ Departures, each deliberate:
 - The mask: with its batch of 1, the original's ``cfgen`` broadcasts ``u[:, y]`` [d, 1] against
   x [1, d] and keeps row 0, so x and x⁻ are mixed by the *scalar* u[0, y] (x_cf is x⁻ if
   dimension 0 was swapped, else x, and then the term is the constant log 2). ``mix: mask``
-  (the default) uses the paper's per-dimension mask; ``mix: first_dim`` reproduces the code.
+  (the default) mixes per dimension, the ⊙ the formula means (the paper's own text was not read
+  for this port); ``mix: first_dim`` reproduces the code.
   The u-norm term is over all d dimensions in both, as in the code.
 - u* per sample: the original's ``solver`` fills one row per class, the first sample of that
   class in the batch winning; here each sample has its own (the same at batch 1). Its
@@ -59,8 +60,8 @@ training class, and never used at prediction, so a re-pointed CPL predicts as Co
 its initial ones u = 0.999 + 0.001 is exactly 1.0 in fp32, the clamp's bound, where torch
 (2.14 here) passes no gradient, and on unswapped dimensions u is clamped at 0: u_θ only starts to
 move once weight decay has pulled it below 1, and then at 0.001 of the mask's scale. The
-original's u_θ is fp32 too; which torch it ran on, and so its gradient at the bound, is not known. The training log gets ``ce``, ``cf`` (the contrastive term), ``unorm`` and ``edits``
-(the mean number of swapped dimensions per sample).
+original's u_θ is fp32 too; which torch it ran on, and so its gradient at the bound, is not
+known. Logged: ``ce``, ``cf`` (the contrastive term), ``unorm``, ``edits`` (swapped dimensions).
 """
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ class CPLConfig(CoCoOpConfig):
     lam: float = 1.0        # λ of the counterfactual term (``lam = 1`` in CustomCLIP.forward)
     u_weight: float = 0.07  # weight of ‖u‖₂ (``control_scale = 0.07``)
     u_momentum: float = 0.999  # m in u = clamp(m·u* + (1−m)·u_θ, 0, 1) (``mupdate``)
-    mix: str = "mask"       # "mask": per-dimension (the paper); "first_dim": the code's scalar u[0]
+    mix: str = "mask"       # "mask": per dimension (the formula's ⊙); "first_dim": the code's scalar u[0]
     # most-similar-class table (JSON / CSV, see the module docstring); null = CLIP text cosine
     similarity: Optional[str] = None
     # hand-written prompt(s) of the text-cosine similarity; null = the dataset's first template
@@ -170,6 +171,28 @@ def _key(name: str) -> str:
     return clean_classname(name).casefold()
 
 
+def _read_table(file: Path):
+    """(pairs, None) for a class → most-similar-class table, (None, (names, scores)) for a matrix."""
+    if file.suffix.lower() == ".json":
+        data = json.loads(file.read_text())
+        if isinstance(data, dict) and "scores" in data:
+            return None, (data.get("classnames"), data["scores"])
+        if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
+            return list(data.items()), None
+        raise ValueError('expected {"class": "most similar class"} or {"classnames": [...], "scores": [[...]]}')
+    rows = [r for r in csv.reader(file.read_text().splitlines()) if any(c.strip() for c in r)]
+    if rows and len(rows[0]) == 2:  # class,most_similar rows; a first row "class,..." is a header
+        pairs = rows[1:] if _key(rows[0][0]) == "class" else rows
+        if any(len(r) != 2 for r in pairs):
+            raise ValueError("every row needs two cells, class,most_similar")
+        return [tuple(r) for r in pairs], None
+    names = rows[0][1:] if rows else []
+    if [r[0] for r in rows[1:]] != names:
+        raise ValueError("a matrix needs a header row (a corner cell, then the class names) and one row "
+                         "per class in the same order")
+    return None, (names, [[float(v) for v in r[1:]] for r in rows[1:]])
+
+
 def read_similarity(path: str, classnames: Sequence[str]) -> list[int]:
     """For each of ``classnames``, the index of its most similar class, from a table file."""
     file = Path(path)
@@ -177,55 +200,28 @@ def read_similarity(path: str, classnames: Sequence[str]) -> list[int]:
            "the format is in the cpl docstring")
     if not file.is_file():
         raise ValueError(f"cpl: method.similarity={path!r} is not a file")
-    index = {_key(c): i for i, c in enumerate(classnames)}
-    mapping: dict[str, str] = {}
-    problems: list[str] = []
     try:
-        if file.suffix.lower() == ".json":
-            data = json.loads(file.read_text())
-            if isinstance(data, dict) and "scores" in data:
-                names, scores = data.get("classnames"), data["scores"]
-            elif isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
-                names, scores, mapping = None, None, {_key(k): v for k, v in data.items()}
-            else:
-                raise ValueError("expected {class: most similar class} or {\"classnames\": [...], \"scores\": [[...]]}")
-        else:
-            rows = [r for r in csv.reader(file.read_text().splitlines()) if any(c.strip() for c in r)]
-            if rows and len(rows[0]) == 2:
-                if _key(rows[0][0]) == "class":
-                    rows = rows[1:]
-                names, scores = None, None
-                for r in rows:
-                    if len(r) != 2:
-                        raise ValueError(f"row {r} has {len(r)} cells, expected class,most_similar")
-                    if _key(r[0]) in mapping and _key(mapping[_key(r[0])]) != _key(r[1]):
-                        problems.append(f"{r[0]!r} is listed twice")
-                    mapping[_key(r[0])] = r[1]
-            else:
-                names = rows[0][1:] if rows else []
-                if any(len(r) != len(names) + 1 for r in rows[1:]) or [r[0] for r in rows[1:]] != names:
-                    raise ValueError("a square matrix needs a header row (a corner cell, then the class "
-                                     "names) and one row per class in the same order")
-                scores = [[float(v) for v in r[1:]] for r in rows[1:]]
-    except (ValueError, json.JSONDecodeError) as err:
+        pairs, matrix = _read_table(file)
+        if matrix is not None:
+            names, scores = matrix[0], torch.tensor(matrix[1], dtype=torch.float64)
+    except (ValueError, TypeError) as err:
         raise ValueError(f"cpl: cannot read the similarity table {path}: {err}{fix}") from None
-    if scores is not None:  # a matrix: the best other class among the method's own
-        if (not isinstance(names, list) or len(scores) != len(names)
-                or any(len(r) != len(names) for r in scores)):
+    index = {_key(c): i for i, c in enumerate(classnames)}
+    if matrix is not None:  # the best other class among the method's own
+        if not isinstance(names, list) or tuple(scores.shape) != (len(names), len(names)):
             raise ValueError(f"cpl: the similarity matrix in {path} must be square over its classnames{fix}")
         pos = {_key(n): i for i, n in enumerate(names)}
         missing = [c for c in classnames if _key(c) not in pos]
         if missing:
             raise ValueError(f"cpl: the similarity table {path} has no row for {len(missing)} class(es): "
                              f"{', '.join(missing[:8])}{fix}")
-        table = torch.tensor(scores, dtype=torch.float64)
         cols = torch.tensor([pos[_key(c)] for c in classnames])
-        sub = table[cols][:, cols]
-        sub.fill_diagonal_(float("-inf"))
-        return sub.argmax(-1).tolist()
+        return scores[cols][:, cols].fill_diagonal_(float("-inf")).argmax(-1).tolist()
+    mapping: dict[str, str] = {}
+    problems = [f"{k!r} is listed twice" for k, v in pairs if _key(mapping.setdefault(_key(k), v)) != _key(v)]
     missing = [c for c in classnames if _key(c) not in mapping]
     unknown = sorted({v for k, v in mapping.items() if k in index and _key(v) not in index})
-    own = [c for c in classnames if _key(c) in mapping and _key(mapping[_key(c)]) == _key(c)]
+    own = [c for c in classnames if _key(mapping.get(_key(c), "")) == _key(c)]
     if missing:
         problems.append(f"no entry for {len(missing)} class(es): {', '.join(missing[:8])}")
     if unknown:
