@@ -5,8 +5,12 @@ backbone, dataset and shots swapped. SubPT runs both its stages per seed: its tr
 (the CoOp run it records; base-to-novel: the stage-2 recipe's 100 epochs and t_early 30), then
 its subspace stage from that run. The methods built to protect novel classes should
 keep novel accuracy nearer zero-shot's than CoOp does (ProGrad, LASP, SubPT, Bayesian prompts); the table says what the world shows.
+ProTeCt trains on the world's colour tree (its hca / mta: experiments/hierarchy_world.py). A method
+without a base-to-novel recipe (RePrompt: its kNN vote knows only the training classes) runs
+few-shot only.
 
-    python experiments/text_prompts_world.py [--seeds 1 2 3] [--methods coop kgcoop prograd lasp subpt bpl proda]
+    python experiments/text_prompts_world.py [--seeds 1 2 3] [--methods coop kgcoop prograd lasp subpt bpl proda
+                                                                        cpl protect reprompt]
                                             [--out experiments/results]
 
 Figures go to a new temporary folder unless ``--out`` names one (a partial run may not write over
@@ -29,7 +33,7 @@ from experiments.benchlib import output_dir, write_result  # noqa: E402
 from experiments.world_numbers import mean_std  # noqa: E402
 
 STEM = "text_prompts_world"
-METHODS = ["coop", "kgcoop", "prograd", "lasp", "subpt", "bpl", "proda"]
+METHODS = ["coop", "kgcoop", "prograd", "lasp", "subpt", "bpl", "proda", "cpl", "protect", "reprompt"]
 WORLD = ["backbone.name=tiny-vit-p4", "backbone.pretrained=world", "data.dataset=world_colour",
          "data.root=null", "data.shots=16", "data.num_workers=0", "trainer.progress_bar=false",
          "logger.csv=false"]
@@ -42,16 +46,24 @@ FIRST_STAGE = {"subpt": ("subpt/trajectory.yaml", {
     "fewshot": [], "base2novel": ["trainer.max_epochs=100", "method.trajectory_epochs=30"]})}
 
 
+# the data a method requires (ProTeCt: a class tree)
+NEEDS = {"protect": [f"data.hierarchy={ROOT / 'adapt' / 'data' / 'world' / 'world_colour_tree.json'}"]}
+
+
+def has_recipe(method: str, key: str) -> bool:
+    return (ROOT / "recipes" / method / f"{key}.yaml").is_file()
+
+
 def fit(method: str, key: str, seed: int, out: Path, baseline: bool) -> dict:
     setting = SETTINGS[key][0]
     name = f"{key}-{method}-{seed}"
-    extra = []
+    extra = list(NEEDS.get(method, []))
     if method in FIRST_STAGE:
         recipe, over = FIRST_STAGE[method]
         first = load_recipe(ROOT / "recipes" / recipe, WORLD + over[key] + [
             f"data.setting={setting}", f"seed={seed}", f"output_dir={out}", f"run_name={name}-stage1"])
         run_fit(first)
-        extra = [f"method.init_from={out / (name + '-stage1')}"]
+        extra += [f"method.init_from={out / (name + '-stage1')}"]
     cfg = load_recipe(ROOT / "recipes" / method / f"{key}.yaml", WORLD + extra + [
         f"data.setting={setting}", f"seed={seed}", f"output_dir={out}", f"run_name={name}",
         f"baseline={str(baseline).lower()}"])
@@ -74,7 +86,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for key in SETTINGS:
             runs[key] = [fit(m, key, s, Path(tmp), baseline=(i == 0 and s == args.seeds[0]))
-                         for i, m in enumerate(args.methods) for s in args.seeds]
+                         for i, m in enumerate(args.methods) if has_recipe(m, key) for s in args.seeds]
             for r in runs[key]:
                 print(key, r["method"], r["seed"], r["metrics"], flush=True)
     lines = [f"world_colour, 16 shots, shipped tiny-vit-p4 (`world`); seeds {args.seeds}; accuracies in % "
@@ -86,6 +98,9 @@ def main(argv=None) -> None:
                   "| zero-shot | | | 0 | " + " | ".join(f"{zs[m]:.1f}" for m in metrics) + " | |"]
         for method in args.methods:
             rs = [r for r in runs[key] if r["method"] == method]
+            if not rs:
+                lines.append(f"| {method} | | | | " + " | ".join("—" for _ in metrics) + " | |")
+                continue
             lines.append(f"| {method} | {rs[0]['epochs']} | {rs[0]['batch_size']} | {rs[0]['trainable_params']:,} | "
                          + " | ".join(mean_std([r["metrics"][m] for r in rs]) for m in metrics)
                          + f" | {mean_std([r['wall_seconds'] for r in rs])} |")

@@ -32,10 +32,11 @@ class HierarchicalAccuracy(Metric):
         self.cut_labels = [c.labels for c in cuts]
         self.register_buffer("cut_mapping", torch.stack([c.mapping for c in cuts]) if cuts else
                              torch.zeros(0, view.n_classes, dtype=torch.long), persistent=False)
-        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("leaf", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("consistent", default=torch.tensor(0.0), dist_reduce_fx="sum")
-        self.add_state("cut_correct", default=torch.zeros(len(cuts)), dist_reduce_fx="sum")
+        # counts (integers: exact under any number of processes)
+        self.add_state("total", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("leaf", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("consistent", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("cut_correct", default=torch.zeros(len(cuts), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
         if logits.shape[-1] != self.n_names:
@@ -61,5 +62,5 @@ class HierarchicalAccuracy(Metric):
         n = max(float(self.total), 1.0)
         out = {"acc": float(self.leaf) / n, "hca": float(self.consistent) / n}
         if len(self.cut_labels):
-            out["mta"] = float(self.cut_correct.mean()) / n
+            out["mta"] = float(self.cut_correct.double().mean()) / n
         return out
