@@ -22,6 +22,9 @@ the classes; with ``data.hierarchy`` evaluation also reports ``hca`` and ``mta``
 Reference: gina9726/ProTeCt at 2aa2d7b, ``engine.py`` (``train_one_epoch``: the node loop and
 the random cut), ``models/treecut_generator.py``, ``loader/hierdata.py`` / ``treelibs.py``
 (sublabels, dependence, codewords), configs ``<dataset>/few_shot/16_shot/{CoOp,MaPLe}+ProTeCt.yml``.
+tests/test_protect.py runs the original's ``train_one_epoch`` and ``eval_one_epoch`` on a
+stand-in model (``ADAPT_PROTECT_REPO``): the loss, its gradient, the cut's label set and HCA
+agree with this module's to fp32 round-off.
 
 Departures, each deliberate:
 
