@@ -347,6 +347,18 @@ def items_of_classes(items: Sequence[Item], names: Sequence[str], classnames: Se
     return [Item(it.path, relabel[it.label]) for it in items if it.label in relabel]
 
 
+def items_of_every_class(items: Sequence[Item], names: Sequence[str], classnames: Sequence[str],
+                         need: str) -> list[Item]:
+    """``items_of_classes``, refusing a class left without any item; ``need`` says what the
+    method needs them for (the message's first half)."""
+    out = items_of_classes(items, names, classnames)
+    missing = sorted(set(range(len(classnames))) - {it.label for it in out})
+    if missing:
+        shown = ", ".join(classnames[i] for i in missing[:5])
+        raise ValueError(f"{need}; the data has none of {len(missing)} class(es): {shown}")
+    return out
+
+
 def is_features(x: torch.Tensor) -> bool:
     """A batch of image features [B, d] (or packed dense ones [B, T, d]) rather than images
     [B, 3, H, W]."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapt.data.items import Item
-from adapt.methods.base import items_of_classes
+from adapt.methods.base import items_of_every_class
 
 
 class FeatureIndex(nn.Module):
@@ -86,14 +86,8 @@ class FeatureIndex(nn.Module):
 def training_items(method, datamodule, name: str) -> list[Item]:
     """The training items of ``method``'s classes, relabelled to its class order by name. Every
     class needs at least one image (else nothing could ever be retrieved for it)."""
-    dm = datamodule
-    items = items_of_classes(dm.train_items, dm.train_classnames, method.classnames)
-    missing = sorted(set(range(len(method.classnames))) - {it.label for it in items})
-    if missing:
-        shown = ", ".join(method.classnames[i] for i in missing[:5])
-        raise ValueError(f"{name} builds its retrieval index from the training images of every "
-                         f"class; the data has none of {len(missing)} class(es): {shown}")
-    return items
+    return items_of_every_class(datamodule.train_items, datamodule.train_classnames, method.classnames,
+                                f"{name} builds its retrieval index from the training images of every class")
 
 
 def encode_index(method, datamodule, items: Sequence[Item]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ from torch import nn
 
 from adapt.data.items import Item
 from adapt.data.transforms import train_transform
-from adapt.methods.base import HandWrittenClassifier, check_crop_scale, items_of_classes
+from adapt.methods.base import HandWrittenClassifier, check_crop_scale, items_of_classes, items_of_every_class
 from adapt.methods.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -144,14 +144,10 @@ class TipAdapter(HandWrittenClassifier):
     def _own_items(self, items: Sequence[Item], names: Sequence[str], split: str,
                    required: bool) -> list[Item]:
         """The items of this method's classes, relabelled to its class order (by name)."""
-        out = items_of_classes(items, names, self.classnames)
         if required:
-            missing = sorted(set(range(len(self.classnames))) - {it.label for it in out})
-            if missing:
-                shown = ", ".join(self.classnames[i] for i in missing[:5])
-                raise ValueError(f"tipadapter needs {split} images of every class to build its "
-                                 f"cache; the data has none of {len(missing)} class(es): {shown}")
-        return out
+            return items_of_every_class(items, names, self.classnames,
+                                        f"tipadapter needs {split} images of every class to build its cache")
+        return items_of_classes(items, names, self.classnames)
 
     # ------------------------------------------------------------------ α / β ------------------
     def search_hparams(self) -> Optional[dict]:
