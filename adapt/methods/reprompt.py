@@ -3,7 +3,8 @@ Classification", arXiv 2306.02243): visual prompt learning on CLIP whose stages 
 retrieval index of the few-shot training images. **There is no released code**, and the paper's
 method section could not be read here (the stored copies of arxiv.org/html/2306.02243v2/v3
 give only the abstract and the opening of the introduction). What follows is built from the
-abstract; everything the abstract does not state is a choice, named as one.
+abstract; everything the abstract does not state is a choice, named as one. Departures: there is
+no original to depart from; the whole design below is adapt's reading, not a port.
 
 What the abstract establishes (v3, and the v1 abstract as mirrored by bohrium / arxivlens):
 

@@ -1,4 +1,5 @@
 """A retrieval index over the few-shot training images: what a method queries per image.
+(A shared piece, not a port of any original: departures none.)
 
 The index holds, for every training image of the method's classes, its frozen, L2-normalized
 CLIP image feature (the key) and its label (the value). It is built once, in ``setup``, through
