@@ -13,6 +13,7 @@ from adapt.cli import main
 from adapt.compare import compare, report
 from adapt.compare.runs import expand_recipes
 from adapt.config import load_recipe
+from adapt.methods import get_method
 from adapt.run import run_fit
 from adapt.settings.base2novel import harmonic_mean
 from tests.conftest import tiny_overrides
@@ -131,8 +132,12 @@ def test_standard_comparison_lists_every_base2novel_recipe():
     chained = {p.resolve() for p in RECIPES.glob("*/base2novel.yaml")
                if p.parent.name != "compare" and "init_from" in load_recipe(p).method}
     assert chained == {(RECIPES / m / "base2novel.yaml").resolve() for m in ("plot", "subpt")}
+    # a method that needs data a comparison does not have (ProTeCt's class tree) is run on such data
+    needs = {p.resolve() for p in RECIPES.glob("*/base2novel.yaml")
+             if p.parent.name != "compare" and get_method(load_recipe(p).method.name).requires_data}
+    assert needs == {(RECIPES / m / "base2novel.yaml").resolve() for m in ("protect", "protect_maple")}
     assert listed == {p.resolve() for p in RECIPES.glob("*/base2novel.yaml")
-                      if p.parent.name != "compare"} - chained
+                      if p.parent.name != "compare"} - chained - needs
 
 
 def test_compare_logs_its_table_to_wandb_when_on(tmp_path, image_folder, monkeypatch):
