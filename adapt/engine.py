@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import Metric
 
 from adapt.backbone import BackboneConfig, build_backbone
+from adapt.data.class_text import ClassText
 from adapt.finite import TrainingDiverged, check_finite_state  # noqa: F401  (re-exported)
 from adapt.methods import Method, build_method
 from adapt.tasks import get_task
@@ -40,16 +41,20 @@ class AdaptModule(pl.LightningModule):
         task: the task kind of the data (``adapt/tasks/``): its default loss and its metrics.
         task_options: its options from the data section (``Task.options_from``: a segmentation
             run's sliding window).
+        class_text: the run's class text in plain form (``ClassText.to_plain``: the sentences
+            themselves, so a checkpoint rebuilds its classifier without the files).
     """
 
     def __init__(self, method: str, method_config: Optional[dict], classnames: Sequence[str],
                  templates: Sequence[str], backbone: dict, optim: dict, max_epochs: int,
-                 prebuilt_backbone=None, task: str = "single_label", task_options: Optional[dict] = None):
+                 prebuilt_backbone=None, task: str = "single_label", task_options: Optional[dict] = None,
+                 class_text: Optional[dict] = None):
         super().__init__()
         self.save_hyperparameters(ignore=["prebuilt_backbone"])
         self.task = get_task(task, **(task_options or {}))
         bb = prebuilt_backbone if prebuilt_backbone is not None else build_backbone(BackboneConfig(**backbone))
-        self.method: Method = build_method(method, method_config, bb, classnames, templates, task=self.task)
+        self.method: Method = build_method(method, method_config, bb, classnames, templates, task=self.task,
+                                           class_text=ClassText.from_plain(class_text))
         self.optim_cfg = OmegaConf.create(dict(optim))
         group_overrides(self.method, self.optim_cfg)  # a group the method lacks: refused before training
         self.max_epochs = max_epochs
@@ -66,9 +71,11 @@ class AdaptModule(pl.LightningModule):
     @classmethod
     def from_recipe(cls, recipe: DictConfig, classnames: Sequence[str], templates: Sequence[str],
                     method: Optional[str] = None, backbone=None,
-                    max_epochs: Optional[int] = None, task: str = "single_label") -> "AdaptModule":
+                    max_epochs: Optional[int] = None, task: str = "single_label",
+                    class_text: Optional[ClassText] = None) -> "AdaptModule":
         """The recipe's method (or ``method`` with its defaults) for ``classnames``;
-        ``max_epochs``: the run's epochs when they follow from ``trainer.max_steps``."""
+        ``max_epochs``: the run's epochs when they follow from ``trainer.max_steps``;
+        ``class_text``: the checked class text of ``data.class_text``."""
         plain = lambda section: OmegaConf.to_container(section, resolve=True)  # noqa: E731
         if method is None:
             section = plain(recipe.method)
@@ -81,7 +88,8 @@ class AdaptModule(pl.LightningModule):
             optim.pop("groups", None)
         return cls(method, section, list(classnames), list(templates), plain(recipe.backbone),
                    optim, int(max_epochs or recipe.trainer.max_epochs),
-                   prebuilt_backbone=backbone, task=task, task_options=options or None)
+                   prebuilt_backbone=backbone, task=task, task_options=options or None,
+                   class_text=class_text.to_plain() if class_text is not None else None)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None,

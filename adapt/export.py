@@ -45,6 +45,8 @@ def save_adapter(method: Method, out_dir: str | Path) -> Path:
         "templates": list(method.templates),
         "files": sorted(extra),
     }
+    if method.class_text is not None:  # the sentences themselves: loading needs no file of the run
+        meta["class_text"] = method.class_text.to_plain()
     atomic_write_json(out / META_FILE, meta)
     return out
 

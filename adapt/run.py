@@ -30,7 +30,8 @@ from adapt.export import WEIGHTS_FILE, read_adapter_state, save_adapter
 from adapt.io import atomic_write_json, atomic_write_text
 from adapt.loggers import build_loggers, log_final
 from adapt.methods import Method, get_method
-from adapt.methods.registry import check_task
+from adapt.methods.registry import check_class_text, check_task
+from adapt.data.class_text import load_class_text
 from adapt.tasks import get_task
 from adapt.process import prepare_cpu_process
 from adapt.rundir import prepare_run_dir, resumable_checkpoint, write_status
@@ -63,6 +64,9 @@ class Experiment:
             met = list(self.data.train_classnames)
             met += [c for names, _ in self.data.eval_sets.values() for c in names if c not in met]
             kind.check_classes(met)
+            # descriptions / descriptors of every class met, checked before the backbone loads
+            self.class_text = load_class_text(recipe.data.class_text, met)
+            check_class_text(recipe.method.name, self.class_text)
         except ValueError as err:
             raise RecipeError(str(err)) from None
         self.max_epochs = epochs_of(recipe, len(self.data.train_items))
@@ -74,7 +78,7 @@ class Experiment:
         self.task = self.data.dataset.task
         self.module = AdaptModule.from_recipe(recipe, self.data.train_classnames, self.data.templates,
                                               backbone=self.backbone, max_epochs=self.max_epochs,
-                                              task=self.task)
+                                              task=self.task, class_text=self.class_text)
         self.task_metrics: dict[str, dict[str, float]] = {}  # per set, all of the task's metrics
         self.method: Method = self.module.method
         others = [n for n, (c, _) in self.data.eval_sets.items() if list(c) != list(self.data.train_classnames)]

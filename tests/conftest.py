@@ -115,9 +115,13 @@ def tiny_overrides(root: Path, out: Path, method: str = "coop", **extra) -> list
     return [f"{k}={v}" for k, v in items.items()]
 
 
-# a class tree over CLASSES (data.hierarchy), for the methods that require one (ProTeCt)
+# a class tree over CLASSES (data.hierarchy), for the methods that require one (ProTeCt), and
+# class text for them (data.class_text: CuPL's descriptions, VCD's descriptors)
 COLOUR_TREE = ASSETS / "colour_tree.json"
-REQUIRED_DATA = {"hierarchy": str(COLOUR_TREE)}
+COLOUR_DESCRIPTIONS = ASSETS / "colour_descriptions.json"
+COLOUR_DESCRIPTORS = ASSETS / "colour_descriptors.json"
+REQUIRED_DATA = {"hierarchy": str(COLOUR_TREE), "class_text.descriptions": str(COLOUR_DESCRIPTIONS),
+                 "class_text.descriptors": str(COLOUR_DESCRIPTORS)}
 
 
 def required_data(method: str) -> dict:
@@ -125,6 +129,17 @@ def required_data(method: str) -> dict:
     from adapt.methods import get_method
 
     return {field: REQUIRED_DATA[field] for field in get_method(method).requires_data}
+
+
+def required_build(method: str, classnames) -> dict:
+    """``build_method`` keywords giving ``method`` its required data: the task's options (a class
+    tree) as ``task_options``, the class text (checked for ``classnames``) as ``class_text``."""
+    from adapt.data.class_text import ClassTextConfig, load_class_text
+
+    need = required_data(method)
+    text = {k.split(".", 1)[1]: v for k, v in need.items() if k.startswith("class_text.")}
+    return {"task_options": {k: v for k, v in need.items() if "." not in k},
+            "class_text": load_class_text(ClassTextConfig(**text), classnames) if text else None}
 
 
 @pytest.fixture(scope="session")

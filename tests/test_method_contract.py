@@ -12,7 +12,7 @@ from adapt.export import load_adapter, save_adapter
 from adapt.methods import Method, build_method, get_method, list_methods
 from adapt.run import run_fit
 from adapt.tasks import get_task
-from tests.conftest import CLASSES, required_data, tiny_overrides
+from tests.conftest import CLASSES, required_build, required_data, tiny_overrides
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -40,8 +40,9 @@ def _labels(task: str) -> torch.Tensor:
 
 def _build(name, backbone, datamodule):
     torch.manual_seed(0)
-    task = get_task(_task(name), **required_data(name))  # with the data it requires (a class tree)
-    method = build_method(name, None, backbone, NAMES, TEMPLATES, task=task)
+    need = required_build(name, CLASSES)  # with the data it requires (a class tree, class text)
+    task = get_task(_task(name), **need["task_options"])
+    method = build_method(name, None, backbone, NAMES, TEMPLATES, task=task, class_text=need["class_text"])
     method.setup(datamodule)
     return method
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from adapt.data.class_text import ClassTextConfig
+
 
 @dataclass
 class DataConfig:
@@ -46,6 +48,10 @@ class DataConfig:
     # being the classes; adapt/tasks/hierarchy.py); evaluation then also reports ProTeCt's
     # hierarchical consistency (hca) and mean tree-cut (mta) accuracies, and ProTeCt trains on it
     hierarchy: Optional[str] = None
+    # class text beyond the templates (adapt/data/class_text.py): description sentences per class
+    # (CuPL's files), descriptor phrases per class (VCD's), matched to the classes by name; the
+    # methods that build a hand-written classifier (zero-shot, the adapters, VPT, ...) use them
+    class_text: ClassTextConfig = field(default_factory=ClassTextConfig)
     # rerun on exactly the images of an earlier run: path to its ``manifest.json``
     manifest: Optional[str] = None
     batch_size: int = 32

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from adapt.version import __version__
 from adapt.backbone import BackboneConfig, ClipBackbone, build_backbone
+from adapt.data.class_text import ClassText
 from adapt.methods.base import Method
 from adapt.methods.registry import build_method, method_config
 
@@ -134,6 +135,19 @@ def read_adapter_state(adapter_dir: str | Path, meta: Optional[dict] = None) -> 
     return state
 
 
+def _class_text(meta: dict, adapter_dir) -> Optional[ClassText]:
+    """The class text an adapter was trained with (its sentences, stored in its metadata)."""
+    plain = meta.get("class_text")
+    ok = plain is None or (isinstance(plain, dict) and all(
+        isinstance(plain.get(k, {}), dict) and all(isinstance(v, list) and all(isinstance(s, str) for s in v)
+                                                  for v in plain.get(k, {}).values())
+        for k in ("descriptions", "descriptors")))
+    if not ok:
+        raise AdapterError(f"{Path(adapter_dir) / META_FILE}: \"class_text\" is not an object of class -> list of "
+                           "sentences; the metadata is damaged or hand-edited: export the adapter again")
+    return ClassText.from_plain(plain)
+
+
 def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = None,
                  classnames: Optional[Sequence[str]] = None) -> Method:
     """Rebuild the exported method (on ``backbone``, or on the one it names) for ``classnames``
@@ -154,7 +168,7 @@ def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = Non
         saved["init_from"] = None  # where it ended, so that run need not exist where this one is loaded
     config = method_config(meta["method"], saved)
     method = build_method(meta["method"], config, backbone, meta["classnames"], meta["templates"],
-                          task=meta.get("task", "single_label"))
+                          task=meta.get("task", "single_label"), class_text=_class_text(meta, adapter_dir))
     try:
         method.load_trainable_state(state)
     except ValueError as err:  # names the tensor and both shapes

@@ -22,6 +22,8 @@ from torch import nn
 
 from adapt.backbone import ClipBackbone
 from adapt.dense import DenseImage, pack_dense, unpack_dense
+from adapt.methods.class_text import class_text_features
+from adapt.data.class_text import ClassText
 from adapt.data.items import Item, clean_classname
 from adapt.tasks import Task
 from adapt.tasks.single_label import SingleLabel
@@ -97,6 +99,10 @@ class Method(nn.Module):
     # export check); its image features keep their graph (no frozen-feature cache), and the
     # backbone tensors it owns are named by ``backbone_state``.
     changes_backbone: ClassVar[bool] = False
+    # True for methods whose classifier (or anchor) is built by ``hand_written_text_features``:
+    # they take any class text (``data.class_text``: description sentences, descriptor phrases);
+    # a recipe giving class text to another method is refused before anything loads
+    takes_class_text: ClassVar[bool] = False
 
     def __init__(self, config, backbone: ClipBackbone, classnames: Sequence[str], templates: Sequence[str]):
         super().__init__()
@@ -104,6 +110,7 @@ class Method(nn.Module):
         self.backbone = backbone.clone() if self.changes_backbone else backbone
         self.classnames = [clean_classname(c) for c in classnames]
         self.templates = list(templates) or ["a photo of a {}."]
+        self.class_text: Optional[ClassText] = None  # set by ``use_class_text``
         self._text_cache: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ forward ----------------
@@ -204,6 +211,15 @@ class Method(nn.Module):
         self._text_cache = None
         self.rebuild_classes()
 
+    def use_class_text(self, class_text: Optional[ClassText]) -> None:
+        """Build the hand-written classifier from ``class_text`` (descriptions, descriptors; None:
+        the templates alone) from now on."""
+        if class_text is not None and not self.takes_class_text:
+            raise ValueError(f"{self.name} does not build its classifier from hand-written class text")
+        self.class_text = class_text
+        self._text_cache = None
+        self.rebuild_classes()
+
     def names_not_scored_alone(self) -> str:
         """Why a name's logit would not be the one the method gives that name pointed at it
         alone (a class-specific classifier, a softmax over the list, test-time adaptation to
@@ -301,14 +317,18 @@ class Method(nn.Module):
             return list(own)
         return self.templates if getattr(self.config, "ensemble", False) else self.templates[:1]
 
-    def hand_written_text_features(self, raw: bool = False) -> torch.Tensor:
-        """Zero-shot text features [C, d] of the current classes under ``hand_written_templates``;
-        ``raw``: the unnormalized mean of unnormalized prompt features (the initial classifier of
-        TaskRes and CLAP's ZS-LP, whose magnitude sets the scale of what is learned on it)."""
+    def hand_written_text_features(self, raw: bool = False, track_grad: bool = False) -> torch.Tensor:
+        """Zero-shot text features [C, d] of the current classes under ``hand_written_templates``
+        and the run's class text (``adapt/methods/class_text.py``); ``raw``: the unnormalized mean
+        of unnormalized prompt features (the initial classifier of TaskRes and CLAP's ZS-LP, whose
+        magnitude sets the scale of what is learned on it); ``track_grad``: keep the graph."""
         templates = self.hand_written_templates()
-        if raw:
-            return text_feature_mean(self.backbone, self.classnames, templates, normalize_each=False,
-                                     normalize_mean=False)
+        if self.class_text is not None:
+            return class_text_features(self.backbone, self.classnames, templates, self.class_text,
+                                       normalize_each=not raw, normalize_mean=not raw, track_grad=track_grad)
+        if raw or track_grad:
+            return text_feature_mean(self.backbone, self.classnames, templates, normalize_each=not raw,
+                                     normalize_mean=not raw, track_grad=track_grad)
         return zero_shot_text_features(self.backbone, self.classnames, templates)
 
 
@@ -316,6 +336,8 @@ class HandWrittenClassifier(Method):
     """A method that classifies with the frozen hand-written prompts' text features (zero-shot,
     VP, VPT, Tip-Adapter, the feature adapters): ``self.text_features`` [C, d], rebuilt for every
     class list and never saved."""
+
+    takes_class_text = True
 
     def rebuild_classes(self) -> None:
         self.register_buffer("text_features", self.hand_written_text_features(), persistent=False)
@@ -325,6 +347,8 @@ class HandWrittenAnchor(Method):
     """A mixin for methods that also read the frozen hand-written prompts' text features beside
     what they learn (KgCoOp's anchor, ProGrad's zero-shot teacher): ``handcrafted()`` [C, d],
     computed the first time it is needed for each class list, never trained or saved."""
+
+    takes_class_text = True
 
     def rebuild_classes(self) -> None:
         super().rebuild_classes()

@@ -91,19 +91,35 @@ def check_task(name: str, task: str, data=None) -> None:
         raise ValueError(f"method {name!r} does {', '.join(cls.tasks)} but this data is {task} "
                          f"({kind.target}); methods for {task}: {', '.join(able) or 'none yet'}")
     for field, what in (cls.requires_data.items() if data is not None else ()):
-        if getattr(data, field, None) in (None, ""):
+        value = data
+        for part in field.split("."):  # a nested field: class_text.descriptions
+            value = getattr(value, part, None)
+        if value in (None, ""):
             raise ValueError(f"method {name!r} needs data.{field}: {what}")
 
 
 def build_method(name: str, config, backbone, classnames: Sequence[str], templates: Sequence[str],
-                 task="single_label"):
+                 task="single_label", class_text=None):
     """``config``: the method's Config, or a mapping of its fields (None = the defaults);
     ``task``: the data's task kind (``adapt/tasks/``), which the method must declare: its name,
-    or the task object built with the data's options (a class tree)."""
+    or the task object built with the data's options (a class tree); ``class_text``: the run's
+    checked ``ClassText`` (``data.class_text``), for methods that take it."""
     from adapt.tasks import Task, get_task
 
     kind = task if isinstance(task, Task) else get_task(task)
     check_task(name, kind.name)
+    check_class_text(name, class_text)
     method = get_method(name)(method_config(name, config), backbone, classnames, templates)
     method.task = kind
+    if class_text is not None:
+        method.use_class_text(class_text)
     return method
+
+
+def check_class_text(name: str, class_text) -> None:
+    """A method given class text reads it (``Method.takes_class_text``), or one message."""
+    if class_text is not None and not get_method(name).takes_class_text:
+        able = [m for m in list_methods() if get_method(m).takes_class_text]
+        raise ValueError(f"method {name!r} does not build its classifier from hand-written class text, so "
+                         f"data.class_text would be ignored; drop it, or use a method that reads it: "
+                         f"{', '.join(able)}")

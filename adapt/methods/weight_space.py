@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from adapt.methods.base import HandWrittenClassifier, text_feature_mean
+from adapt.methods.base import HandWrittenClassifier
 
 TOWERS = ("image", "text")
 
@@ -89,8 +89,7 @@ class BackboneTuning(HandWrittenClassifier):
     def class_text_features(self) -> torch.Tensor:
         if not self.text_trains:
             return self.text_features
-        return self.cached_text_features(lambda: text_feature_mean(
-            self.backbone, self.classnames, self.hand_written_templates(), track_grad=True))
+        return self.cached_text_features(lambda: self.hand_written_text_features(track_grad=True))
 
     def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
         text = self.class_text_features()
