@@ -28,7 +28,7 @@ from adapt.data.config import DataConfig
 from adapt.data.folder import IMAGE_EXTENSIONS, clean_classname, dataset_root, dataset_templates
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.meta import dataset_meta
-from adapt.data.registry import register_dataset
+from adapt.data.registry import register_dataset, register_table_entry
 from adapt.io import atomic_write_json
 
 Row = tuple[str, int, str]  # (path relative to the image folder, label, class name)
@@ -287,17 +287,8 @@ BENCHMARKS = {b.name: b for b in (
 )}
 
 
-def _register(bench: Benchmark) -> None:
-    def load(cfg: DataConfig) -> DatasetSplits:
-        return load_benchmark(bench, cfg)
-
-    load.__name__ = load.__qualname__ = f"load_{bench.name}"
-    load.__doc__ = f"{dataset_meta(bench.name)['name']}: {bench.layout()}."
-    register_dataset(bench.name)(load)
-
-
 for _bench in BENCHMARKS.values():
-    _register(_bench)
+    register_table_entry(_bench.name, load_benchmark, _bench, f"{dataset_meta(_bench.name)['name']}: {_bench.layout()}.")
 
 
 # ------------------------------------------------------------------ FGVCAircraft: no JSON ---

@@ -5,7 +5,9 @@ always an error (a wrong ``data.root`` or path column, reported with the count a
 few); unreadable files are an error or, with ``data.bad_images=skip``, left out and counted.
 Training and validation images (few-shot: a handful per class) are fully decoded; evaluation
 images get the cheap checks (PIL's header parse and ``verify``, and a JPEG's end-of-image marker,
-which a truncated file lacks), so that a 50 000-image test set is checked in seconds.
+which a truncated file lacks), so that a 50 000-image test set is checked in seconds. A record
+of an array file (``<file>#<index>``, MNIST / CIFAR: ``records.py``) is always decoded: once its
+file is read, that is an array lookup.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Optional, Sequence
 from PIL import Image
 
 from adapt.data.items import Item, positives
+from adapt.data.records import open_record, record_of
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,21 @@ def image_problem(path: Path, decode: bool) -> Optional[str]:
                 if fmt == "JPEG" and not _ends_with_eoi(path):
                     return "truncated JPEG (no end-of-image marker)"
     except FileNotFoundError:
-        return "missing"
+        return record_problem(path)
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def record_problem(path: Path) -> Optional[str]:
+    """Why a path that is no file cannot be used as a record ``<file>#<index>``, or None. A
+    record is always decoded: after its file's one read that is an array lookup."""
+    record = record_of(path)
+    if record is None or not record[0].is_file():
+        return "missing"
+    try:
+        open_record(*record)
+    except Exception as err:  # the array readers raise ValueError, IndexError, pickle errors
         return f"{type(err).__name__}: {err}"
     return None
 

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from adapt.data.image_dataset import load_image
 from adapt.data.items import Item, as_target
+from adapt.data.records import source_file
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def items_digest(items: Sequence[Item], root: Union[str, Path]) -> str:
     root = Path(root)
     for item in items:
         try:
-            st = (root / item.path).stat()
+            st = source_file(root / item.path).stat()  # a record: its array file's stamp
             stamp = f"{st.st_size}:{st.st_mtime_ns}"
         except OSError:
             stamp = "missing"

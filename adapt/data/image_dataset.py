@@ -1,5 +1,6 @@
-"""A torch Dataset over ``list[Item]``: reads ``root / item.path`` with PIL, returns (tensor, label);
-a multi-hot label comes as a [K] tensor."""
+"""A torch Dataset over ``list[Item]``: reads ``root / item.path`` with PIL (or, for a path
+``<file>#<index>``, the record of an array file: ``records.py``), returns (tensor, label); a
+multi-hot label comes as a [K] tensor."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,13 +10,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from adapt.data.items import Item, as_target
+from adapt.data.records import open_record, record_of
 
 
 def load_image(path: Path) -> Image.Image:
     """Open and fully decode an RGB image. PIL opens lazily, so decoding is forced here, inside
     the try, so that a truncated file fails with its name rather than deep inside a transform."""
     if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+        record = record_of(path)
+        if record is not None and record[0].is_file():
+            return open_record(*record)  # its readers name the file in any error
+        raise FileNotFoundError(f"image file not found: {record[0] if record else path}")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Callable
+from typing import Any, Callable
 
 from adapt.data.config import DataConfig
 from adapt.data.items import DatasetSplits
@@ -18,7 +18,7 @@ Loader = Callable[[DataConfig], DatasetSplits]
 _LOADERS: dict[str, Loader] = {}
 # modules whose import registers loaders; the world package is optional (an install may drop it)
 _BUILTIN_MODULES = ("adapt.data.folder", "adapt.data.multilabel", "adapt.data.segmentation", "adapt.data.benchmark",
-                    "adapt.data.imagenet", "adapt.data.world.datasets")
+                    "adapt.data.imagenet", "adapt.data.mnist", "adapt.data.cifar", "adapt.data.world.datasets")
 _builtins_loaded = False
 
 
@@ -35,6 +35,19 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
         return fn
 
     return wrap
+
+
+def register_table_entry(name: str, load: Callable[[Any, DataConfig], DatasetSplits], entry: Any,
+                         doc: str) -> Loader:
+    """Register ``load(entry, cfg)`` as dataset ``name``: one loader per entry of a module's table
+    of datasets (the CoOp benchmarks, the two CIFARs), each under its own function name and
+    docstring, so that a loader reads as if written out."""
+    def loader(cfg: DataConfig) -> DatasetSplits:
+        return load(entry, cfg)
+
+    loader.__name__ = loader.__qualname__ = f"load_{name}"
+    loader.__module__, loader.__doc__ = load.__module__, doc
+    return register_dataset(name)(loader)
 
 
 def _load_builtins() -> None:

@@ -3,8 +3,9 @@
 Keys: ``name`` (the dataset's usual spelling), ``templates`` (the protocol's single hand-written
 template first), optional ``ensemble`` (the zero-shot template ensemble), ``ignore`` / ``rename``
 (class-folder rules applied when a split is generated), ``classnames`` (ImageNet: WordNet id ->
-readable CLIP name, in label order), ``wnids`` (the 200 classes of ImageNet-A / -R) and
-``classes_of`` (the dataset whose class list a test-only variant uses).
+readable CLIP name, in label order; MNIST, CIFAR: CLIP's names, a list in label order), ``wnids``
+(the 200 classes of ImageNet-A / -R) and ``classes_of`` (the dataset whose class list a test-only
+variant uses).
 """
 from __future__ import annotations
 
