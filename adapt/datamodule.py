@@ -6,13 +6,14 @@ and builds the evaluation sets (``test``; ``base`` and ``novel``; one per target
 
 Its loaders yield ``(x, label)`` where ``x`` is images, or the frozen encoder's features of the
 same images from the feature cache (train: ``views`` augmented views, a different one each epoch;
-val/test: the test transform). Which one is decided once, by ``serve``, from what the method
-declares; nothing downstream branches on it.
+val/test: the test transform), or, in training, the token ids of a caption stream for a method
+trained on text (``data.captions``: TaI-DPT). Which one is decided once, by ``serve``, from what
+the method declares; nothing downstream branches on it.
 """
 from __future__ import annotations
 
 import functools
-
+import logging
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -20,8 +21,9 @@ from typing import Callable, Optional, Sequence, Union
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
+from adapt.data.captions import caption_stream
 from adapt.data.checks import check_images, class_counts, warn_short_classes
 from adapt.data.config import DataConfig
 from adapt.data.feature_cache import (CachedEvalDataset, CachedFeatures, CachedViewsDataset, EpochViewSampler,
@@ -34,6 +36,8 @@ from adapt.data.sharding import EpochOrder, train_loader
 from adapt.data.transforms import test_transform, train_transform
 from adapt.settings import check_data, get_setting
 from adapt.tasks import Task, get_task
+
+log = logging.getLogger(__name__)
 
 
 def as_data_config(cfg: Union[DataConfig, DictConfig, dict]) -> DataConfig:
@@ -79,6 +83,10 @@ class AdaptDataModule(pl.LightningDataModule):
         self._encoder = None  # (backbone, train views, device, dense outputs) when serving features
         # each split's features, once per run (evaluation and the zero-shot baseline share them)
         self._loaded: dict[tuple[str, bool, tuple], CachedFeatures] = {}  # (split, train, dense outputs)
+        # data.captions: the labelled texts, and their token ids once ``serve`` tokenized them
+        self.caption_texts: list[str] = []
+        self.caption_labels: list[list[int]] = []
+        self._captions: Optional[TensorDataset] = None
 
     def set_preprocess(self, image_size: Optional[int], mean: Optional[Sequence[float]],
                        std: Optional[Sequence[float]]) -> None:
@@ -117,6 +125,9 @@ class AdaptDataModule(pl.LightningDataModule):
             raise ValueError(f"no training images in {dataset.name!r} at {dataset.root}")
         self.templates = list(dataset.templates)
         self.dataset = dataset
+        if cfg.captions.file:  # a text stream to train on, labelled and checked before any model loads
+            self.caption_texts, self.caption_labels = caption_stream(cfg.captions, self.train_classnames)
+            log.info("data.captions: %d texts name the %d classes", len(self.caption_texts), len(self.train_classnames))
         # the sample over all classes: the base subset is a pure function of it
         self.write_manifest(sample_train, sample_val, plan.extra)
 
@@ -185,6 +196,12 @@ class AdaptDataModule(pl.LightningDataModule):
             self._loaded = {}  # features of another backbone or view count are never reused
         self._encoder = encoder
         self.inputs = "features" if use else "images"
+        # a method trained on text reads the caption stream's token ids in training (its
+        # evaluation reads images or their features, as above)
+        self._captions = None
+        if method.trains_on == "captions":
+            tokens = backbone.tokenizer(self.caption_texts)  # on the CPU, for the loader
+            self._captions = TensorDataset(tokens, torch.tensor(self.caption_labels, dtype=torch.long))
         return self.inputs
 
     def features(self, items: Sequence[Item], split: str, train: bool) -> CachedFeatures:
@@ -217,6 +234,8 @@ class AdaptDataModule(pl.LightningDataModule):
         if rank is None:
             rank = self.trainer.global_rank if self.trainer is not None else 0
         bs = self.cfg.batch_size
+        if self._captions is not None:
+            return train_loader(self._captions, EpochOrder(len(self._captions), self.seed), bs, rank, world_size)
         if self._encoder is None:
             return train_loader(ImageDataset(self.train_items, self.dataset.root, self.train_transform(),
                                              read=self.read),

@@ -120,8 +120,9 @@ def tiny_overrides(root: Path, out: Path, method: str = "coop", **extra) -> list
 COLOUR_TREE = ASSETS / "colour_tree.json"
 COLOUR_DESCRIPTIONS = ASSETS / "colour_descriptions.json"
 COLOUR_DESCRIPTORS = ASSETS / "colour_descriptors.json"
+COLOUR_CAPTIONS = ASSETS / "colour_captions.txt"  # a caption corpus (data.captions: TaI-DPT)
 REQUIRED_DATA = {"hierarchy": str(COLOUR_TREE), "class_text.descriptions": str(COLOUR_DESCRIPTIONS),
-                 "class_text.descriptors": str(COLOUR_DESCRIPTORS)}
+                 "class_text.descriptors": str(COLOUR_DESCRIPTORS), "captions.file": str(COLOUR_CAPTIONS)}
 
 
 def required_data(method: str) -> dict:
@@ -138,7 +139,7 @@ def required_build(method: str, classnames) -> dict:
 
     need = required_data(method)
     text = {k.split(".", 1)[1]: v for k, v in need.items() if k.startswith("class_text.")}
-    return {"task_options": {k: v for k, v in need.items() if "." not in k},
+    return {"task_options": {k: v for k, v in need.items() if "." not in k},  # captions: read by the data
             "class_text": load_class_text(ClassTextConfig(**text), classnames) if text else None}
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from adapt.data.captions import CaptionsConfig
 from adapt.data.class_text import ClassTextConfig
 
 
@@ -52,6 +53,9 @@ class DataConfig:
     # (CuPL's files), descriptor phrases per class (VCD's), matched to the classes by name; the
     # methods that build a hand-written classifier (zero-shot, the adapters, VPT, ...) use them
     class_text: ClassTextConfig = field(default_factory=ClassTextConfig)
+    # a caption corpus to train on instead of images (adapt/data/captions.py: TaI-DPT), labelled
+    # by the classes each caption names; evaluation still reads the images
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
     # rerun on exactly the images of an earlier run: path to its ``manifest.json``
     manifest: Optional[str] = None
     batch_size: int = 32

@@ -103,6 +103,10 @@ class Method(nn.Module):
     # they take any class text (``data.class_text``: description sentences, descriptor phrases);
     # a recipe giving class text to another method is refused before anything loads
     takes_class_text: ClassVar[bool] = False
+    # What a training batch holds: "images" (images, or their cached features: see above) or
+    # "captions" (token ids [B, L] of the data's caption stream, ``data.captions``: TaI-DPT; an
+    # integer tensor, told from images and features by its dtype). Evaluation reads images.
+    trains_on: ClassVar[str] = "images"
 
     def __init__(self, config, backbone: ClipBackbone, classnames: Sequence[str], templates: Sequence[str]):
         super().__init__()

@@ -96,6 +96,11 @@ def check_task(name: str, task: str, data=None) -> None:
             value = getattr(value, part, None)
         if value in (None, ""):
             raise ValueError(f"method {name!r} needs data.{field}: {what}")
+    captions = getattr(getattr(data, "captions", None), "file", None)
+    if captions and cls.trains_on != "captions":
+        takers = [m for m in list_methods() if get_method(m).trains_on == "captions"]
+        raise ValueError(f"data.captions.file={captions}: method {name!r} trains on images and would ignore the "
+                         f"captions; drop data.captions, or use a method trained on text: {', '.join(takers)}")
 
 
 def build_method(name: str, config, backbone, classnames: Sequence[str], templates: Sequence[str],
