@@ -122,6 +122,7 @@ COLOUR_DESCRIPTIONS = ASSETS / "colour_descriptions.json"
 COLOUR_DESCRIPTORS = ASSETS / "colour_descriptors.json"
 REQUIRED_DATA = {"hierarchy": str(COLOUR_TREE), "class_text.descriptions": str(COLOUR_DESCRIPTIONS),
                  "class_text.descriptors": str(COLOUR_DESCRIPTORS)}
+REQUIRED_DATA["support.source"] = "train"  # SuS-X's support set: the few-shot images (tests/test_susx.py: the rest)
 
 
 def required_data(method: str) -> dict:

@@ -36,3 +36,4 @@ from adapt.methods import protect  # noqa: E402,F401
 from adapt.methods import reprompt  # noqa: E402,F401
 from adapt.methods import cpl  # noqa: E402,F401
 from adapt.methods import descriptions  # noqa: E402,F401
+from adapt.methods import susx  # noqa: E402,F401
