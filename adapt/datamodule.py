@@ -31,7 +31,8 @@ from adapt.data.image_dataset import ImageDataset
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.registry import build_dataset
 from adapt.data.sharding import EpochOrder, train_loader
-from adapt.data.support import SupportSet, check_support
+from adapt.data.support import SupportSet
+from adapt.data.support_sources import check_support
 from adapt.data.transforms import test_transform, train_transform
 from adapt.settings import check_data, get_setting
 from adapt.tasks import Task, get_task

@@ -16,7 +16,8 @@ from PIL import Image
 from adapt.config import RecipeError, load_recipe
 from adapt.data import DataConfig
 from adapt.data.items import Item
-from adapt.data.support import SupportConfig, check_support
+from adapt.data.support import SupportConfig
+from adapt.data.support_sources import check_support
 from adapt.data.world.tasks import TASKS
 from adapt.datamodule import AdaptDataModule
 from adapt.methods import build_method

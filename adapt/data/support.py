@@ -14,24 +14,20 @@ Sources:
   stand-in for SuS-LC (world tasks only; ``adapt/data/world/support.py``).
 * ``train`` -- the K-shot training images themselves (few-shot TIP-X).
 
-Everything is checked when the data module is set up, before any model loads: a missing folder,
-an unknown source, a class without images, a non-world dataset for a world source, prompts from
-descriptions without a descriptions file -- each one message naming the field and the fix.
+``adapt/data/support_sources.py`` makes them. Everything is checked when the data module is set
+up, before any model loads: a missing folder, an unknown source, a class without images, a
+non-world dataset for a world source, prompts from descriptions without a descriptions file --
+each one message naming the field and the fix.
 Generated images are written once into adapt's world cache (never into a user's folder); their
 features go through the feature cache like every other frozen encoding.
 """
 from __future__ import annotations
 
-import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from adapt.data.class_text import _few, normalised
 from adapt.data.items import Item
-
-log = logging.getLogger(__name__)
 
 SOURCES = ("folder", "world", "retrieval", "train")
 PROMPTS = ("photo", "descriptions")
@@ -85,71 +81,6 @@ class SupportSet:
         """The feature cache's split name: the training split's own (its entries are shared with
         Tip-Adapter's keys), else the source's."""
         return "train" if self.source == "train" else f"support:{self.source}"
-
-
-def check_support(cfg: SupportConfig, dataset_name: str, classnames: Sequence[str], descriptions: Optional[str],
-                  bad_images: str = "error"):
-    """The declared support set made ready before any model loads: a folder's items, the world's
-    rendered images, the retrieval pool (ranked later, with the model: ``retrieve``); None when
-    nothing is declared or the source is the training split. Raises ValueError naming the fix."""
-    if cfg.source is None:
-        if cfg.folder:
-            raise ValueError(f"data.support.folder={cfg.folder} is given but data.support.source is null: "
-                             "set data.support.source=folder")
-        return None
-    if cfg.source == "folder":
-        return folder_support(cfg, classnames, bad_images)
-    if cfg.folder:
-        raise ValueError(f"data.support.folder is read only with data.support.source=folder, not {cfg.source}: "
-                         "drop it, or set source=folder")
-    if cfg.source == "train":
-        return None
-    from adapt.data.world import support as world  # the renderer is loaded only when used
-
-    if cfg.source == "world":
-        return world.rendered_support(cfg, dataset_name, classnames)
-    if cfg.prompt == "descriptions" and not descriptions:
-        raise ValueError("data.support.prompt=descriptions queries the pool with each class's description "
-                         "sentences, and none are given: set data.class_text.descriptions (a JSON file of "
-                         "sentences per class), or use data.support.prompt=photo")
-    return world.retrieval_pool(cfg, dataset_name, classnames)
-
-
-def folder_support(cfg: SupportConfig, classnames: Sequence[str], bad_images: str) -> SupportSet:
-    """``<folder>/<class>/*`` matched to ``classnames``: at most ``per_class`` images of each (a
-    seeded draw when a class has more), every class present, no other folder."""
-    from adapt.data.checks import check_images
-    from adapt.data.folder import IMAGE_EXTENSIONS, _subdirs  # (it imports the config, which imports this)
-
-    root = Path(str(cfg.folder)).expanduser() if cfg.folder else None
-    where = f"data.support.folder={cfg.folder}"
-    if root is None or not root.is_dir():
-        raise ValueError(f"{where}: {'not given' if root is None else 'no such folder'}; give a folder with "
-                         "one subfolder of images per class (<folder>/<class>/*.png), e.g. images generated "
-                         "with Stable Diffusion or retrieved from LAION for each class name")
-    wanted = {normalised(c): i for i, c in enumerate(classnames)}
-    folders = {normalised(d.name): d for d in _subdirs(root)}
-    unknown = sorted(d.name for key, d in folders.items() if key not in wanted)
-    missing = [c for c in classnames if normalised(c) not in folders]
-    if unknown or missing:
-        raise ValueError(f"{where}: its class folders do not match the dataset's {len(classnames)} classes "
-                         f"(not classes: {_few(unknown) or 'none'}; classes without a folder: "
-                         f"{_few(missing) or 'none'}); name each subfolder after a class (compared in lower "
-                         "case, '_' as a space)")
-    rng = random.Random(cfg.seed)
-    items, empty = [], []
-    for key, label in wanted.items():
-        d = folders[key]
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not files:
-            empty.append(d.name)
-        if len(files) > cfg.per_class:  # a seeded draw, kept in file order
-            files = sorted(rng.sample(files, cfg.per_class))
-        items += [Item(p.relative_to(root).as_posix(), label) for p in files]
-    if empty:
-        raise ValueError(f"{where}: class folder(s) {_few(empty)} hold no images ({'/'.join(sorted(IMAGE_EXTENSIONS))})")
-    items = check_images(root, {"support": items}, bad_images)["support"]
-    return SupportSet("folder", root, items, list(classnames), report=counts_report(items, len(classnames)))
 
 
 def counts_report(items: Sequence[Item], n_classes: int) -> dict:
