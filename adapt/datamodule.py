@@ -33,6 +33,8 @@ from adapt.data.image_dataset import ImageDataset
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.registry import build_dataset
 from adapt.data.sharding import EpochOrder, train_loader
+from adapt.data.support import SupportSet
+from adapt.data.support_sources import check_support
 from adapt.data.transforms import test_transform, train_transform
 from adapt.settings import check_data, get_setting
 from adapt.tasks import Task, get_task
@@ -87,6 +89,7 @@ class AdaptDataModule(pl.LightningDataModule):
         self.caption_texts: list[str] = []
         self.caption_labels: list[list[int]] = []
         self._captions: Optional[TensorDataset] = None
+        self._support = None  # data.support made ready (checked, rendered) by ``setup``
 
     def set_preprocess(self, image_size: Optional[int], mean: Optional[Sequence[float]],
                        std: Optional[Sequence[float]]) -> None:
@@ -124,6 +127,9 @@ class AdaptDataModule(pl.LightningDataModule):
         if not self.train_items:
             raise ValueError(f"no training images in {dataset.name!r} at {dataset.root}")
         self.templates = list(dataset.templates)
+        # the declared support set, checked (and rendered) before any model loads
+        self._support = check_support(cfg.support, dataset.name, dataset.classnames, cfg.class_text.descriptions,
+                                      cfg.bad_images)
         self.dataset = dataset
         if cfg.captions.file:  # a text stream to train on, labelled and checked before any model loads
             self.caption_texts, self.caption_labels = caption_stream(cfg.captions, self.train_classnames)
@@ -172,16 +178,41 @@ class AdaptDataModule(pl.LightningDataModule):
 
     def encode(self, backbone, items: Sequence[Item], transform: Callable, split: str, views: int = 1,
                normalize: bool = True, device: Optional[Union[str, torch.device]] = None,
-               dense: Sequence[str] = ()):
+               dense: Sequence[str] = (), root: Optional[Path] = None):
         """Frozen image features [views, n, d] (+ labels) of any item list, through the feature
         cache (``data.cache_dir``): methods that build something from images (Tip-Adapter's
-        keys) pay for each encoding once across runs, seeds and hyper-parameters."""
+        keys) pay for each encoding once across runs, seeds and hyper-parameters. ``root``: the
+        folder the items' paths are relative to (default: the dataset's; a support set's own)."""
         self.setup()
-        return encode_items(backbone, items, self.dataset.root, transform, views=views,
+        return encode_items(backbone, items, root or self.dataset.root, transform, views=views,
                             dataset=self.dataset.name, split=split, normalize=normalize,
                             cache=self.use_feature_cache, cache_dir=self.cfg.cache_dir,
                             batch_size=self.cfg.eval_batch_size, num_workers=self.cfg.num_workers,
                             device=device, dense=dense, dtype=getattr(torch, self.cfg.cache_dtype))
+
+    def support_set(self, backbone, device: Optional[Union[str, torch.device]] = None) -> SupportSet:
+        """The support set of ``data.support`` over the dataset's classes; a retrieval source is
+        ranked here, with ``backbone``. Without one declared (or ``source: train``): the training
+        images (few-shot), marked to be encoded under augmentation."""
+        self.setup()
+        prepared = self._support
+        if prepared is None:
+            return SupportSet("train", self.dataset.root, list(self.train_items), list(self.train_classnames),
+                              augmented=True, report={"support_images": len(self.train_items)})
+        if isinstance(prepared, SupportSet):
+            return prepared
+        from adapt.data.class_text import ClassTextConfig, load_class_text
+        from adapt.data.world.support import retrieve
+
+        def encode(items, root):
+            return self.encode(backbone, items, self.test_transform(), "pool", normalize=False, device=device,
+                               root=root).features[0]
+
+        text = None
+        if self.cfg.support.prompt == "descriptions":
+            text = load_class_text(ClassTextConfig(descriptions=self.cfg.class_text.descriptions), prepared.classnames)
+            text = {c: text.sentences_of(c) for c in prepared.classnames}
+        return retrieve(prepared, backbone, encode, self.templates[0], text)
 
     def serve(self, method, backbone, cache: bool = True, views: int = 1,
               device: Optional[Union[str, torch.device]] = None) -> str:

@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 from adapt.data.captions import CaptionsConfig
 from adapt.data.class_text import ClassTextConfig
+from adapt.data.support import SupportConfig
 
 
 @dataclass
@@ -56,6 +57,10 @@ class DataConfig:
     # a caption corpus to train on instead of images (adapt/data/captions.py: TaI-DPT), labelled
     # by the classes each caption names; evaluation still reads the images
     captions: CaptionsConfig = field(default_factory=CaptionsConfig)
+    # a support set (adapt/data/support.py): labelled images of the classes that are not the
+    # target's training split (SuS-X): a folder of class subfolders, the world's renderer, or
+    # retrieval from a captioned world pool; checked when the data is set up
+    support: SupportConfig = field(default_factory=SupportConfig)
     # rerun on exactly the images of an earlier run: path to its ``manifest.json``
     manifest: Optional[str] = None
     batch_size: int = 32
@@ -74,6 +79,8 @@ class DataConfig:
     cache_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if isinstance(self.support, dict):  # built from a plain mapping, not through OmegaConf
+            self.support = SupportConfig(**self.support)
         # the setting's own checks (adapt/settings/ builds on this package, so it runs them:
         # ``check_data``, called by the recipe and by the data module)
         if self.bad_images not in ("error", "skip"):

@@ -72,8 +72,8 @@ class TipAdapterConfig:
             raise ValueError("beta_max and alpha_max must be > 0.1 (the grids start at 0.1)")
 
 
-def search_grid(maximum: float, steps: int) -> list[float]:
-    return [0.1 + i * (maximum - 0.1) / steps for i in range(steps)]
+def search_grid(maximum: float, steps: int, start: float = 0.1) -> list[float]:
+    return [start + i * (maximum - start) / steps for i in range(steps)]
 
 
 @register_method("tipadapter")
@@ -119,15 +119,7 @@ class TipAdapter(HandWrittenClassifier):
         the validation images (if any). Runs on the backbone's device."""
         cfg, dm = self.config, datamodule
         items = self._own_items(dm.train_items, dm.train_classnames, "training", required=True)
-        if cfg.augment_epochs > 0:
-            transform = train_transform(dm.image_size, dm.mean, dm.std, scale=cfg.crop_scale)
-        else:
-            transform = dm.test_transform()
-        # the original averages the unnormalized features of its augmented passes, then
-        # normalizes the mean; the passes come from (and go to) the feature cache
-        views = dm.encode(self.backbone, items, transform, "train",
-                          views=max(1, cfg.augment_epochs), normalize=False)
-        self._set_cache(F.normalize(views.features.mean(0), dim=-1), views.labels)
+        self._set_cache(*self.encode_keys(dm, items, cfg.augment_epochs))
         with torch.no_grad():
             self.alpha.fill_(cfg.alpha)
             self.beta.fill_(cfg.beta)
@@ -140,6 +132,21 @@ class TipAdapter(HandWrittenClassifier):
                 self.search_hparams()
         elif cfg.search:
             log.info("tipadapter: no validation images; keeping alpha=%g, beta=%g", cfg.alpha, cfg.beta)
+
+    def encode_keys(self, dm, items: Sequence[Item], augment_epochs: int, root=None,
+                    split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized cache keys [n, d] and labels [n] of ``items``: the mean of
+        ``augment_epochs`` augmented passes (random resized crop over ``crop_scale`` + flip), or
+        one pass of the test transform when 0."""
+        if augment_epochs > 0:
+            transform = train_transform(dm.image_size, dm.mean, dm.std, scale=self.config.crop_scale)
+        else:
+            transform = dm.test_transform()
+        # the original averages the unnormalized features of its augmented passes, then
+        # normalizes the mean; the passes come from (and go to) the feature cache
+        views = dm.encode(self.backbone, items, transform, split, views=max(1, augment_epochs),
+                          normalize=False, root=root)
+        return F.normalize(views.features.mean(0), dim=-1), views.labels
 
     def _own_items(self, items: Sequence[Item], names: Sequence[str], split: str,
                    required: bool) -> list[Item]:

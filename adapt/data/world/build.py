@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from adapt.data.world.tasks import WorldTask, get_task
 
@@ -79,24 +79,32 @@ def materialise(task: Union[str, WorldTask], root: Optional[Union[str, Path]] = 
             f"generated into adapt's cache ({cache_root()}), never into your folder: drop data.root "
             "to use the cache, or, if the folder holds your own images, set data.dataset=imagefolder "
             "(or csv / zhou) to train on them. Nothing in the folder was changed.")
-    folder = default_folder(task, seed)
-    if is_complete(folder, task, seed):
+    return build_folder(default_folder(task, seed), lambda tmp: task.write(tmp, seed),
+                        lambda folder: is_complete(folder, task, seed), {"task": task.name, "seed": seed})
+
+
+def build_folder(folder: Path, write: Callable[[Path], None], complete: Callable[[Path], bool],
+                 marker: dict) -> Path:
+    """``folder`` once ``complete`` says it is, written by ``write`` into a temporary sibling
+    and renamed into place (with adapt's build marker) when it is not: a crashed or concurrent
+    build never leaves a half-written folder. Generated support sets and pools use it too."""
+    if complete(folder):
         return folder
     _refuse_unproven(folder)  # before rendering thousands of images for nothing
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        task.write(tmp, seed)
-        (tmp / MARKER).write_text(json.dumps({"task": task.name, "seed": seed}))
+        write(tmp)
+        (tmp / MARKER).write_text(json.dumps(marker))
         if folder.exists():
-            if is_complete(folder, task, seed):  # another process finished first
+            if complete(folder):  # another process finished first
                 return folder
             _refuse_unproven(folder)
             shutil.rmtree(folder)  # adapt's own partial or outdated build (marker checked)
         try:
             os.replace(tmp, folder)
         except OSError:
-            if not is_complete(folder, task, seed):
+            if not complete(folder):
                 raise
     finally:
         if tmp.exists():
