@@ -4,7 +4,7 @@
 
 ViT-B/16 architecture with random weights (the real text tower's FLOPs), fp32, CPU, one process.
 CuPL's classifier (adapt/methods/descriptions.py) over 1000 ImageNet class names with 50
-sentences each (50,000 prompts of 20-30 tokens, CuPL's length), built through the class-text
+sentences each (50,000 prompts of about 30 tokens, CuPL's length), built through the class-text
 path: prompts in chunks of PROMPT_CHUNK, each chunk under the text tower's memory plan. Beside
 it, the 1000-class classifier of one template (1000 prompts), for scale. Peak resident memory
 of each build (the ~0.6 GB model included). Target: the description build <= 2.5 GB.
@@ -29,7 +29,7 @@ from experiments.benchlib import (classnames, machine, PeakMemory, bench_cli, lo
 FULL = dict(model="ViT-B-16", classes=1000, sentences=50)
 QUICK = dict(model="adapt-tiny-vit", classes=20, sentences=5)
 TARGETS = [("descriptions_peak_gb", "peak RSS, 1000 classes x 50 sentences", "<= 2.5 GB", lambda v: v <= 2.5)]
-# sentence frames of CuPL's kind ("What does a {} look like?" answers), 20-30 tokens with a name
+# sentence frames of CuPL's kind ("What does a {} look like?" answers), about 30 tokens with a name
 FRAMES = (
     "A {} is usually seen in a natural setting, with a distinctive shape and colours that make it easy to spot.",
     "You can identify a {} by its overall outline, the texture of its surface and the way light falls on it.",
