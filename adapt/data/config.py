@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from adapt.data.class_text import ClassTextConfig
+from adapt.data.priors import UnlabelledConfig
 
 
 @dataclass
@@ -52,6 +53,10 @@ class DataConfig:
     # (CuPL's files), descriptor phrases per class (VCD's), matched to the classes by name; the
     # methods that build a hand-written classifier (zero-shot, the adapters, VPT, ...) use them
     class_text: ClassTextConfig = field(default_factory=ClassTextConfig)
+    # unlabelled target images and the label prior (adapt/data/priors.py): a folder replacing the
+    # training split as data.setting=unsupervised's pool; "uniform" or a {class: share} JSON file,
+    # checked against the classes before anything loads (CLIPPR's prior)
+    unlabelled: UnlabelledConfig = field(default_factory=UnlabelledConfig)
     # rerun on exactly the images of an earlier run: path to its ``manifest.json``
     manifest: Optional[str] = None
     batch_size: int = 32
@@ -86,5 +91,9 @@ class DataConfig:
             if len(window) != 2 or not all(isinstance(v, int) and v > 0 for v in window) or window[1] > window[0]:
                 raise ValueError(f"data.slide_window={window} must be [crop, stride]: two positive integers, "
                                  "stride <= crop (e.g. [224, 149])")
+        folder = getattr(self.unlabelled, "folder", None) if self.unlabelled is not None else None
+        if folder and self.setting != "unsupervised":  # it would be ignored without a word
+            raise ValueError(f"data.unlabelled.folder={folder} is the unlabelled pool of data.setting=unsupervised, "
+                             f"not of data.setting={self.setting}; set data.setting=unsupervised or drop it")
         if self.cache_views < 0:
             raise ValueError(f"data.cache_views must be >= 0 (0 = no augmentation), got {self.cache_views}")

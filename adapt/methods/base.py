@@ -73,6 +73,10 @@ class Method(nn.Module):
     # ``data`` fields the method cannot do without, each with what to give (ProTeCt's class
     # tree); a recipe without them is refused before anything loads
     requires_data: ClassVar[dict[str, str]] = {}
+    # True for methods that make their own training targets and never read the labels (CLIPPR's
+    # online zero-shot pseudo-labels): only they run on data whose labels are all hidden
+    # (``Setting.hidden_labels``: data.setting=unsupervised with shots 0)
+    learns_unlabelled: ClassVar[bool] = False
     task: Task = SingleLabel()
     # ``forward_features`` receives L2-normalized image features (CLIP's convention); False for
     # methods that read the encoder's raw output (CLIP-Adapter's blend, the linear probe).

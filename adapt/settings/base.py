@@ -39,6 +39,11 @@ class Setting:
     def check(self, cfg: DataConfig) -> None:
         """Recipe-level validation, run when the recipe is read (before anything loads)."""
 
+    def hidden_labels(self, cfg: DataConfig) -> str:
+        """Why this data section gives the method no training label at all ("" when it gives
+        labels): only a method that makes its own targets (``Method.learns_unlabelled``) runs."""
+        return ""
+
     def check_dataset(self, cfg: DataConfig, dataset: DatasetSplits) -> None:
         """The loaded dataset suits this setting and the recipe's data section (before any image
         is read or any model time is spent)."""
