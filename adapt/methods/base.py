@@ -190,8 +190,19 @@ class Method(nn.Module):
     def setup(self, datamodule) -> None:
         """Called once before fitting/evaluating with the data (Tip-Adapter's cache, UPL labels)."""
 
+    def on_train_epoch_start(self, epoch: int, max_epochs: int) -> None:
+        """Called before every training epoch, the first one after a resume included, so that
+        state which follows from the epoch number (CLIPPR's stage) is right however the run
+        started."""
+
     def on_train_epoch_end(self, epoch: int, max_epochs: int) -> None:
         """Called after every training epoch (PromptSRC's weight averaging)."""
+
+    def lr_factor(self, group: str, epoch: int) -> float:
+        """The method's own multiplier on parameter group ``group``'s lr in ``epoch`` (0-based),
+        on top of the recipe's schedule; 0 keeps the group still that epoch (CLIPPR's stages:
+        the head, then the image tower, then the head again). The default is 1 throughout."""
+        return 1.0
 
     def on_fit_end(self) -> None:
         """Called after training (WiSE-FT's weight interpolation)."""
