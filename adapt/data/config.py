@@ -91,7 +91,9 @@ class DataConfig:
             if len(window) != 2 or not all(isinstance(v, int) and v > 0 for v in window) or window[1] > window[0]:
                 raise ValueError(f"data.slide_window={window} must be [crop, stride]: two positive integers, "
                                  "stride <= crop (e.g. [224, 149])")
-        folder = getattr(self.unlabelled, "folder", None) if self.unlabelled is not None else None
+        if isinstance(self.unlabelled, dict):  # DataConfig(unlabelled={...}) in code, as a recipe writes it
+            self.unlabelled = UnlabelledConfig(**self.unlabelled)
+        folder = self.unlabelled.folder if self.unlabelled is not None else None
         if folder and self.setting != "unsupervised":  # it would be ignored without a word
             raise ValueError(f"data.unlabelled.folder={folder} is the unlabelled pool of data.setting=unsupervised, "
                              f"not of data.setting={self.setting}; set data.setting=unsupervised or drop it")

@@ -75,7 +75,7 @@ class Method(nn.Module):
     requires_data: ClassVar[dict[str, str]] = {}
     # True for methods that make their own training targets and never read the labels (CLIPPR's
     # online zero-shot pseudo-labels): only they run on data whose labels are all hidden
-    # (``Setting.hidden_labels``: data.setting=unsupervised with shots 0)
+    # (``Setting.check_method``: data.setting=unsupervised with shots 0)
     learns_unlabelled: ClassVar[bool] = False
     task: Task = SingleLabel()
     # ``forward_features`` receives L2-normalized image features (CLIP's convention); False for

@@ -90,14 +90,6 @@ def check_task(name: str, task: str, data=None) -> None:
         able = [m for m in list_methods() if task in get_method(m).tasks]
         raise ValueError(f"method {name!r} does {', '.join(cls.tasks)} but this data is {task} "
                          f"({kind.target}); methods for {task}: {', '.join(able) or 'none yet'}")
-    if data is not None and not cls.learns_unlabelled:
-        from adapt.settings import get_setting  # settings build on the data package, not on methods
-
-        hidden = get_setting(data.setting).hidden_labels(data)
-        if hidden:
-            able = [m for m in list_methods() if get_method(m).learns_unlabelled]
-            raise ValueError(f"method {name!r} trains on labels, but {hidden}; methods that need none: "
-                             f"{', '.join(able) or 'none yet'}")
     for field, what in (cls.requires_data.items() if data is not None else ()):
         value = data
         for part in field.split("."):  # a nested field: class_text.descriptions

@@ -39,10 +39,9 @@ class Setting:
     def check(self, cfg: DataConfig) -> None:
         """Recipe-level validation, run when the recipe is read (before anything loads)."""
 
-    def hidden_labels(self, cfg: DataConfig) -> str:
-        """Why this data section gives the method no training label at all ("" when it gives
-        labels): only a method that makes its own targets (``Method.learns_unlabelled``) runs."""
-        return ""
+    def check_method(self, cfg: DataConfig, method: type) -> None:
+        """The method (its class) can learn from what this data section gives it; run with the
+        recipe's checks, before the backbone loads (unlabelled data: ``Unsupervised``)."""
 
     def check_dataset(self, cfg: DataConfig, dataset: DatasetSplits) -> None:
         """The loaded dataset suits this setting and the recipe's data section (before any image

@@ -16,16 +16,17 @@ with its labels dropped, or the images of ``data.unlabelled.folder`` when one is
 no truth is known and no pseudo-label accuracy is reported). ``data.shots: 0`` (or negative)
 keeps the whole pool unlabelled (label -1) for a method that makes its own targets
 (``Method.learns_unlabelled``: CLIPPR's online zero-shot argmax); any other method is refused
-with it before anything loads (``hidden_labels``).
+with it before anything loads (``check_method``).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
 from adapt.data.items import Item
-from adapt.data.priors import unlabelled_folder_paths
+from adapt.data.folder import IMAGE_EXTENSIONS
 from adapt.settings.base import Plan, Setting
 from adapt.settings.registry import register_setting
 
@@ -56,12 +57,16 @@ class Unsupervised(Setting):
             raise ValueError("data.manifest cannot be combined with data.setting=unsupervised: the "
                              "training images are chosen by the zero-shot model, not sampled")
 
-    def hidden_labels(self, cfg) -> str:
-        if cfg.shots > 0:
-            return ""
-        return ("data.setting=unsupervised with data.shots <= 0 gives it no label at all (the whole pool "
-                "unlabelled, for a method that labels it itself, e.g. clippr); set data.shots >= 1 to "
-                "train on the zero-shot model's N most confident pseudo-labels per class (UPL uses 16)")
+    def check_method(self, cfg, method: type) -> None:
+        if cfg.shots > 0 or method.learns_unlabelled:
+            return
+        from adapt.methods import get_method, list_methods
+
+        able = [m for m in list_methods() if get_method(m).learns_unlabelled]
+        raise ValueError(f"method {method.name!r} trains on labels, but data.setting=unsupervised with data.shots "
+                         "<= 0 gives it none (the whole pool unlabelled, for a method that labels it itself: "
+                         f"{', '.join(able)}); set data.shots >= 1 to train on the zero-shot model's N most "
+                         "confident pseudo-labels per class (UPL uses 16)")
 
     def plan(self, cfg, dataset, seed) -> Plan:
         names = list(dataset.classnames)
@@ -104,3 +109,16 @@ class Unsupervised(Setting):
             pool_truth = torch.tensor([self.truth[it.path] for it in pool])
             report["zero_shot_pool_accuracy"] = 100.0 * float((probs.argmax(1) == pool_truth).float().mean())
         return {"pseudo_labels": report}
+
+
+def unlabelled_folder_paths(folder: str) -> list[str]:
+    """Every image under ``folder`` (recursive, sorted), as absolute paths (an item path that is
+    absolute is read as it is, whatever the dataset's root)."""
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise ValueError(f"data.unlabelled.folder={folder}: no such folder; give a folder of unlabelled images")
+    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"data.unlabelled.folder={folder}: no image files "
+                         f"({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under it")
+    return files
