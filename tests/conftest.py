@@ -121,7 +121,7 @@ COLOUR_TREE = ASSETS / "colour_tree.json"
 COLOUR_DESCRIPTIONS = ASSETS / "colour_descriptions.json"
 COLOUR_DESCRIPTORS = ASSETS / "colour_descriptors.json"
 REQUIRED_DATA = {"hierarchy": str(COLOUR_TREE), "class_text.descriptions": str(COLOUR_DESCRIPTIONS),
-                 "class_text.descriptors": str(COLOUR_DESCRIPTORS)}
+                 "class_text.descriptors": str(COLOUR_DESCRIPTORS), "unlabelled.prior": "uniform"}
 
 
 def required_data(method: str) -> dict:

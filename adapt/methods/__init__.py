@@ -35,4 +35,5 @@ from adapt.methods import proda  # noqa: E402,F401
 from adapt.methods import protect  # noqa: E402,F401
 from adapt.methods import reprompt  # noqa: E402,F401
 from adapt.methods import cpl  # noqa: E402,F401
+from adapt.methods import clippr  # noqa: E402,F401
 from adapt.methods import descriptions  # noqa: E402,F401
