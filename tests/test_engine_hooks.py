@@ -23,22 +23,30 @@ class _Config:
     zero: bool = False  # the transform zeroes the gradient
 
 
+class _ScaleBias(HandWrittenClassifier):
+    """Zero-shot logits times a learned scale plus a learned per-class bias: the toy methods'
+    trainable part."""
+
+    Config = _Config
+    supports_feature_cache = True
+
+    def __init__(self, config, backbone, classnames, templates):
+        super().__init__(config, backbone, classnames, templates)
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+        self.bias = torch.nn.Parameter(torch.zeros(len(self.classnames)))
+        self.rebuild_classes()
+
+    def forward_features(self, f):
+        return self.scale * (f @ self.text_features.t()) + self.bias
+
+
 @pytest.fixture
 def recording_method():
     @register_method("toy_gradient_hook")
-    class Recording(HandWrittenClassifier):
-        Config = _Config
-        supports_feature_cache = True
-
+    class Recording(_ScaleBias):
         def __init__(self, config, backbone, classnames, templates):
             super().__init__(config, backbone, classnames, templates)
-            self.scale = torch.nn.Parameter(torch.tensor(10.0))
-            self.bias = torch.nn.Parameter(torch.zeros(len(self.classnames)))
             self.seen: list[torch.Tensor] = []
-            self.rebuild_classes()
-
-        def forward_features(self, f):
-            return self.scale * (f @ self.text_features.t()) + self.bias
 
         def transform_gradients(self, reduce):
             self.seen.append(reduce(self.bias.grad.clone()))
@@ -96,19 +104,10 @@ def staged_method():
     the recipe's lr, ``bias`` in odd ones at half of it."""
 
     @register_method("toy_staged")
-    class Staged(HandWrittenClassifier):
-        Config = _Config
-        supports_feature_cache = True
-
+    class Staged(_ScaleBias):
         def __init__(self, config, backbone, classnames, templates):
             super().__init__(config, backbone, classnames, templates)
-            self.scale = torch.nn.Parameter(torch.tensor(10.0))
-            self.bias = torch.nn.Parameter(torch.zeros(len(self.classnames)))
             self.started: list[int] = []
-            self.rebuild_classes()
-
-        def forward_features(self, f):
-            return self.scale * (f @ self.text_features.t()) + self.bias
 
         def param_groups(self):
             from adapt.methods.base import ParamGroup
