@@ -31,6 +31,7 @@ from adapt.data.feature_cache import (CachedEvalDataset, CachedFeatures, CachedV
 from adapt.data.fewshot import write_manifest
 from adapt.data.image_dataset import ImageDataset
 from adapt.data.items import DatasetSplits, Item
+from adapt.data.priors import load_label_prior
 from adapt.data.registry import build_dataset
 from adapt.data.sharding import EpochOrder, train_loader
 from adapt.data.support import SupportSet
@@ -70,6 +71,8 @@ class AdaptDataModule(pl.LightningDataModule):
         self.dataset: Optional[DatasetSplits] = None
         self._task: Optional[Task] = None
         self.train_classnames: list[str] = []
+        # data.unlabelled.prior: each training class's share (adapt/data/priors.py), or None
+        self.label_prior: Optional[list[float]] = None
         self.templates: list[str] = []
         self.train_items: list[Item] = []
         self.val_items: list[Item] = []
@@ -106,6 +109,10 @@ class AdaptDataModule(pl.LightningDataModule):
         dataset = build_dataset(cfg)
         self.setting.check_dataset(cfg, dataset)
         plan = self.setting.plan(cfg, dataset, self.seed)
+        # the prior file against the training classes: a bad one is one message, before any image
+        # is read or any model loads
+        prior = cfg.unlabelled.prior if cfg.unlabelled is not None else None
+        self.label_prior = load_label_prior(prior, plan.train_classnames)
         # every selected file, before any model time is spent (missing / unreadable images);
         # the evaluation sets by name (test; base, novel; each cross-dataset target)
         before = {"train": plan.train, "val": plan.val, **{k: v[1] for k, v in plan.eval_sets.items()}}

@@ -160,6 +160,9 @@ class AdaptModule(pl.LightningModule):
             return tensor
         return self.trainer.strategy.reduce(tensor, reduce_op="mean")
 
+    def on_train_epoch_start(self) -> None:
+        self.method.on_train_epoch_start(self.current_epoch, self.max_epochs)
+
     def on_train_epoch_end(self) -> None:
         self.method.on_train_epoch_end(self.current_epoch, self.max_epochs)
 
@@ -234,11 +237,15 @@ class AdaptModule(pl.LightningModule):
             opt = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                     weight_decay=cfg.weight_decay)
         if cfg.interval == "step":
-            factor = step_lr_factor(cfg.scheduler, cfg.warmup_steps, cfg.min_lr / cfg.lr,
-                                    int(self.trainer.estimated_stepping_batches))
+            total = int(self.trainer.estimated_stepping_batches)
+            factor = step_lr_factor(cfg.scheduler, cfg.warmup_steps, cfg.min_lr / cfg.lr, total)
+            epoch_of = steps_to_epochs(total, self.max_epochs)
         else:
             factor = epoch_lr_factor(cfg.scheduler, cfg.warmup_epochs, cfg.warmup_lr / cfg.lr, self.max_epochs)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            epoch_of = None
+        # one factor per group: the recipe's schedule times the method's own (``Method.lr_factor``)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, [group_lr_factor(factor, self.method, group["name"], epoch_of) for group in params])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": cfg.interval}}
 
     # ------------------------------------------------------------------ checkpoints ------------
@@ -266,6 +273,18 @@ def optimizer_groups(method: Method, cfg) -> list[dict]:
                     "lr": cfg.lr * scales.get("lr_scale", group.lr_scale),
                     "weight_decay": cfg.weight_decay * scales.get("weight_decay_scale", group.weight_decay_scale)})
     return out
+
+
+def group_lr_factor(factor, method: Method, name: str, epoch_of=None):
+    """The lr multiplier of group ``name`` at scheduler count ``i``: the schedule's ``factor(i)``
+    times the method's ``lr_factor(name, epoch)``; ``epoch_of`` maps a step count to its epoch
+    (interval=step), else the count is the epoch."""
+    return lambda i: factor(i) * method.lr_factor(name, epoch_of(i) if epoch_of is not None else i)
+
+
+def steps_to_epochs(total_steps: int, max_epochs: int):
+    """The epoch of optimizer step ``i`` when ``total_steps`` are spread evenly over ``max_epochs``."""
+    return lambda i: min(i * max_epochs // max(1, total_steps), max_epochs - 1)
 
 
 def group_overrides(method: Method, cfg, groups: Optional[dict] = None) -> dict:

@@ -59,6 +59,8 @@ class Experiment:
         self.data.setup()
         try:  # the method must do this data's task kind: refused before the backbone loads
             check_task(recipe.method.name, self.data.dataset.task, recipe.data)
+            # and learn from what the setting gives it (no label at all: unlabelled data)
+            self.data.setting.check_method(self.data.cfg, get_method(recipe.method.name))
             kind = get_task(self.data.dataset.task, **get_task(self.data.dataset.task).options_from(recipe.data))
             # its data options (a class tree) must fit every class the run meets
             met = list(self.data.train_classnames)

@@ -7,8 +7,8 @@ TaI-DPT trains on captions only: per seed, a corpus of 20,000 captions of unrend
     python experiments/multilabel_world.py [--seeds 1 2 3] [--out experiments/results]
     python experiments/multilabel_world.py --variant "lr=optim.lr=0.0005" --seeds 1
 
-A ``--variant LABEL=OVERRIDE[,OVERRIDE...]`` adds a row: the DualCoOp recipe with those overrides
-(to probe what moves the figure). Figures go to a new temporary folder unless ``--out`` names one;
+A ``--variant [METHOD:]LABEL=OVERRIDE[,OVERRIDE...]`` adds a row: that method's recipe (DualCoOp's
+when no METHOD is named) with those overrides (to probe what moves the figure). Figures go to a new temporary folder unless ``--out`` names one;
 a run with variants or fewer than three seeds may not write over the committed figures.
 Writes multilabel_world.json and multilabel_world.md.
 """
@@ -69,7 +69,9 @@ def main(argv=None) -> None:
     rows: dict[str, tuple[Path, list[str]]] = {name: (path, []) for name, path in RECIPES.items()}
     for spec in args.variant:
         label, _, overrides = spec.partition("=")
-        rows[f"dualcoop ({label})"] = (RECIPES["dualcoop"], [o for o in overrides.split(",") if o])
+        method, _, label = label.rpartition(":")
+        method = method or "dualcoop"
+        rows[f"{method} ({label})"] = (RECIPES[method], [o for o in overrides.split(",") if o])
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, (recipe, overrides)) in enumerate(rows.items()):

@@ -122,7 +122,8 @@ COLOUR_DESCRIPTIONS = ASSETS / "colour_descriptions.json"
 COLOUR_DESCRIPTORS = ASSETS / "colour_descriptors.json"
 COLOUR_CAPTIONS = ASSETS / "colour_captions.txt"  # a caption corpus (data.captions: TaI-DPT)
 REQUIRED_DATA = {"hierarchy": str(COLOUR_TREE), "class_text.descriptions": str(COLOUR_DESCRIPTIONS),
-                 "class_text.descriptors": str(COLOUR_DESCRIPTORS), "captions.file": str(COLOUR_CAPTIONS)}
+                 "class_text.descriptors": str(COLOUR_DESCRIPTORS), "captions.file": str(COLOUR_CAPTIONS),
+                 "unlabelled.prior": "uniform"}
 REQUIRED_DATA["support.source"] = "train"  # SuS-X's support set: the few-shot images (tests/test_susx.py: the rest)
 
 

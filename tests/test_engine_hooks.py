@@ -23,22 +23,30 @@ class _Config:
     zero: bool = False  # the transform zeroes the gradient
 
 
+class _ScaleBias(HandWrittenClassifier):
+    """Zero-shot logits times a learned scale plus a learned per-class bias: the toy methods'
+    trainable part."""
+
+    Config = _Config
+    supports_feature_cache = True
+
+    def __init__(self, config, backbone, classnames, templates):
+        super().__init__(config, backbone, classnames, templates)
+        self.scale = torch.nn.Parameter(torch.tensor(10.0))
+        self.bias = torch.nn.Parameter(torch.zeros(len(self.classnames)))
+        self.rebuild_classes()
+
+    def forward_features(self, f):
+        return self.scale * (f @ self.text_features.t()) + self.bias
+
+
 @pytest.fixture
 def recording_method():
     @register_method("toy_gradient_hook")
-    class Recording(HandWrittenClassifier):
-        Config = _Config
-        supports_feature_cache = True
-
+    class Recording(_ScaleBias):
         def __init__(self, config, backbone, classnames, templates):
             super().__init__(config, backbone, classnames, templates)
-            self.scale = torch.nn.Parameter(torch.tensor(10.0))
-            self.bias = torch.nn.Parameter(torch.zeros(len(self.classnames)))
             self.seen: list[torch.Tensor] = []
-            self.rebuild_classes()
-
-        def forward_features(self, f):
-            return self.scale * (f @ self.text_features.t()) + self.bias
 
         def transform_gradients(self, reduce):
             self.seen.append(reduce(self.bias.grad.clone()))
@@ -87,3 +95,63 @@ def test_the_optimizer_steps_with_the_transformed_gradient(tiny_backbone, record
     assert all(torch.equal(v, start[k]) for k, v in zeroed.trainable_state().items())
     plain, start = _fit(tiny_backbone, feats, labels, accumulate=1)
     assert not torch.equal(plain.trainable_state()["bias"], start["bias"])
+
+
+# ------------------------------------------------------------------ per-epoch lr and epoch start --
+@pytest.fixture
+def staged_method():
+    """Two groups that take turns by epoch (CLIPPR's stages): ``scale`` trains in even epochs at
+    the recipe's lr, ``bias`` in odd ones at half of it."""
+
+    @register_method("toy_staged")
+    class Staged(_ScaleBias):
+        def __init__(self, config, backbone, classnames, templates):
+            super().__init__(config, backbone, classnames, templates)
+            self.started: list[int] = []
+
+        def param_groups(self):
+            from adapt.methods.base import ParamGroup
+
+            return {"scale": ParamGroup([self.scale]), "bias": ParamGroup([self.bias])}
+
+        def lr_factor(self, group, epoch):
+            return (1.0 if epoch % 2 == 0 else 0.0) if group == "scale" else (0.5 if epoch % 2 else 0.0)
+
+        def on_train_epoch_start(self, epoch, max_epochs):
+            self.started.append(epoch)
+
+    yield Staged
+    unregister_method("toy_staged")
+
+
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_a_method_lr_factor_sets_each_groups_lr_per_epoch(tiny_backbone, staged_method, interval):
+    """The method's per-group, per-epoch factor multiplies the recipe's schedule (constant here):
+    a group at 0 keeps its values through its epochs, the other moves at its own lr; the
+    epoch-start hook sees every epoch."""
+    g = torch.Generator().manual_seed(2)
+    feats, labels = torch.randn(8, tiny_backbone.embed_dim, generator=g), torch.randint(0, 4, (8,), generator=g)
+    optim = {**dataclasses.asdict(OptimConfig()), "name": "sgd", "lr": 0.1, "momentum": 0.0,
+             "warmup_epochs": 0, "weight_decay": 0.0, "scheduler": "constant", "interval": interval}
+    module = AdaptModule("toy_staged", None, NAMES, ["a photo of a {}."], {"name": "adapt-tiny-vit"},
+                         optim, 3, prebuilt_backbone=tiny_backbone)
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            m = pl_module.method
+            lrs = {grp["name"]: grp["lr"] for grp in trainer.optimizers[0].param_groups}
+            seen.append((float(m.scale.detach()), m.bias.detach().clone(), lrs))
+
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=False, max_epochs=3, callbacks=[Record()])
+    start_scale = float(module.method.scale.detach())
+    trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(feats, labels), batch_size=4))
+    assert module.method.started == [0, 1, 2]
+    (s0, b0, _), (s1, b1, _), (s2, b2, _) = seen
+    assert s0 != start_scale and torch.equal(b0, torch.zeros(4))  # epoch 0: scale only
+    assert s1 == s0 and not torch.equal(b1, b0)  # epoch 1: bias only
+    assert s2 != s1 and torch.equal(b2, b1)  # epoch 2: scale again
+    if interval == "epoch":  # by an epoch's end the schedule has set the next epoch's lr
+        assert seen[0][2] == {"scale": 0.0, "bias": pytest.approx(0.05)}
+        assert seen[1][2] == {"scale": pytest.approx(0.1), "bias": 0.0}

@@ -160,8 +160,13 @@ def test_upl_setting_hides_labels_until_pseudo_labelled(image_folder, tiny_backb
 
 
 def test_upl_refuses_a_manifest_and_zero_shots():
+    # shots 0 keeps the whole pool unlabelled: a method that trains on labels is refused with it
+    from adapt.methods import get_method
+
+    upl = get_setting("unsupervised")
     with pytest.raises(ValueError, match="data.shots >= 1"):
-        check_data(DataConfig(setting="unsupervised", shots=0))
+        upl.check_method(DataConfig(setting="unsupervised", shots=0), get_method("coop"))
+    upl.check_method(DataConfig(setting="unsupervised", shots=16), get_method("coop"))
     with pytest.raises(ValueError, match="cannot be combined"):
         check_data(DataConfig(setting="unsupervised", manifest="m.json"))
 

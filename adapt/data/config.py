@@ -7,6 +7,7 @@ from typing import Any, Optional
 from adapt.data.captions import CaptionsConfig
 from adapt.data.class_text import ClassTextConfig
 from adapt.data.support import SupportConfig
+from adapt.data.priors import UnlabelledConfig
 
 
 @dataclass
@@ -61,6 +62,10 @@ class DataConfig:
     # target's training split (SuS-X): a folder of class subfolders, the world's renderer, or
     # retrieval from a captioned world pool; checked when the data is set up
     support: SupportConfig = field(default_factory=SupportConfig)
+    # unlabelled target images and the label prior (adapt/data/priors.py): a folder replacing the
+    # training split as data.setting=unsupervised's pool; "uniform" or a {class: share} JSON file,
+    # checked against the classes before anything loads (CLIPPR's prior)
+    unlabelled: UnlabelledConfig = field(default_factory=UnlabelledConfig)
     # rerun on exactly the images of an earlier run: path to its ``manifest.json``
     manifest: Optional[str] = None
     batch_size: int = 32
@@ -97,5 +102,11 @@ class DataConfig:
             if len(window) != 2 or not all(isinstance(v, int) and v > 0 for v in window) or window[1] > window[0]:
                 raise ValueError(f"data.slide_window={window} must be [crop, stride]: two positive integers, "
                                  "stride <= crop (e.g. [224, 149])")
+        if isinstance(self.unlabelled, dict):  # DataConfig(unlabelled={...}) in code, as a recipe writes it
+            self.unlabelled = UnlabelledConfig(**self.unlabelled)
+        folder = self.unlabelled.folder if self.unlabelled is not None else None
+        if folder and self.setting != "unsupervised":  # it would be ignored without a word
+            raise ValueError(f"data.unlabelled.folder={folder} is the unlabelled pool of data.setting=unsupervised, "
+                             f"not of data.setting={self.setting}; set data.setting=unsupervised or drop it")
         if self.cache_views < 0:
             raise ValueError(f"data.cache_views must be >= 0 (0 = no augmentation), got {self.cache_views}")

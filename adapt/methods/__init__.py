@@ -35,6 +35,7 @@ from adapt.methods import proda  # noqa: E402,F401
 from adapt.methods import protect  # noqa: E402,F401
 from adapt.methods import reprompt  # noqa: E402,F401
 from adapt.methods import cpl  # noqa: E402,F401
+from adapt.methods import clippr  # noqa: E402,F401
 from adapt.methods import descriptions  # noqa: E402,F401
 from adapt.methods import taidpt  # noqa: E402,F401
 from adapt.methods import susx  # noqa: E402,F401

@@ -73,6 +73,10 @@ class Method(nn.Module):
     # ``data`` fields the method cannot do without, each with what to give (ProTeCt's class
     # tree); a recipe without them is refused before anything loads
     requires_data: ClassVar[dict[str, str]] = {}
+    # True for methods that make their own training targets and never read the labels (CLIPPR's
+    # online zero-shot pseudo-labels): only they run on data whose labels are all hidden
+    # (``Setting.check_method``: data.setting=unsupervised with shots 0)
+    learns_unlabelled: ClassVar[bool] = False
     task: Task = SingleLabel()
     # ``forward_features`` receives L2-normalized image features (CLIP's convention); False for
     # methods that read the encoder's raw output (CLIP-Adapter's blend, the linear probe).
@@ -190,8 +194,19 @@ class Method(nn.Module):
     def setup(self, datamodule) -> None:
         """Called once before fitting/evaluating with the data (Tip-Adapter's cache, UPL labels)."""
 
+    def on_train_epoch_start(self, epoch: int, max_epochs: int) -> None:
+        """Called before every training epoch, the first one after a resume included, so that
+        state which follows from the epoch number (CLIPPR's stage) is right however the run
+        started."""
+
     def on_train_epoch_end(self, epoch: int, max_epochs: int) -> None:
         """Called after every training epoch (PromptSRC's weight averaging)."""
+
+    def lr_factor(self, group: str, epoch: int) -> float:
+        """The method's own multiplier on parameter group ``group``'s lr in ``epoch`` (0-based),
+        on top of the recipe's schedule; 0 keeps the group still that epoch (CLIPPR's stages:
+        the head, then the image tower, then the head again). The default is 1 throughout."""
+        return 1.0
 
     def on_fit_end(self) -> None:
         """Called after training (WiSE-FT's weight interpolation)."""

@@ -39,6 +39,10 @@ class Setting:
     def check(self, cfg: DataConfig) -> None:
         """Recipe-level validation, run when the recipe is read (before anything loads)."""
 
+    def check_method(self, cfg: DataConfig, method: type) -> None:
+        """The method (its class) can learn from what this data section gives it; run with the
+        recipe's checks, before the backbone loads (unlabelled data: ``Unsupervised``)."""
+
     def check_dataset(self, cfg: DataConfig, dataset: DatasetSplits) -> None:
         """The loaded dataset suits this setting and the recipe's data section (before any image
         is read or any model time is spent)."""

@@ -10,14 +10,23 @@ are recorded). The true training labels are read for one number only, the pseudo
 accuracy reported in ``results.json``; nothing selects on it. There is no validation split
 (it would need labels). Departure: UPL ensembles the pseudo-labels of several CLIP backbones in
 its best variant; this uses the run's own backbone and the dataset's first template.
+
+Unlabelled data in general (CLIPPR; ``adapt/data/priors.py``): the pool is the training split
+with its labels dropped, or the images of ``data.unlabelled.folder`` when one is given (then
+no truth is known and no pseudo-label accuracy is reported). ``data.shots: 0`` (or negative)
+keeps the whole pool unlabelled (label -1) for a method that makes its own targets
+(``Method.learns_unlabelled``: CLIPPR's online zero-shot argmax); any other method is refused
+with it before anything loads (``check_method``).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
 from adapt.data.items import Item
+from adapt.data.folder import IMAGE_EXTENSIONS
 from adapt.settings.base import Plan, Setting
 from adapt.settings.registry import register_setting
 
@@ -44,25 +53,42 @@ class Unsupervised(Setting):
         self.truth: dict[str, int] = {}
 
     def check(self, cfg) -> None:
-        if cfg.shots < 1:
-            raise ValueError("data.setting=unsupervised keeps data.shots pseudo-labelled images per class; "
-                             f"set data.shots >= 1 (UPL uses 16), got {cfg.shots}")
         if cfg.manifest:
             raise ValueError("data.manifest cannot be combined with data.setting=unsupervised: the "
                              "training images are chosen by the zero-shot model, not sampled")
+
+    def check_method(self, cfg, method: type) -> None:
+        if cfg.shots > 0 or method.learns_unlabelled:
+            return
+        from adapt.methods import get_method, list_methods
+
+        able = [m for m in list_methods() if get_method(m).learns_unlabelled]
+        raise ValueError(f"method {method.name!r} trains on labels, but data.setting=unsupervised with data.shots "
+                         "<= 0 gives it none (the whole pool unlabelled, for a method that labels it itself: "
+                         f"{', '.join(able)}); set data.shots >= 1 to train on the zero-shot model's N most "
+                         "confident pseudo-labels per class (UPL uses 16)")
 
     def plan(self, cfg, dataset, seed) -> Plan:
         names = list(dataset.classnames)
         # every training image, unlabelled (-1: a loss on them fails loudly until ``prepare`` has
         # pseudo-labelled them); the true labels are kept aside for the reported accuracy only
-        self.truth = {it.path: it.label for it in dataset.train}
-        pool = [Item(it.path, -1) for it in dataset.train]
+        folder = cfg.unlabelled.folder if cfg.unlabelled is not None else None
+        if folder:  # the user's own unlabelled images: no truth to report against
+            self.truth = {}
+            pool = [Item(path, -1) for path in unlabelled_folder_paths(folder)]
+        else:
+            self.truth = {it.path: it.label for it in dataset.train}
+            pool = [Item(it.path, -1) for it in dataset.train]
         return Plan(pool, names, [], OrderedDict(test=(names, list(dataset.test))))
 
     def prepare(self, data, backbone, device) -> dict:
         from adapt.methods.base import zero_shot_text_features
 
         pool = list(data.train_items)
+        source = data.cfg.unlabelled.folder or "the training split, labels dropped"
+        if data.cfg.shots <= 0:  # the method labels the pool itself, batch by batch
+            data.write_manifest(pool, [], extra={"labels": "none (unlabelled; the method makes its own targets)"})
+            return {"unlabelled": {"pool": len(pool), "source": source}}
         feats = data.encode(backbone, pool, data.test_transform(), split="train", device=device).features[0]
         with torch.no_grad():
             text = zero_shot_text_features(backbone, data.train_classnames, data.templates[:1])
@@ -70,15 +96,29 @@ class Unsupervised(Setting):
             probs = logits.float().softmax(dim=-1).cpu()
         n = data.cfg.shots
         chosen, labels, counts = select_confident(probs, n)
-        truth = [self.truth[pool[i].path] for i in chosen]
         data.train_items = [Item(pool[i].path, y) for i, y in zip(chosen, labels)]
         if not data.train_items:
             raise ValueError("the zero-shot model gave no pseudo-labels")
         data.write_manifest(data.train_items, [], extra={"labels": "pseudo (zero-shot top-N per class)"})
         short = {data.train_classnames[c]: k for c, k in enumerate(counts) if k < n}
-        acc = 100.0 * sum(int(a == b) for a, b in zip(labels, truth)) / len(labels)
-        pool_truth = torch.tensor([self.truth[it.path] for it in pool])
-        pool_acc = 100.0 * float((probs.argmax(1) == pool_truth).float().mean())
-        return {"pseudo_labels": {"per_class": n, "selected": len(chosen), "pool": len(pool),
-                                  "classes_with_fewer": short, "accuracy": acc,
-                                  "zero_shot_pool_accuracy": pool_acc}}
+        report = {"per_class": n, "selected": len(chosen), "pool": len(pool), "source": source,
+                  "classes_with_fewer": short}
+        if self.truth:  # the training split's labels, read for these two numbers only
+            truth = [self.truth[pool[i].path] for i in chosen]
+            report["accuracy"] = 100.0 * sum(int(a == b) for a, b in zip(labels, truth)) / len(labels)
+            pool_truth = torch.tensor([self.truth[it.path] for it in pool])
+            report["zero_shot_pool_accuracy"] = 100.0 * float((probs.argmax(1) == pool_truth).float().mean())
+        return {"pseudo_labels": report}
+
+
+def unlabelled_folder_paths(folder: str) -> list[str]:
+    """Every image under ``folder`` (recursive, sorted), as absolute paths (an item path that is
+    absolute is read as it is, whatever the dataset's root)."""
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise ValueError(f"data.unlabelled.folder={folder}: no such folder; give a folder of unlabelled images")
+    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"data.unlabelled.folder={folder}: no image files "
+                         f"({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under it")
+    return files

@@ -67,4 +67,6 @@ class SingleLabel(Task):
         return _Accuracy(num_classes)
 
     def train_metric(self, num_classes: int) -> Metric:
-        return MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # -1 marks an unlabelled training image (data.setting=unsupervised, shots 0): the running
+        # accuracy counts the labelled ones only (none: it stays 0)
+        return MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=-1)
