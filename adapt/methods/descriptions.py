@@ -129,6 +129,8 @@ class CuPLConfig:
 
 @register_method("cupl")
 class CuPL(DescribedClassifier):
+    """CuPL: each class's classifier the normalized mean of its LLM-written sentences."""
+
     Config = CuPLConfig
     requires_data = {"class_text.descriptions": DESCRIPTIONS}
 
@@ -160,6 +162,8 @@ class VCDConfig:
 
 @register_method("vcd")
 class VCD(DescribedClassifier):
+    """VCD: each class scores the mean cosine of the image with its descriptor sentences."""
+
     Config = VCDConfig
     requires_data = {"class_text.descriptors": DESCRIPTORS}
 
