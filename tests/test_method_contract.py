@@ -259,7 +259,8 @@ def test_method_scalars_reach_results_json(name, task, image_folder, multilabel_
 # the loss terms a method's training reports (the rest report Method.scalars after fitting)
 TRAINING_SCALARS = {"kgcoop": ("ce", "kg"), "prograd": ("ce", "kl"), "lasp": ("ce", "t2t"), "bpl": ("nll", "kl"),
                     "proda": ("ce", "diversity"), "cpl": ("ce", "cf", "unorm"), "protect": ("dtl", "nce"),
-                    "protect_maple": ("dtl", "nce"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl")}
+                    "protect_maple": ("dtl", "nce"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl"),
+                    "sgva": ("vision", "kd", "cross")}
 
 
 @pytest.mark.parametrize("name", list_methods())
