@@ -48,7 +48,7 @@ def multilabel_method():
 
 def test_a_method_that_cannot_do_the_task_is_refused_naming_those_that_can(tiny_backbone, multilabel_method):
     with pytest.raises(ValueError, match=r"method 'coop' does single_label but this data is multi_label "
-                                         r"\(a multi-hot vector .*\); methods for multi_label: dualcoop, toy_multilabel, zeroshot$"):
+                                         r"\(a multi-hot vector .*\); methods for multi_label: dualcoop, taidpt, toy_multilabel, zeroshot$"):
         build_method("coop", None, tiny_backbone, NAMES, ["a photo of a {}."], task="multi_label")
     with pytest.raises(KeyError, match="unknown task 'multilabel'"):
         build_method("coop", None, tiny_backbone, NAMES, ["a photo of a {}."], task="multilabel")
