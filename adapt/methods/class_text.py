@@ -14,9 +14,11 @@ Two aggregations, both the field's:
 * ``mean_score`` -- the mean of the prompts' cosines with the image, VCD's ``aggregate_similarity``
   ('mean'): the same mean, not renormalized, so a class whose prompts disagree scores lower.
 
-Long sentences are cut to the tower's context with the end-of-text token kept, as CuPL's
-``clip.tokenize(truncate=True)`` does (open_clip's tokenizers always truncate; VCD's
-``clip.tokenize`` would raise on them instead).
+Departures from the originals: long sentences are cut to the tower's context with the end-of-text
+token kept, as CuPL's ``clip.tokenize(truncate=True)`` does (open_clip's tokenizers always
+truncate), where VCD's ``clip.tokenize`` raises on them; prompts are encoded in chunks across
+classes rather than class by class (the same features to fp32 round-off,
+tests/test_class_text.py). Otherwise none: VCD's descriptor rule is its own, quirks included.
 """
 from __future__ import annotations
 

@@ -8,8 +8,10 @@ CLIPPR (Kahana et al., 2022) weighs it by α beside its CE on zero-shot pseudo-l
 user's prior; MUST's fairness term is the same KL with π uniform (−mean log p̄ = KL(U ‖ p̄) +
 log C). The prior itself is data (``data.unlabelled.prior``, checked in adapt/data/priors.py).
 
-Classes with π_c = 0 add nothing (0 · log 0 = 0); CLIPPR's ``KLD_Loss`` (``target *
-log(target / pred)``) gives NaN there, so a prior that rules a class out could not be used.
+Departures from CLIPPR's ``model.py`` (its values and gradients elsewhere equal, tests/test_clippr.py):
+classes with π_c = 0 add nothing (0 · log 0 = 0), where its ``KLD_Loss`` (``target *
+log(target / pred)``) gives NaN, so a prior that rules a class out could not be used; the FIFO
+of batch means is not checkpointed (a resumed run restarts it uniform).
 """
 from __future__ import annotations
 
