@@ -86,12 +86,6 @@ class ClassText:
                    {k: tuple(v) for k, v in plain.get("descriptors", {}).items()},
                    bool(plain.get("with_templates", False)))
 
-    def restricted(self, classnames: Sequence[str]) -> "ClassText":
-        """Only the entries of ``classnames`` (what a checkpoint or an adapter carries)."""
-        keys = {normalised(c) for c in classnames}
-        return ClassText({k: v for k, v in self.descriptions.items() if k in keys},
-                         {k: v for k, v in self.descriptors.items() if k in keys}, self.with_templates)
-
 
 def load_class_text(cfg, classnames: Sequence[str]) -> Optional[ClassText]:
     """The checked class text of ``data.class_text`` for every class in ``classnames``, or None

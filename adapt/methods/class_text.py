@@ -33,7 +33,6 @@ from adapt.data.class_text import ClassText
 # prompts per text-tower call: bounds the embedded input (prompts x context x width) of a large
 # file while keeping the batch large enough to be fast; the tower chunks its activations itself
 PROMPT_CHUNK = 1024
-AGGREGATIONS = ("renorm_mean", "mean_score")
 
 
 def vcd_descriptor(phrase: str) -> str:
