@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("recipes", nargs="+", metavar="RECIPE")
     cmp.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     cmp.add_argument("--out", default="comparison", help="output folder (default: ./comparison)")
+    cmp.add_argument("--executor", choices=("local", "ray", "slurm"), default=None,
+                     help="where the runs execute: here one after another (local, the default), as Ray "
+                          "tasks, or as a SLURM job array (submitit); the list file's launcher: section "
+                          "and launcher.KEY=VALUE set the rest")
+    cmp.add_argument("--jobs", type=int, default=None, help="runs at once (ray; slurm: the array's parallelism)")
+    cmp.add_argument("--dry-run", action="store_true",
+                     help="list the runs that would run (slurm: print the sbatch script); run nothing")
     cmp.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                      help=OVERRIDES_HELP + "; applied to every recipe, anywhere on the line")
     rep = sub.add_parser("report", help="comparison files from finished runs, without training")
@@ -110,7 +117,8 @@ def _dispatch(args) -> int:
     elif args.command == "export":
         commands.export(args.run_dir, args.out_dir, overwrite=args.overwrite, plain=args.plain)
     elif args.command == "compare":
-        commands.compare(args.recipes, args.seeds, args.out, args.overrides)
+        commands.compare(args.recipes, args.seeds, args.out, args.overrides, executor=args.executor,
+                         jobs=args.jobs, dry_run=args.dry_run)
     elif args.command == "report":
         commands.report(args.targets, args.out)
     elif args.command == "predict":

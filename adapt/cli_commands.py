@@ -49,13 +49,26 @@ def export(run_dir: str, out_dir: str, overwrite: bool = False, plain: bool = Fa
         print(f"plain prompt tensors written to {path}")
 
 
-def compare(recipes: Sequence[str], seeds: Sequence[int], out: str, overrides: Sequence[str]) -> None:
+def compare(recipes: Sequence[str], seeds: Sequence[int], out: str, overrides: Sequence[str],
+            executor: Optional[str] = None, jobs: Optional[int] = None, dry_run: bool = False) -> None:
     import time
 
     from adapt.compare import compare as run_compare
+    from adapt.compare.launcher import load_launcher, split_overrides
 
+    overrides, launcher_overrides = split_overrides(overrides)
+    launcher = load_launcher(recipes, launcher_overrides, executor=executor, jobs=jobs)
     start = time.perf_counter()
-    res = run_compare(recipes, seeds, out, overrides)
+    res = run_compare(recipes, seeds, out, overrides, launcher=launcher, dry_run=dry_run)
+    if dry_run:
+        print(f"{len(res['pending'])} runs to run ({res['reused']} finished, reused) under "
+              f"--executor {launcher.executor}:")
+        for job in res["pending"]:
+            print(f"  {job.name}  {job.run_dir}")
+        if res["sbatch"] is not None:
+            print("\nsbatch script (one array task per run above, in that order; not submitted):\n")
+            print(res["sbatch"])
+        return
     print((Path(out) / "comparison.md").read_text())
     print(f"{res['trained']} runs trained, {len(res['records']) - res['trained']} reused, "
           f"{len(res['missing'])} failed; {time.perf_counter() - start:.0f} s")

@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from adapt.compare.runs import Missing, RunRecord, collect, expand_recipes, plan_runs, run_all
+from adapt.compare.launcher import LauncherConfig, load_launcher, split_overrides
+from adapt.compare.runs import Missing, RunRecord, collect, expand_recipes, finished, plan_runs, run_all
 from adapt.compare.table import aggregate, markdown, run_row, to_csv, to_json
 from adapt.io import atomic_save, atomic_write_text
 
@@ -18,17 +19,38 @@ FILES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png")
 
 
 def compare(recipes: Sequence[str | Path], seeds: Sequence[int] = (1, 2, 3), out: str | Path = "comparison",
-            overrides: Sequence[str] = (), fit: Optional[Callable] = None, progress: bool = True) -> dict:
-    """Run every recipe x seed not already finished under ``out/runs``, then write the
-    comparison files into ``out``. Returns {"files": [...], "trained": N, "missing": [...]}."""
-    if fit is None:
-        from adapt.run import run_fit as fit
+            overrides: Sequence[str] = (), fit: Optional[Callable] = None, progress: bool = True,
+            launcher: Optional[LauncherConfig] = None, dry_run: bool = False) -> dict:
+    """Run every recipe x seed not already finished under ``out/runs`` (under ``launcher``'s
+    executor: here by default, Ray, SLURM), then write the comparison files into ``out``.
+    ``launcher.*`` overrides configure the executor; ``fit`` replaces ``run_fit`` (tests).
+    Returns {"files": [...], "trained": N, "missing": [...], "records": [...]}; with ``dry_run``
+    {"pending": [...], "sbatch": script or None} and nothing runs."""
+    overrides, launcher_overrides = split_overrides(overrides)
+    if launcher is None:
+        launcher = load_launcher(recipes, launcher_overrides)
     out = Path(out)
     plan = plan_runs(expand_recipes(recipes), list(seeds), out, overrides)
-    records, missing, trained = run_all(plan, fit, progress=progress)
+    if dry_run:
+        return dry_run_plan(plan, launcher, out)
+    records, missing, trained = run_all(plan, fit, progress=progress, launcher=launcher, out=out)
     files = write_comparison(records, out, missing, expected_seeds=seeds)
     _log_to_wandb(plan, out)
     return {"files": files, "trained": trained, "missing": missing, "records": records}
+
+
+def dry_run_plan(plan, launcher: LauncherConfig, out: Path) -> dict:
+    """The runs that would run (finished ones are skipped), and under SLURM the array's script."""
+    from adapt.compare.execute import Job
+
+    pending = [Job(i, label, seed, recipe, run_dir) for i, (label, seed, recipe, run_dir) in enumerate(plan.items)
+               if finished(run_dir, recipe) is None]
+    script = None
+    if launcher.executor == "slurm" and pending:
+        from adapt.compare.slurm_executor import render_sbatch
+
+        script = render_sbatch(pending, launcher, out)
+    return {"pending": pending, "sbatch": script, "reused": len(plan.items) - len(pending)}
 
 
 def report(targets: Sequence[str], out: str | Path = ".") -> dict:

@@ -2,8 +2,10 @@
 
 ``run_all`` trains what is missing and reuses what is finished: a run directory whose
 ``results.json`` exists and whose ``recipe.yaml`` hashes to the recipe asked for is not run again,
-so an interrupted comparison resumes where it stopped. A directory holding a *different* recipe is
-never overwritten. ``collect`` reads finished runs back from directories or globs (``adapt report``).
+so an interrupted comparison resumes where it stopped, whichever executor ran it before (here, Ray,
+SLURM: ``launcher.py``); the run directories are the only state. A directory holding a *different*
+recipe is never overwritten. ``collect`` reads finished runs back from directories or globs
+(``adapt report``).
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ from typing import Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from adapt.compare.launcher import LauncherConfig
 from adapt.config import RecipeError, load_recipe
-from adapt.rundir import RESUME_FREE_KEYS, _flatten, checkpoint_path
+from adapt.rundir import RESUME_FREE_KEYS, _flatten
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +106,34 @@ def plan_runs(recipes: Sequence[Path], seeds: Sequence[int], out: Path,
                               "compare them from separate --out directories")
         labels[label] = path
     # seed-major: a comparison cut short has every recipe on the first seeds, not some on all
-    for i, seed in enumerate(seeds):
+    for seed in seeds:
         for label, path in labels.items():
             run_dir = out / "runs" / label / f"seed{seed}"
-            # the zero-shot row of the table: computed beside the first seed of every recipe
             extra = [f"seed={seed}", f"output_dir={out / 'runs'}", f"run_name={label}/seed{seed}",
-                     "trainer.progress_bar=false", f"baseline={'true' if i == 0 else 'false'}"]
-            recipe = load_recipe(path, list(overrides) + extra)
-            plan.items.append((label, seed, recipe, run_dir))
+                     "trainer.progress_bar=false", "baseline=false"]
+            plan.items.append((label, seed, load_recipe(path, list(overrides) + extra), run_dir))
+    mark_baselines(plan)
     return plan
+
+
+def baseline_key(recipe: DictConfig) -> tuple:
+    """What the zero-shot row depends on, and the table groups by: one baseline per key."""
+    d, b = recipe.data, recipe.backbone
+    return (d.dataset, str(d.root), d.setting, d.shots, b.name, str(b.pretrained))
+
+
+def mark_baselines(plan: Plan) -> None:
+    """The zero-shot row of each table: computed by one run per (dataset, setting, shots,
+    backbone), the first seed's first recipe that is not zero-shot itself; none where the
+    comparison runs the zero-shot recipe. Once, not per run, so concurrent runs never compute the
+    same baseline twice (it trains nothing and its test images are the same for every seed)."""
+    first_seed = plan.items[0][1] if plan.items else None
+    own = {baseline_key(r) for _, _, r, _ in plan.items if r.method.name == "zeroshot"}
+    for _, seed, recipe, _ in plan.items:
+        key = baseline_key(recipe)
+        if seed == first_seed and recipe.method.name != "zeroshot" and key not in own:
+            recipe.baseline = True
+            own.add(key)
 
 
 def finished(run_dir: Path, recipe: DictConfig) -> Optional[RunRecord]:
@@ -129,34 +151,51 @@ def finished(run_dir: Path, recipe: DictConfig) -> Optional[RunRecord]:
     return RunRecord(run_dir, json.loads(results.read_text()), want)
 
 
-def run_all(plan: Plan, fit: Callable[[DictConfig], dict], progress: bool = True
-            ) -> tuple[list[RunRecord], list[Missing], int]:
-    """Runs what is not finished; returns (records, missing runs, number of runs trained)."""
-    from tqdm.auto import tqdm
+def run_all(plan: Plan, fit: Optional[Callable[[DictConfig], dict]] = None, progress: bool = True,
+            launcher=None, out: Optional[Path] = None) -> tuple[list[RunRecord], list[Missing], int]:
+    """Runs what is not finished under the launcher's executor (default: one after another, here);
+    returns (records, missing runs, number of runs trained)."""
+    from adapt.compare.execute import Job, Progress
 
-    records, missing, trained = [], [], 0
-    bar = tqdm(plan.items, desc="compare", unit="run", disable=not progress, dynamic_ncols=True)
-    for label, seed, recipe, run_dir in bar:
-        bar.set_postfix_str(f"{label} seed {seed}", refresh=True)
+    launcher = launcher or LauncherConfig()
+    found: dict[int, RunRecord] = {}
+    jobs: list[Job] = []
+    for index, (label, seed, recipe, run_dir) in enumerate(plan.items):
         record = finished(run_dir, recipe)
         if record is None:
-            if checkpoint_path(run_dir).is_file():
-                recipe.resume = True  # an interrupted run of this recipe: continue it
-            elif run_dir.is_dir() and any(run_dir.iterdir()):
-                recipe.overwrite = True  # stopped before its first checkpoint: moved aside, rerun
-            try:
-                results = fit(recipe)
-            except KeyboardInterrupt:
-                raise
-            except Exception as err:  # one failing run must not lose the others' table
-                log.error("%s seed %s failed: %s", label, seed, err)
-                missing.append(Missing(label, seed, f"failed: {type(err).__name__}: {err}"))
+            jobs.append(Job(index, label, seed, recipe, run_dir))
+        else:
+            found[index] = record
+    bar = Progress(jobs, reused=len(found), enabled=progress)
+    outcomes = execute(jobs, fit, launcher, bar, out) if jobs else {}
+    records, missing = [], []
+    for index, (label, seed, recipe, run_dir) in enumerate(plan.items):
+        record = found.get(index)
+        if record is None:
+            outcome = outcomes[index]
+            if outcome.error:
+                log.error("%s seed %s %s", label, seed, outcome.error)
+                missing.append(Missing(label, seed, outcome.error))
                 continue
-            trained += 1
-            record = RunRecord(run_dir, results, recipe_hash(recipe))
+            record = RunRecord(run_dir, outcome.results, recipe_hash(recipe))
         record.label = label
         records.append(record)
-    return records, missing, trained
+    return records, missing, sum(1 for o in outcomes.values() if not o.error)
+
+
+def execute(jobs, fit, launcher, progress, out: Optional[Path]) -> dict:
+    """The jobs' outcomes under ``launcher.executor``."""
+    from adapt.compare.execute import run_local
+
+    if launcher.executor == "ray":
+        from adapt.compare.ray_executor import run_ray
+
+        return run_ray(jobs, fit, launcher, progress)
+    if launcher.executor == "slurm":
+        from adapt.compare.slurm_executor import run_slurm
+
+        return run_slurm(jobs, fit, launcher, progress, Path(out or jobs[0].run_dir.parents[2]))
+    return run_local(jobs, fit, launcher, progress)
 
 
 def collect(targets: Sequence[str]) -> list[RunRecord]:
