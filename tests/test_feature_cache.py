@@ -286,3 +286,66 @@ def test_dense_entries_hold_the_dense_outputs_of_the_same_images(tiny_datamodule
     # pooled entries keep the keys they had before dense entries existed
     plain = fingerprint(bb, items, dm.dataset.root, dm.test_transform())
     assert "dense" not in plain and "storage" not in plain
+
+
+# ------------------------------------------------------------------ concurrent processes --------
+def _hold_lock(cache_dir, components, entered, release):
+    with FeatureCache(cache_dir).lock(components):
+        entered.set()
+        release.wait(120)
+
+
+def _take_lock(cache_dir, components, trying, acquired):
+    trying.set()
+    with FeatureCache(cache_dir).lock(components):
+        acquired.set()
+
+
+def _encode_in_process(items, root, cache_dir, start, results):
+    from adapt.data.transforms import test_transform
+
+    bb = make_backbone()  # the same seed: the same weights, the same key in every process
+    start.wait(120)
+    got = encode_items(bb, items, root, test_transform(bb.image_size, bb.image_mean, bb.image_std),
+                       dataset="colours", split="train", cache_dir=cache_dir, batch_size=16)
+    results.put((got.hit, got.features.sum().item()))
+
+
+def test_the_per_key_lock_holds_across_processes(tmp_path):
+    """Runs of a comparison in other processes (Ray workers, array tasks) share the cache: a
+    process waits while another holds an entry's lock."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # the children only take a file lock: no torch work after fork
+    components = {"entry": "one"}
+    entered, release, trying, acquired = (ctx.Event() for _ in range(4))
+    holder = ctx.Process(target=_hold_lock, args=(tmp_path, components, entered, release))
+    holder.start()
+    assert entered.wait(120)
+    waiter = ctx.Process(target=_take_lock, args=(tmp_path, components, trying, acquired))
+    waiter.start()
+    assert trying.wait(120)
+    assert not acquired.wait(1.0)  # blocked while the other process holds the lock
+    release.set()
+    assert acquired.wait(120)
+    for p in (holder, waiter):
+        p.join(60)
+        assert p.exitcode == 0
+
+
+def test_concurrent_processes_encode_an_entry_once(tiny_datamodule, tmp_path):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_encode_in_process, args=(tiny_datamodule.train_items, tiny_datamodule.dataset.root,
+                                                            tmp_path / "cache", start, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    start.set()
+    got = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert sorted(hit for hit, _ in got) == [False, True]  # one computed it, the other read it
+    assert got[0][1] == got[1][1]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
