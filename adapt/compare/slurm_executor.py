@@ -3,10 +3,12 @@ array task.
 
 Partition, account, QoS, constraint, time, memory, GPUs and CPUs per task come from the launcher
 section (GPUs default to the largest ``trainer.devices`` of the recipes that train on GPUs).
-Pre-emption and the time limit: the array asks SLURM for SIGUSR1 ``signal_delay_s`` before the
+The time limit and pre-emption: the array asks SLURM for SIGUSR1 ``signal_delay_s`` before the
 end (``--signal=USR1@90``, replacing submitit's USR2) and for ``--requeue``; Lightning's SLURM
 environment catches SIGUSR1, writes ``hpc_ckpt_*.ckpt`` into the run directory and requeues the
-array task, whose new attempt continues from the newest checkpoint (``execute.run_one``).
+array task. Any new attempt of a task (requeued by Lightning, or by SLURM after a pre-emption)
+continues from the run's checkpoint (``execute.run_one``). Not tested on a real cluster here: the
+tests run the array through submitit's local executor and check the script field by field.
 A run that raises is reported with its error.
 
 ``--dry-run`` prints the sbatch script that would be submitted (rendered by submitit's own
