@@ -236,3 +236,33 @@ def test_ray_resources_follow_the_recipe():
     assert gpus_of(r("auto", "auto"), plain, False) == 0 and gpus_of(r("auto", "auto"), plain, True) == 1
     assert gpus_of(r("gpu", "2"), plain, False) == 2
     assert gpus_of(r("gpu", 2), LauncherConfig(executor="ray", gpus=0), True) == 0
+
+
+def test_slurm_refuses_to_submit_beside_an_earlier_array_still_running(tmp_path, monkeypatch):
+    import submitit
+
+    recipes = _world_recipes(tmp_path)[:1]
+    out = tmp_path / "cmp"
+    (out / "slurm").mkdir(parents=True)
+    (out / "slurm" / "array.json").write_text(json.dumps({"cluster": "slurm", "job_id": "4242", "runs": 2}))
+    states = {"4242_0": "COMPLETED", "4242_1": "RUNNING"}
+
+    class FakeJob:
+        def __init__(self, folder, job_id):
+            self.state = states[job_id]
+
+    monkeypatch.setattr(submitit, "SlurmJob", FakeJob)
+    with pytest.raises(RecipeError, match=r"array 4242 .* still has 1 run\(s\) queued or running.*scancel 4242"):
+        compare(recipes, seeds=[1], out=out, fit=pytest.fail, progress=False,
+                launcher=LauncherConfig(executor="slurm"))
+    states["4242_1"] = "FAILED"  # the earlier array is over: a new one would be submitted (needs SLURM here)
+    with pytest.raises(RuntimeError, match="srun"):
+        compare(recipes, seeds=[1], out=out, fit=pytest.fail, progress=False,
+                launcher=LauncherConfig(executor="slurm"))
+
+
+def test_a_missing_submitit_is_named_with_its_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "submitit", None)
+    assert main(["compare", *map(str, _world_recipes(tmp_path)[:1]), "--out", str(tmp_path / "c"),
+                 "--executor", "slurm", "--dry-run"]) == 2
+    assert 'needs the submitit package: pip install "adapt-clip[slurm]"' in capsys.readouterr().err

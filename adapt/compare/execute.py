@@ -141,8 +141,19 @@ class Progress:
 
 
 def run_local(jobs: Sequence[Job], fit: Callable, launcher, progress: Progress) -> dict[int, Outcome]:
-    """Today's executor: one run after another in this process."""
-    out = {}
+    """Today's executor: one run after another in this process (``launcher.threads`` applies
+    during the runs only)."""
+    import torch
+
+    threads, out = torch.get_num_threads(), {}
+    try:
+        _run_each(jobs, fit, launcher, progress, out)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _run_each(jobs, fit, launcher, progress, out) -> None:
     for job in jobs:
         progress.set(job, "running")
         try:
@@ -153,7 +164,6 @@ def run_local(jobs: Sequence[Job], fit: Callable, launcher, progress: Progress) 
             log.error("%s seed %s failed: %s", job.label, job.seed, err)
             out[job.index] = Outcome(error=f"failed: {error_text(err)}")
         progress.set(job, "failed" if out[job.index].error else "done")
-    return out
 
 
 @contextlib.contextmanager

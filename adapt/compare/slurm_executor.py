@@ -18,6 +18,7 @@ A run that raises is reported with its error.
 """
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -27,6 +28,8 @@ from typing import Callable, Sequence
 from adapt.compare.execute import Job, Outcome, Progress, error_text, recipe_text, run_one, worker_env
 from adapt.compare.launcher import LauncherConfig, require
 from adapt.compare.ray_executor import gpus_of
+from adapt.io import atomic_write_json
+from adapt.structured import RecipeError
 
 
 def folder_of(launcher: LauncherConfig, out: Path) -> Path:
@@ -97,21 +100,54 @@ def _executor(submitit, launcher: LauncherConfig, jobs: Sequence[Job], out: Path
     return ex
 
 
+ACTIVE = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED")
+
+
+def unfinished_array(submitit, folder: Path) -> list[str]:
+    """Array tasks of an earlier submission from this folder that SLURM still runs or queues."""
+    record = folder / "array.json"
+    if not record.is_file():
+        return []
+    previous = json.loads(record.read_text())
+    if previous.get("cluster") != "slurm":
+        return []
+    ids = [f"{previous['job_id']}_{i}" for i in range(previous["runs"])]
+    return [i for i in ids if submitit.SlurmJob(folder, i).state.split(" ")[0] in ACTIVE]
+
+
 def run_slurm(jobs: Sequence[Job], fit: Callable, launcher: LauncherConfig, progress: Progress,
               out: Path) -> dict[int, Outcome]:
     submitit = require("submitit", "slurm")
+    folder = folder_of(launcher, out)
+    busy = unfinished_array(submitit, folder) if launcher.cluster == "slurm" else []
+    if busy:  # its tasks would write the same run directories as a new array
+        array = busy[0].split("_")[0]
+        raise RecipeError(f"the array {array} submitted earlier from {folder} still has {len(busy)} run(s) "
+                          f"queued or running; wait for it (adapt report shows what has finished) or stop it "
+                          f"with scancel {array}, then run this command again")
     ex = _executor(submitit, launcher, jobs, out)
     threads = threads_of(jobs, launcher)
     with worker_env():  # sbatch exports the environment; local tasks inherit it
         handles = ex.map_array(run_one, [recipe_text(j.recipe) for j in jobs], [str(j.run_dir) for j in jobs],
                                [fit] * len(jobs), [threads] * len(jobs))
-    folder = folder_of(launcher, out)
     (folder / "array.tsv").write_text(array_index(jobs) + "\n")
+    array = handles[0].job_id.split("_")[0] if handles else ""
+    atomic_write_json(folder / "array.json", {"cluster": launcher.cluster, "job_id": array, "runs": len(jobs)})
     if handles and launcher.cluster == "slurm":
-        print(f"compare: submitted array {handles[0].job_id.split('_')[0]} ({len(jobs)} runs); "
-              f"logs in {folder}", file=sys.stderr)
+        print(f"compare: submitted array {array} ({len(jobs)} runs); logs in {folder}", file=sys.stderr)
     for job in jobs:
         progress.submitted(job)
+    try:
+        return _wait(jobs, handles, launcher, progress)
+    except KeyboardInterrupt:
+        if launcher.cluster == "slurm":
+            print(f"\ncompare: stopped waiting; the array {array} keeps running on the cluster. `adapt report "
+                  f"{out}/runs` tables what has finished; rerun this command once it is done (or scancel "
+                  f"{array})", file=sys.stderr)
+        raise
+
+
+def _wait(jobs: Sequence[Job], handles, launcher: LauncherConfig, progress: Progress) -> dict[int, Outcome]:
     waiting, out_ = dict(zip((j.index for j in jobs), zip(jobs, handles))), {}
     poll = 15.0 if launcher.cluster == "slurm" else 0.5
     while waiting:
