@@ -158,6 +158,13 @@ def test_dry_run_prints_the_sbatch_script_of_the_launcher_section_and_submits_no
     assert "module load cuda" in body and any(line.startswith(f"export PYTHONPATH={ROOT}") for line in body)
     assert any("-m submitit.core._submit" in line and str(folder) in line for line in body)
     assert "4 runs to run (0 finished, reused) under --executor slurm" in printed
+    # a run on two GPUs: one task per GPU (Lightning's DDP under SLURM); CPUs from data workers
+    from adapt.compare.slurm_executor import sbatch_parameters
+
+    jobs = [Job(0, "x", 1, OmegaConf.create({"trainer": {"accelerator": "gpu", "devices": 2},
+                                             "data": {"num_workers": 3}}), out)]
+    params = sbatch_parameters(jobs, LauncherConfig(executor="slurm"))
+    assert (params["gpus_per_node"], params["ntasks_per_node"], params["cpus_per_task"]) == (2, 2, 4)
     assert printed.index("coop/world_colour/seed1") < printed.index("clipadapter/world_colour/seed2")
     assert not out.exists()  # nothing submitted, nothing written
 

@@ -36,7 +36,8 @@ class LauncherConfig:
     # parallelism, default 256); local runs one at a time
     jobs: Optional[int] = None
     # CPU threads of each run (torch.set_num_threads; a Ray task's num_cpus; SLURM's
-    # cpus_per_task unless that is given). Default: 1 under Ray, untouched locally
+    # cpus_per_task unless that is given). Default: 1 under Ray; locally and under SLURM torch's
+    # own default (the CPUs the process may use)
     threads: Optional[int] = None
     # GPUs of each run; default: trainer.devices when trainer.accelerator is gpu / cuda, the same
     # under "auto" when the Ray cluster (or the SLURM launcher: never) has GPUs, else 0

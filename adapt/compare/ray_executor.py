@@ -38,10 +38,6 @@ def gpus_of(recipe: DictConfig, launcher: LauncherConfig, cluster_has_gpus: bool
     return len(list(devices))  # a list of device ids
 
 
-def threads_of(launcher: LauncherConfig) -> int:
-    return launcher.threads or 1
-
-
 def _task(recipe_yaml: str, run_dir: str, fit, threads: int) -> dict:
     return run_one(recipe_yaml, run_dir, fit, threads)
 
@@ -52,7 +48,7 @@ def run_ray(jobs: Sequence[Job], fit: Callable, launcher: LauncherConfig, progre
     if started:
         with worker_env():  # the cluster's workers import this adapt
             if launcher.address is None:
-                cpus = launcher.num_cpus or (launcher.jobs * threads_of(launcher) if launcher.jobs else None)
+                cpus = launcher.num_cpus or (launcher.jobs * (launcher.threads or 1) if launcher.jobs else None)
                 ray.init(num_cpus=cpus, log_to_driver=False, configure_logging=False)
             else:
                 ray.init(address=launcher.address, log_to_driver=False, configure_logging=False)
@@ -71,7 +67,7 @@ def _drive(ray, jobs, fit, launcher, progress) -> dict[int, Outcome]:
     while waiting or in_flight:
         while waiting and len(in_flight) < limit:
             job = waiting.pop(0)
-            threads = threads_of(launcher)
+            threads = launcher.threads or 1
             ref = task.options(name=job.name, num_cpus=threads, num_gpus=gpus_of(job.recipe, launcher, has_gpus),
                                max_retries=launcher.max_retries, retry_exceptions=False
                                ).remote(recipe_text(job.recipe), str(job.run_dir), fit, threads)

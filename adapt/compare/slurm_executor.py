@@ -56,6 +56,8 @@ def sbatch_parameters(jobs: Sequence[Job], launcher: LauncherConfig) -> dict:
     }
     if gpus:
         params["gpus_per_node"] = gpus
+    if gpus > 1:  # a run on several GPUs: one task per GPU, Lightning's SLURM convention for DDP
+        params["ntasks_per_node"] = gpus
     if launcher.mem_gb is not None:
         from submitit.slurm.slurm import _convert_mem
 
@@ -64,10 +66,6 @@ def sbatch_parameters(jobs: Sequence[Job], launcher: LauncherConfig) -> dict:
         if getattr(launcher, key):
             params[key] = getattr(launcher, key)
     return params
-
-
-def threads_of(jobs: Sequence[Job], launcher: LauncherConfig) -> int:
-    return sbatch_parameters(jobs, launcher)["cpus_per_task"]
 
 
 def render_sbatch(jobs: Sequence[Job], launcher: LauncherConfig, out: Path) -> str:
@@ -126,7 +124,8 @@ def run_slurm(jobs: Sequence[Job], fit: Callable, launcher: LauncherConfig, prog
                           f"queued or running; wait for it (adapt report shows what has finished) or stop it "
                           f"with scancel {array}, then run this command again")
     ex = _executor(submitit, launcher, jobs, out)
-    threads = threads_of(jobs, launcher)
+    # torch's default thread count follows the CPUs SLURM gives the task (its affinity)
+    threads = launcher.threads
     with worker_env():  # sbatch exports the environment; local tasks inherit it
         handles = ex.map_array(run_one, [recipe_text(j.recipe) for j in jobs], [str(j.run_dir) for j in jobs],
                                [fit] * len(jobs), [threads] * len(jobs))
