@@ -70,11 +70,15 @@ def test_compare_takes_overrides_anywhere_on_the_line(monkeypatch, tmp_path):
     seen = {}
     import adapt.cli_commands as commands
 
-    monkeypatch.setattr(commands, "compare", lambda r, s, o, ov: seen.update(r=r, s=s, o=o, ov=ov))
+    monkeypatch.setattr(commands, "compare", lambda r, s, o, ov, **kw: seen.update(r=r, s=s, o=o, ov=ov, **kw))
     assert main(["compare", "a.yaml", "b.yaml", "data.shots=4", "--seeds", "1", "2", "optim.lr=0.1",
                  "--out", str(tmp_path)]) == 0
     assert seen == {"r": ["a.yaml", "b.yaml"], "s": [1, 2], "o": str(tmp_path),
-                    "ov": ["data.shots=4", "optim.lr=0.1"]}
+                    "ov": ["data.shots=4", "optim.lr=0.1"], "executor": None, "jobs": None, "dry_run": False}
+    # the executor's flags, and launcher.KEY=VALUE among the overrides (split off by the command)
+    seen.clear()
+    assert main(["compare", "a.yaml", "--executor", "ray", "launcher.threads=2", "--jobs", "3", "--dry-run"]) == 0
+    assert (seen["executor"], seen["jobs"], seen["dry_run"], seen["ov"]) == ("ray", 3, True, ["launcher.threads=2"])
 
 
 RECIPE_FILES = sorted(p for p in (ROOT / "recipes").rglob("*.yaml") if p.parent.name != "compare")

@@ -29,7 +29,8 @@ def compare(recipes: Sequence[str | Path], seeds: Sequence[int] = (1, 2, 3), out
     overrides, launcher_overrides = split_overrides(overrides)
     if launcher is None:
         launcher = load_launcher(recipes, launcher_overrides)
-    out = Path(out)
+    # workers elsewhere (a Ray cluster joined, SLURM nodes) may start in another directory
+    out = Path(out) if launcher.executor == "local" else Path(out).absolute()
     plan = plan_runs(expand_recipes(recipes), list(seeds), out, overrides)
     if dry_run:
         return dry_run_plan(plan, launcher, out)
