@@ -193,7 +193,13 @@ def test_one_zero_shot_baseline_per_dataset_setting_and_shots(tmp_path):
     recipes = _world_recipes(tmp_path, ("coop", "clipadapter", "kgcoop"))
     plan = plan_runs(recipes, [1, 2], tmp_path / "o", ["data.shots=2"])
     marked = [(label, seed) for label, seed, r, _ in plan.items if r.baseline]
-    assert marked == [("coop-world", 1)]
+    assert marked == [("coop-world", 1)]  # one for three recipes (of two batch sizes)
+    # other prompts are another zero-shot model: its own baseline
+    other = tmp_path / "recipes" / "kgcoop" / "prompts.yaml"
+    OmegaConf.save(OmegaConf.create({"_base_": str(recipes[2]), "data": {"templates": ["a {} thing."]}}), other)
+    plan = plan_runs(recipes + [other], [1, 2], tmp_path / "o1")
+    assert [(label, seed) for label, seed, r, _ in plan.items if r.baseline] == [("coop-world", 1),
+                                                                                ("kgcoop-prompts", 1)]
     # another shots setting is another table: its own baseline; a zero-shot recipe needs none
     zs = tmp_path / "recipes" / "zeroshot" / "world.yaml"
     zs.parent.mkdir(parents=True)

@@ -116,15 +116,23 @@ def plan_runs(recipes: Sequence[Path], seeds: Sequence[int], out: Path,
     return plan
 
 
-def baseline_key(recipe: DictConfig) -> tuple:
-    """What the zero-shot row depends on, and the table groups by: one baseline per key."""
-    d, b = recipe.data, recipe.backbone
-    return (d.dataset, str(d.root), d.setting, d.shots, b.name, str(b.pretrained))
+# the data keys the zero-shot row depends on (the evaluation sets and prompts), or the table groups
+# by (shots); keys that only shape training (batch size, augmentation, workers) are left out
+BASELINE_DATA_KEYS = ("dataset", "root", "split_file", "setting", "shots", "targets", "tasks", "multi_task",
+                      "templates")
+
+
+def baseline_key(recipe: DictConfig) -> str:
+    """One zero-shot baseline per key: the evaluation data, the prompts, the backbone."""
+    data = OmegaConf.to_container(recipe.data, resolve=True)
+    kept = {k: data[k] for k in BASELINE_DATA_KEYS if k in data}
+    b = recipe.backbone  # the weights (memory and speed settings give the same logits)
+    return json.dumps([kept, [b.name, b.pretrained, b.quick_gelu]], sort_keys=True, default=str)
 
 
 def mark_baselines(plan: Plan) -> None:
-    """The zero-shot row of each table: computed by one run per (dataset, setting, shots,
-    backbone), the first seed's first recipe that is not zero-shot itself; none where the
+    """The zero-shot row of each table: computed by one run per (evaluation data, shots, backbone:
+    ``baseline_key``), the first seed's first recipe that is not zero-shot itself; none where the
     comparison runs the zero-shot recipe. Once, not per run, so concurrent runs never compute the
     same baseline twice (it trains nothing and its test images are the same for every seed)."""
     first_seed = plan.items[0][1] if plan.items else None
