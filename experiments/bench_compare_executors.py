@@ -8,7 +8,8 @@ recipe's own settings, the shipped tiny-vit-p4 on world_colour, 16 shots) x 2 se
 (``launcher.threads=1``, a local cluster of 2 CPUs) and the local executor with two threads
 (``launcher.threads=2``). Each arm starts from an empty feature cache of its own (both pay the
 encoding; the world's images are shared) and writes its own runs; with ``--rounds N`` the arms
-alternate, so a load change on a shared machine hits both alike. Target: local wall time / Ray wall time >= 1.5 on 2 cores.
+alternate, so a load change on a shared machine hits both alike. Target: local wall time / Ray
+wall time >= 1.5 on 2 cores.
 
 Also measured, each in a fresh process: Ray's startup (``ray.init`` of a 2-CPU local cluster),
 the first task's round trip (a worker process started and ``adapt.run`` imported in it), a warm
