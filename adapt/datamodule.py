@@ -86,6 +86,8 @@ class AdaptDataModule(pl.LightningDataModule):
         # "images", or "features" once ``serve`` chose cached features for a method
         self.inputs = "images"
         self._encoder = None  # (backbone, train views, device, dense outputs) when serving features
+        # the served method's own training transform (``Method.train_transform``), or None
+        self._method_transform: Optional[Callable] = None
         # each split's features, once per run (evaluation and the zero-shot baseline share them)
         self._loaded: dict[tuple[str, bool, tuple], CachedFeatures] = {}  # (split, train, dense outputs)
         # data.captions: the labelled texts, and their token ids once ``serve`` tokenized them
@@ -234,6 +236,7 @@ class AdaptDataModule(pl.LightningDataModule):
             self._loaded = {}  # features of another backbone or view count are never reused
         self._encoder = encoder
         self.inputs = "features" if use else "images"
+        self._method_transform = method.train_transform
         # a method trained on text reads the caption stream's token ids in training (its
         # evaluation reads images or their features, as above)
         self._captions = None
@@ -256,6 +259,12 @@ class AdaptDataModule(pl.LightningDataModule):
     def train_transform(self):
         return (self.task.train_transform or train_transform)(self.image_size, self.mean, self.std)
 
+    def training_transform(self):
+        """What the training images go through: the served method's own transform (MUST's
+        views) when it has one, else the data's augmentation (``train_transform``)."""
+        own = self._method_transform(self.image_size, self.mean, self.std) if self._method_transform else None
+        return own if own is not None else self.train_transform()
+
     def test_transform(self):
         return (self.task.test_transform or test_transform)(self.image_size, self.mean, self.std)
 
@@ -275,7 +284,7 @@ class AdaptDataModule(pl.LightningDataModule):
         if self._captions is not None:
             return train_loader(self._captions, EpochOrder(len(self._captions), self.seed), bs, rank, world_size)
         if self._encoder is None:
-            return train_loader(ImageDataset(self.train_items, self.dataset.root, self.train_transform(),
+            return train_loader(ImageDataset(self.train_items, self.dataset.root, self.training_transform(),
                                              read=self.read),
                                 EpochOrder(len(self.train_items), self.seed), bs, rank, world_size,
                                 collate_fn=self.task.collate,

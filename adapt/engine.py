@@ -155,6 +155,12 @@ class AdaptModule(pl.LightningModule):
         # after accumulation, the DDP all-reduce and fp16 unscaling; before clipping and the step
         self.method.transform_gradients(self._mean_over_processes)
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # the steps taken before this one (Lightning counts it once the step is done)
+        step = int(self.trainer.global_step)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.method.on_optimizer_step(step)
+
     def _mean_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size == 1:
             return tensor

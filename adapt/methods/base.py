@@ -191,6 +191,18 @@ class Method(nn.Module):
         a gradient the method took itself with ``torch.autograd.grad`` is its process's own and
         goes through ``reduce`` before it is compared with ``.grad``."""
 
+    def on_optimizer_step(self, step: int) -> None:
+        """Called right after every optimizer step; ``step`` counts the steps taken before this
+        one over the whole run (0 for the first, the resumed count after a resume), so state that
+        follows the step (MUST's EMA teacher and its decay ramp) is right however the run
+        started. The default does nothing."""
+
+    def train_transform(self, image_size: int, mean, std) -> Optional[Callable]:
+        """The method's own training transform of a PIL image, replacing the data's augmentation
+        (MUST's weak and strong views of each image, stacked [2, 3, H, W]), or None: the data's.
+        Evaluation always reads the data's test transform."""
+        return None
+
     def setup(self, datamodule) -> None:
         """Called once before fitting/evaluating with the data (Tip-Adapter's cache, UPL labels)."""
 
