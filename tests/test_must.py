@@ -4,6 +4,7 @@ masks, the views, the layer-wise lr groups, and the teacher's place in the saved
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -249,3 +250,40 @@ def test_defaults_are_the_originals_imagenet_vit_b16_config():
 def test_a_resnet_tower_is_refused_in_one_message():
     with pytest.raises(TypeError, match="needs a ViT image tower"):
         build_method("must", None, make_backbone("test-rn"), NAMES, ["a photo of a {}."])
+
+
+# ------------------------------------------------------------------ checkpoint and resume ------
+def _must_args(image_folder, tmp_path, run_name):
+    from tests.conftest import tiny_overrides
+
+    root = Path(__file__).resolve().parents[1]
+    return ["fit", str(root / "recipes/must/imagenet.yaml"), *tiny_overrides(image_folder, tmp_path, "must", **{
+        "run_name": run_name, "data.setting": "unsupervised", "data.shots": 0, "baseline": "false",
+        "trainer.max_epochs": 12, "trainer.checkpoint_every_n_epochs": 3, "method.mask_patch": 16,
+        "method.ema_decay_init": 0.5, "method.ema_warm_steps": 40, "method.conf_threshold": 0.2,
+        "optim.lr": 0.001, "optim.min_lr": 0.0})]
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_teacher_and_student(image_folder, tmp_path):
+    """SIGKILL after the first checkpoint, then ``resume=true``: the adapter (student, teacher)
+    has the bytes of the uninterrupted run, so the EMA, its ramp and the masks all resumed."""
+    import signal
+
+    from tests.test_reliability import ADAPTER, _interrupt_after_first_checkpoint, _run
+
+    ref = _run(_must_args(image_folder, tmp_path, "ref"), tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / "killed"
+    killed = _interrupt_after_first_checkpoint(_must_args(image_folder, tmp_path, "killed"), tmp_path, run,
+                                               signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    done = torch.load(run / "checkpoints/last.ckpt", weights_only=False)["loops"]["fit_loop"]["epoch_progress"]
+    assert 0 < done["current"]["processed"] < 12  # stopped midway
+    resumed = _run(_must_args(image_folder, tmp_path, "killed") + ["resume=true"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(run / ADAPTER), load_file(tmp_path / "ref" / ADAPTER)
+    # the teacher lags the student (a stale or reset EMA would make other bytes below)
+    assert not torch.equal(ours["teacher.backbone/model/visual/conv1/weight"], ours["backbone.model.visual.conv1.weight"])
+    assert (run / ADAPTER).read_bytes() == (tmp_path / "ref" / ADAPTER).read_bytes()
