@@ -25,24 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from adapt.config import load_recipe  # noqa: E402
-from adapt.run import run_fit  # noqa: E402
 from experiments.benchlib import output_dir, write_result  # noqa: E402
+from experiments.clippr_world import fit  # noqa: E402  (one run from a recipe, its figures)
 from experiments.world_numbers import mean_std  # noqa: E402
 
 STEM = "must_world"
-COMMON = ["data.root=null", "data.num_workers=0", "trainer.progress_bar=false", "logger.csv=false"]
 RECIPES = {"upl": "upl/coop_world.yaml", "must": "must/world.yaml"}
-
-
-def fit(recipe: str, over: list[str], out: Path, name: str) -> dict:
-    cfg = load_recipe(ROOT / "recipes" / recipe, COMMON + over + [f"output_dir={out}", f"run_name={name}"])
-    start = time.perf_counter()
-    res = run_fit(cfg)
-    return {"test_acc": res["metrics"]["test_acc"], "zeroshot": res.get("zeroshot_metrics"),
-            "scalars": res.get("scalars", {}), "report": res.get("pseudo_labels") or res.get("unlabelled"),
-            "epochs": cfg.trainer.max_epochs, "batch_size": cfg.data.batch_size,
-            "trainable_params": res["trainable_params"], "wall_seconds": round(time.perf_counter() - start, 1)}
 
 
 def main(argv=None) -> None:

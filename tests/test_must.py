@@ -283,7 +283,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_teacher_and_student(image_fol
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     from safetensors.torch import load_file
 
-    ours, theirs = load_file(run / ADAPTER), load_file(tmp_path / "ref" / ADAPTER)
+    ours = load_file(run / ADAPTER)
     # the teacher lags the student (a stale or reset EMA would make other bytes below)
     assert not torch.equal(ours["teacher.backbone/model/visual/conv1/weight"], ours["backbone.model.visual.conv1.weight"])
     assert (run / ADAPTER).read_bytes() == (tmp_path / "ref" / ADAPTER).read_bytes()
