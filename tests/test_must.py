@@ -237,7 +237,21 @@ def test_layer_decay_groups_follow_the_originals_layer_ids(backbone):
     assert conv.lr_scale == pytest.approx(0.65 ** (depth + 1))
     bias = groups[where[id(params["backbone.model.visual.transformer.resblocks.0.attn.in_proj_bias"])]]
     assert bias.lr_scale == pytest.approx(0.65 ** depth) and bias.weight_decay_scale == 0.0
-    assert groups[where[id(m.mask_token)]].lr_scale == pytest.approx(0.65 ** (depth + 1))
+    token = groups[where[id(m.mask_token)]]  # [1, 1, W] there: weight decay on
+    assert token.lr_scale == pytest.approx(0.65 ** (depth + 1)) and token.weight_decay_scale == 1.0
+
+
+def test_the_lora_variant_trains_image_tower_factors_and_starts_as_must(backbone):
+    full, lora = _must(backbone), build_method("must_lora", None, backbone, NAMES, ["a photo of a {}."])
+    owned = set(lora.backbone_state())
+    assert owned and all(".lora_" in n and n.startswith("model.visual.") for n in owned)
+    assert {n for n, p in lora.backbone.named_parameters() if p.requires_grad} == owned
+    assert set(lora.teacher.names) == set(lora.live_tensors()) >= {"backbone." + n for n in owned}
+    x = _images(3)
+    with torch.no_grad():  # B = 0 at the start: the zero-shot-initialised model, as must
+        assert torch.allclose(lora.eval()(x), full.eval()(x), atol=1e-5)
+    with pytest.raises(ValueError, match="dropout 0"):
+        build_method("must_lora", {"dropout": 0.25}, backbone, NAMES, ["a photo of a {}."])
 
 
 def test_defaults_are_the_originals_imagenet_vit_b16_config():

@@ -27,8 +27,9 @@ checkpoint); ``predict_with: teacher`` uses the EMA.
 
 Departures (each a choice, never silent):
 - trainable set as the original (the whole image tower, W, mask token, ln_patch, decoder); the
-  text tower is kept frozen (the original deletes it). Full fine-tuning only: the issue's PEFT
-  (LoRA) variant is not built.
+  text tower is kept frozen (the original deletes it). ``must_lora`` is a PEFT variant the
+  original does not have: rank-2 LoRA (CLIP-LoRA's placement and α/√r scaling, no dropout) on
+  the image tower's q, k, v in place of the tower's weights.
 - logit scale: the backbone's exp(t) (``logit_scale: null``); the original hard-codes 100,
   which is OpenAI CLIP's own; the world's tiny CLIP has 25.5 and τ would mean another thing.
 - a batch with no confident sample gives L_st = 0 (the original's CE of nothing is NaN and ends
@@ -142,7 +143,7 @@ class MUST(Method):
         v = self.backbone._vit()  # the one "needs a ViT image tower" message
         self.patch = int(v.conv1.stride[0])
         check_mask_geometry(self.backbone.image_size, config.mask_patch, self.patch)
-        self.visual = [n for n, _ in self.backbone.named_parameters() if n.startswith("model.visual.")]
+        self.visual = self.tune_backbone()
         for n, p in self.backbone.named_parameters():
             p.requires_grad_(n in self.visual)
         device, width = self.backbone.logit_scale.device, self.backbone.vision_width
@@ -155,6 +156,10 @@ class MUST(Method):
         self.teacher = EmaTeacher(self.live_tensors())
         self.decay = config.ema_decay_init
         self._fair_prev: Optional[torch.Tensor] = None
+
+    def tune_backbone(self) -> list[str]:
+        """The backbone tensors that train, by name under the backbone: the whole image tower."""
+        return [n for n, _ in self.backbone.named_parameters() if n.startswith("model.visual.")]
 
     def live_tensors(self) -> dict[str, torch.Tensor]:
         """Every trainable tensor by its name under the method: what the teacher averages."""
@@ -270,7 +275,8 @@ class MUST(Method):
         depth, groups = self.backbone.vision_depth, {}
         for name, p in self.live_tensors().items():
             layer = layer_of(name, depth)
-            flat = p.dim() == 1
+            # the original's mask token is [1, 1, W], so it is decayed like the matrices
+            flat = p.dim() == 1 and name != "mask_token"
             key = f"layer{layer}" + ("_no_decay" if flat else "")
             if key not in groups:
                 groups[key] = ParamGroup([], lr_scale=self.config.layer_decay ** (depth + 1 - layer),
@@ -289,3 +295,41 @@ def check_mask_geometry(size: int, mask_patch: int, patch: int) -> None:
         raise ValueError(f"method.mask_patch={mask_patch} must divide the {size}-pixel images and be a multiple of "
                          f"the model's {patch}-pixel patch; e.g. method.mask_patch={2 * patch} (the original: 32 "
                          "pixels = 2 patches of ViT-B/16 at 224)")
+
+
+@dataclass
+class MUSTLoRAConfig(MUSTConfig):
+    # the PEFT variant: LoRA on the image tower's attention instead of every tower weight, with
+    # CLIP-LoRA's placement and scaling (adapt/methods/lora.py) but no dropout (MUST has none, and
+    # the teacher must see what the student is)
+    towers: list[str] = field(default_factory=lambda: ["image"])
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v"])
+    layers: Optional[list[int]] = None
+    r: int = 2
+    alpha: float = 1.0
+    dropout: float = 0.0
+    rslora: bool = True
+    dora: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if list(self.towers) != ["image"] or self.r < 1 or self.dropout != 0:
+            raise ValueError("must_lora adapts the image tower (towers: [image]) with r >= 1 and dropout 0 "
+                             f"(its teacher runs the same layers); got towers {list(self.towers)}, r {self.r}, "
+                             f"dropout {self.dropout}")
+
+
+@register_method("must_lora")
+class MUSTLoRA(MUST):
+    """MUST with LoRA updates on the image tower's q, k, v in place of full fine-tuning (a stated
+    departure from the original): the classifier, mask token, ln_patch and decoder train as in
+    ``must``, and the EMA teacher averages the LoRA factors with them."""
+
+    Config = MUSTLoRAConfig
+    trainable_kind = "image-tower LoRA + classifier (EMA self-training)"
+
+    def tune_backbone(self) -> list[str]:
+        from adapt.methods.lora import add_lora
+
+        _, names = add_lora(self.backbone, self.config)
+        return names
