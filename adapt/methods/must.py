@@ -19,7 +19,7 @@ so checkpoints resume it. The mask: ⌈ratio · (size / mask_patch)²⌉ random 
 mask_patch × mask_patch pixels per image. Weak view: resize + random crop; strong: random resized
 crop (0.3–1) + flip + RandAugment (``Method.train_transform``). Layer-wise lr decay 0.65 (patch
 and position embeddings, ln_pre and the mask token are layer 0, block i is i + 1, the rest top),
-no weight decay on 1-D tensors, as its optim_factory. Defaults are its ImageNet ViT-B/16 config
+no weight decay on 1-D tensors (its mask token is [1, 1, W] and keeps it), as its optim_factory. Defaults are its ImageNet ViT-B/16 config
 (train_configs.json) and argparse: τ 0.7, ratio 0.3, mask_patch 32, w_align 0.2, w_fair 1, EMA
 0.999 → 0.9998 over 2000 steps; the recipes carry AdamW (wd 0.05), lr × batch / 256, cosine per
 step to min_lr, no warm-up. Prediction: the student (the original's acc1, which picks its
@@ -41,6 +41,11 @@ Departures (each a choice, never silent):
 - p̄ is the process's own batch under DDP (the original all-gathers it with gradient); one
   device is the intended use. The moving average of p̄ is not checkpointed (restarts per epoch,
   as the original's does at step 0).
+- W starts from the templates adapt ships for the dataset (ImageNet 8, most others 1; the
+  original's templates.json has ImageNet 80, UCF101 48, Caltech101 34, DTD 8, SUN397 2);
+  ``data.templates`` gives others.
+- one device at batch 64 (the recipes), lr and min_lr scaled by batch / 256 as the original
+  scales them for its 16 × 64; its EMA ramp is counted in steps of 16× smaller batches here.
 - the last epoch is kept (the original saves its "best" by test accuracy); no test image selects.
 - the teacher's tensors travel in the adapter too (twice the image tower's size).
 """
@@ -172,13 +177,10 @@ class MUST(Method):
             self.teacher.averages()["classifier"].copy_(self.classifier)
 
     # ------------------------------------------------------------------ forward ----------------
-    @property
-    def scale(self) -> torch.Tensor:
-        s = self.config.logit_scale
-        return self.backbone.logit_scale.detach() if s is None else torch.tensor(float(s))
-
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.scale.to(pooled.dtype) * F.normalize(pooled, dim=-1) @ self.classifier.to(pooled.dtype)
+        s = self.config.logit_scale
+        scale = self.backbone.logit_scale.detach().to(pooled.dtype) if s is None else float(s)
+        return scale * F.normalize(pooled, dim=-1) @ self.classifier.to(pooled.dtype)
 
     def student_logits(self, images: torch.Tensor) -> torch.Tensor:
         return self.classify(self.backbone.encode_image(images, normalize=False))
