@@ -301,3 +301,24 @@ def test_a_killed_run_resumes_to_the_uninterrupted_teacher_and_student(image_fol
     # the teacher lags the student (a stale or reset EMA would make other bytes below)
     assert not torch.equal(ours["teacher.backbone/model/visual/conv1/weight"], ours["backbone.model.visual.conv1.weight"])
     assert (run / ADAPTER).read_bytes() == (tmp_path / "ref" / ADAPTER).read_bytes()
+
+
+def test_bad_settings_are_one_message_each():
+    for bad, match in (({"conf_threshold": 1.0}, "conf_threshold and mask_ratio"),
+                       ({"mask_ratio": -0.1}, "conf_threshold and mask_ratio"),
+                       ({"ema_decay": 1.5}, "ema_decay_init and ema_decay"),
+                       ({"layer_decay": 0.0}, "layer_decay in"),
+                       ({"randaugment_magnitude": 11}, "randaugment_magnitude"),
+                       ({"predict_with": "both"}, "student or teacher"),
+                       ({"strong_crop_scale": [0.5, 0.2]}, "crop_scale")):
+        with pytest.raises(ValueError, match=match):
+            MUSTConfig(**bad)
+
+
+def test_predict_with_teacher_reads_the_ema(backbone):
+    m = _must(backbone, predict_with="teacher").eval()
+    with torch.no_grad():
+        m.classifier.add_(torch.randn_like(m.classifier))  # the student moves, the EMA not yet
+    x = _images(2)
+    with torch.no_grad():
+        assert torch.equal(m(x), m.teacher_logits(x)) and not torch.allclose(m(x), m.student_logits(x))
