@@ -36,6 +36,7 @@ from adapt.tasks import get_task
 from adapt.process import prepare_cpu_process
 from adapt.rundir import prepare_run_dir, resumable_checkpoint, write_status
 from adapt.settings import get_setting
+from adapt.warm_start import source_adapters, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class Experiment:
             # descriptions / descriptors of every class met, checked before the backbone loads
             self.class_text = load_class_text(recipe.data.class_text, met)
             check_class_text(recipe.method.name, self.class_text)
+            # the runs a warm start averages, found before the backbone loads
+            self.warm_start = source_adapters(list(recipe.warm_start), recipe.method.name)
         except ValueError as err:
             raise RecipeError(str(err)) from None
         self.max_epochs = epochs_of(recipe, len(self.data.train_items))
@@ -114,10 +117,12 @@ class Experiment:
 
     def fit(self) -> float:
         """Train (if the method trains); returns wall seconds. Resumes from the last checkpoint
-        when the recipe says ``resume: true``."""
+        when the recipe says ``resume: true``; starts from the ``warm_start`` runs' mean state."""
         self.setup_method()
         if not self.method.is_trainable:
             return 0.0
+        if self.warm_start:  # a resumed run's checkpoint then replaces it, as it should
+            warm_start(self.method, self.warm_start)
         start = time.perf_counter()
         self.fit_trainer = self.trainer()
         world = self.fit_trainer.world_size

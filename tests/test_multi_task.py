@@ -157,3 +157,60 @@ def test_a_multi_task_run_reports_each_task_and_exports_an_adapter_usable_on_one
     assert method.classnames == SECOND and method.class_tasks == ["second"] * 3
     with pytest.raises(Exception, match="task 'third' is not one this adapter was trained on \\(imagefolder, second\\)"):
         load_adapter(adapter, task="third")
+
+
+def _coop_adapter(backbone, path: Path, seed: int, names=FIRST, **cfg) -> Path:
+    from adapt.export import save_adapter
+    from adapt.methods import build_method
+
+    torch.manual_seed(seed)
+    method = build_method("coop", {"n_ctx": 2, **cfg}, backbone, names, ["a photo of a {}."])
+    return save_adapter(method, path)
+
+
+def test_a_warm_start_is_the_mean_of_its_sources(tiny_backbone, tmp_path):
+    from adapt.methods import build_method
+    from adapt.methods.adapters import read_adapter_state
+    from adapt.warm_start import averaged_state, source_adapters, warm_start
+
+    dirs = [_coop_adapter(tiny_backbone, tmp_path / f"s{i}", i) for i in (1, 2, 3)]
+    found = source_adapters([str(d.parent / d.name) for d in dirs], "coop")
+    mean = torch.stack([read_adapter_state(d)["prompts.ctx"] for d in dirs]).mean(0)
+    torch.testing.assert_close(averaged_state(found)["prompts.ctx"], mean)
+    target = build_method("coop", {"n_ctx": 2}, tiny_backbone, SECOND, ["a photo of a {}."])
+    warm_start(target, found)  # a shared context moves to other classes
+    torch.testing.assert_close(target.prompts.ctx.detach(), mean)
+
+
+def test_warm_start_refuses_what_it_cannot_start_from(tiny_backbone, tmp_path):
+    from adapt.methods import build_method
+    from adapt.warm_start import source_adapters, warm_start
+
+    with pytest.raises(RecipeError, match="holds no trained adapter.*train the source first"):
+        source_adapters([str(tmp_path / "missing")], "coop")
+    coop = _coop_adapter(tiny_backbone, tmp_path / "coop", 1)
+    with pytest.raises(RecipeError, match="is a coop run, but this recipe trains kgcoop"):
+        source_adapters([str(coop)], "kgcoop")
+    csc = _coop_adapter(tiny_backbone, tmp_path / "csc", 1, csc=True)
+    target = build_method("coop", {"n_ctx": 2, "csc": True}, tiny_backbone, FIRST[:2], ["a photo of a {}."])
+    with pytest.raises(RecipeError, match="does not fit this coop.*prompts.ctx"):
+        warm_start(target, source_adapters([str(csc)], "coop"))
+
+
+def test_mvlpt_transfer_a_multi_task_source_starts_a_single_task_target(two_tasks, tmp_path):
+    """Stage 1: CoOp on both tasks at once; stage 2: the second task alone, from stage 1's
+    context (at a learning rate too small to move it, the adapter is that context)."""
+    from adapt.methods.adapters import read_adapter_state
+
+    first, second = two_tasks
+    source = run_fit(load_recipe(RECIPES / "coop" / "fewshot.yaml", tiny_overrides(
+        first, tmp_path / "source", "coop", **{"data.setting": "multi_task", "data.shots": 2, "method.n_ctx": 2,
+                                               "data.tasks": f"[{{dataset: imagefolder, root: {second}, name: second}}]"})))
+    target = run_fit(load_recipe(RECIPES / "coop" / "fewshot.yaml", tiny_overrides(
+        second, tmp_path / "target", "coop", **{"data.shots": 2, "method.n_ctx": 2, "optim.lr": 1e-12, "optim.warmup_lr": 1e-12,
+                                                "warm_start": f"[{source['run_dir']}]"})))
+    torch.testing.assert_close(read_adapter_state(Path(target["adapter_dir"]))["prompts.ctx"],
+                               read_adapter_state(Path(source["adapter_dir"]))["prompts.ctx"], rtol=0, atol=1e-6)
+    with pytest.raises(RecipeError, match="warm_start: .* holds no trained adapter"):
+        run_fit(load_recipe(RECIPES / "coop" / "fewshot.yaml", tiny_overrides(
+            second, tmp_path / "t2", "coop", **{"warm_start": f"[{tmp_path / 'nothing'}]"})))
