@@ -123,16 +123,16 @@ REPO = os.environ.get("ADAPT_CAVPT_REPO")
 
 
 @pytest.mark.skipif(not REPO, reason="set ADAPT_CAVPT_REPO to a checkout of fanrena/DPT")
-@pytest.mark.parametrize("epoch", [0, 30])
-def test_logits_and_gradients_match_the_original(epoch):
+@pytest.mark.parametrize("epoch,bottom_limit", [(0, 2), (30, 2), (0, 1)])  # 1: CAVPT at every block
+def test_logits_and_gradients_match_the_original(epoch, bottom_limit):
     from experiments.original_coop import round_to_fp16
     from experiments.original_cavpt import OriginalCAVPT, copy_state, original_gradients
 
     names = ["tench", "goldfish", "great white shark", "tiger shark", "hammerhead"]
     bb = make_backbone("test-vit-openai-77")
     round_to_fp16(bb)
-    trainer = OriginalCAVPT(REPO, bb).dpt(names, cpn=3, bottom_limit=2)
-    method = _method(bb, names, cpn=3, bottom_limit=2).train()
+    trainer = OriginalCAVPT(REPO, bb).dpt(names, cpn=3, bottom_limit=bottom_limit)
+    method = _method(bb, names, cpn=3, bottom_limit=bottom_limit).train()
     copy_state(trainer.model, method)
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -10,8 +10,10 @@ input, with no positional embedding). Logits are CLIP's, the loss cross-entropy.
 Attention (``attention``): the released code hands ``U`` [1, 2n, D] to a sequence-first
 ``nn.MultiheadAttention``, which reads it as a sequence of length one with 2n batch entries, so
 every token attends only to itself and the "unified" layer is a per-token transform; the paper
-describes self-attention across all prompt tokens. The default is the code's (``token``); the
-paper's is ``attention: joint`` (the same weights, one sequence of 2n tokens).
+describes self-attention across all prompt tokens. The default is the code's (``token``);
+MVLPT's independent UPT (sIncerass/MVLPT, ``forward_mvlpt_proj``)
+reads its prompts the same way. The paper's is ``attention: joint`` (the same weights, one
+sequence of 2n tokens).
 
 Departures from the original code:
 * the text and vision token counts are two options (``n_ctx``, ``n_vision``); the code hard-codes
