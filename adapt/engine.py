@@ -272,9 +272,6 @@ def optimizer_groups(method: Method, cfg) -> list[dict]:
     for name, group in groups.items():
         scales = dict(overrides.get(name) or {})
         warmup = scales.get("warmup_epochs", group.warmup_epochs)
-        if warmup is not None and cfg.get("interval", "epoch") == "step":
-            raise ValueError(f"{method.name}'s parameter group {name} warms up for {warmup} epochs of its own, "
-                             "but optim.interval=step schedules per step; use optim.interval=epoch")
         out.append({"params": group.params, "name": name,
                     "lr": cfg.lr * scales.get("lr_scale", group.lr_scale),
                     "weight_decay": cfg.weight_decay * scales.get("weight_decay_scale", group.weight_decay_scale),
@@ -302,6 +299,11 @@ def group_overrides(method: Method, cfg, groups: Optional[dict] = None) -> dict:
     if unknown:
         raise ValueError(f"optim.groups names {', '.join(unknown)}, but {method.name}'s parameter groups "
                          f"are: {', '.join(groups)}; use those names or drop optim.groups")
+    for name, group in groups.items():
+        warmup = dict(overrides.get(name) or {}).get("warmup_epochs", group.warmup_epochs)
+        if warmup is not None and cfg.get("interval", "epoch") == "step":
+            raise ValueError(f"{method.name}'s parameter group {name} warms up for {warmup} epochs of its own, "
+                             "but optim.interval=step schedules per step; use optim.interval=epoch")
     return overrides
 
 
