@@ -135,6 +135,9 @@ class Recipe:
     # a run directory that holds a run is refused unless this is true: then the old run is moved
     # aside to <name>.replaced-<time> (never deleted) and the new one starts
     overwrite: bool = False
+    # start training from the mean trained state of these runs (run directories or adapter
+    # folders of the same method): MVLPT's transfer from multi-task source runs (adapt/warm_start.py)
+    warm_start: list[str] = field(default_factory=list)
     # also evaluate the zero-shot model on the same sets and report it beside the method
     baseline: bool = False
     # train and evaluate on cached frozen image features where the method allows it (its image
