@@ -255,11 +255,13 @@ class AdaptModule(pl.LightningModule):
             factor = step_lr_factor(cfg.scheduler, cfg.warmup_steps, cfg.min_lr / cfg.lr, total)
             epoch_of = steps_to_epochs(total, self.max_epochs)
         else:
-            factor = epoch_lr_factor(cfg.scheduler, cfg.warmup_epochs, cfg.warmup_lr / cfg.lr, self.max_epochs)
             epoch_of = None
-        # one factor per group: the recipe's schedule times the method's own (``Method.lr_factor``)
+        # one factor per group: the recipe's schedule (with the group's own warm-up, if it has
+        # one) times the method's own (``Method.lr_factor``)
+        factors = [factor if cfg.interval == "step" else epoch_lr_factor(
+            cfg.scheduler, group["warmup_epochs"], cfg.warmup_lr / cfg.lr, self.max_epochs) for group in params]
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, [group_lr_factor(factor, self.method, group["name"], epoch_of) for group in params])
+            opt, [group_lr_factor(f, self.method, group["name"], epoch_of) for f, group in zip(factors, params)])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": cfg.interval}}
 
     # ------------------------------------------------------------------ checkpoints ------------
@@ -283,9 +285,11 @@ def optimizer_groups(method: Method, cfg) -> list[dict]:
     out = []
     for name, group in groups.items():
         scales = dict(overrides.get(name) or {})
+        warmup = scales.get("warmup_epochs", group.warmup_epochs)
         out.append({"params": group.params, "name": name,
                     "lr": cfg.lr * scales.get("lr_scale", group.lr_scale),
-                    "weight_decay": cfg.weight_decay * scales.get("weight_decay_scale", group.weight_decay_scale)})
+                    "weight_decay": cfg.weight_decay * scales.get("weight_decay_scale", group.weight_decay_scale),
+                    "warmup_epochs": cfg.get("warmup_epochs", 0) if warmup is None else int(warmup)})
     return out
 
 
@@ -309,6 +313,11 @@ def group_overrides(method: Method, cfg, groups: Optional[dict] = None) -> dict:
     if unknown:
         raise ValueError(f"optim.groups names {', '.join(unknown)}, but {method.name}'s parameter groups "
                          f"are: {', '.join(groups)}; use those names or drop optim.groups")
+    for name, group in groups.items():
+        warmup = dict(overrides.get(name) or {}).get("warmup_epochs", group.warmup_epochs)
+        if warmup is not None and cfg.get("interval", "epoch") == "step":
+            raise ValueError(f"{method.name}'s parameter group {name} warms up for {warmup} epochs of its own, "
+                             "but optim.interval=step schedules per step; use optim.interval=epoch")
     return overrides
 
 

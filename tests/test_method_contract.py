@@ -260,7 +260,7 @@ def test_method_scalars_reach_results_json(name, task, image_folder, multilabel_
 TRAINING_SCALARS = {"kgcoop": ("ce", "kg"), "prograd": ("ce", "kl"), "lasp": ("ce", "t2t"), "bpl": ("nll", "kl"),
                     "proda": ("ce", "diversity"), "cpl": ("ce", "cf", "unorm"), "protect": ("dtl", "nce"),
                     "protect_maple": ("dtl", "nce"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl"),
-                    "sgva": ("vision", "kd", "cross")}
+                    "sgva": ("vision", "kd", "cross"), "cavpt": ("ce", "zs_image_ce", "zs_text_ce", "layer_ce")}
 
 
 @pytest.mark.parametrize("name", list_methods())

@@ -44,11 +44,14 @@ class MethodOutput:
 class ParamGroup:
     """Trainable parameters the optimizer treats alike: their lr and weight decay are the
     recipe's times these multipliers (LASP: the image tower's LayerNorms at 0.1x the prompt's
-    lr); a recipe may override them (``optim.groups.<name>.lr_scale``)."""
+    lr); a recipe may override them (``optim.groups.<name>.lr_scale``). ``warmup_epochs``: the
+    group's own constant warm-up before the schedule (CAVPT's CoOp context warms up for 1 epoch,
+    its visual prompts for 10); None = the recipe's ``optim.warmup_epochs``."""
 
     params: list[nn.Parameter]
     lr_scale: float = 1.0
     weight_decay_scale: float = 1.0
+    warmup_epochs: Optional[int] = None
 
 
 def as_output(out: Union[MethodOutput, torch.Tensor]) -> MethodOutput:
