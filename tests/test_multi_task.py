@@ -157,6 +157,11 @@ def test_a_multi_task_run_reports_each_task_and_exports_an_adapter_usable_on_one
     assert method.classnames == SECOND and method.class_tasks == ["second"] * 3
     with pytest.raises(Exception, match="task 'third' is not one this adapter was trained on \\(imagefolder, second\\)"):
         load_adapter(adapter, task="third")
+    from adapt.inference import load_adapter as load_for_inference
+    from tests.conftest import make_backbone
+
+    model = load_for_inference(adapter, task="second", device="cpu", backbone=make_backbone())
+    assert model.classnames == SECOND and model.class_tasks == ["second"] * 3
 
 
 def _coop_adapter(backbone, path: Path, seed: int, names=FIRST, **cfg) -> Path:
