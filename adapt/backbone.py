@@ -5,7 +5,7 @@ itself (never a copy of open_clip's model code) so methods can enter at three de
 
 * text input: ``embed_tokens`` gives the token embeddings a method edits (CoOp context vectors);
 * every layer, both towers: ``deep_prompts`` replace prompt slots before each block (IVLP, MaPLe,
-  deep VPT);
+  deep VPT); in the image tower an entry may be a function of the tokens entering its block (CAVPT);
 * pixels: a method transforms the normalized image itself before calling ``encode_image`` (VP);
 * patch embeddings: ``patch_mask`` [B, HW] with a ``mask_token`` [W] replaces the masked patches'
   embeddings by the token before the class token and positional embeddings are added (MUST's
@@ -259,9 +259,13 @@ class ClipBackbone(nn.Module):
     ) -> torch.Tensor:
         """Normalized image features; ``prompts`` ([n, W] or [B, n, W]) are appended after the
         patch tokens before ``ln_pre``; ``deep_prompts[i]`` replaces them before block ``i >= 1``.
-        Prompt tokens are dropped before pooling, so any pool type stays exact. ``patch_mask``
-        [B, HW] (bool, row-major over the patch grid) replaces those patches' embeddings by
-        ``mask_token`` [W] before the class token and positions are added."""
+        A callable ``deep_prompts[i]`` (block 0 included) is a prompt computed from the tokens
+        themselves (CAVPT): it is called with the image tokens entering block ``i`` ([B, 1 + HW, W],
+        after ``ln_pre``, without prompt slots) and what it returns ([n, W] or [B, n, W], any n)
+        replaces every prompt slot before that block. Prompt tokens are dropped before pooling,
+        so any pool type stays exact. ``patch_mask`` [B, HW] (bool, row-major over the patch grid)
+        replaces those patches' embeddings by ``mask_token`` [W] before the class token and
+        positions are added."""
         images = images.to(self.dtype)
         hooked = prompts is not None or bool(deep_prompts) or patch_mask is not None
         chunk = self._image_chunk(images, hooked, prompts, deep_prompts)
@@ -284,12 +288,14 @@ class ClipBackbone(nn.Module):
             pooled, _ = v._pool(x)
             feats = pooled @ v.proj if v.proj is not None else pooled
             return F.normalize(feats, dim=-1) if normalize else feats
-        if prompts is None and deep_prompts:
+        if prompts is None and deep_prompts and not callable(deep_prompts[0]):
             prompts = deep_prompts[0]
         x, n_tokens, _ = self._vit_embed(images, prompts, patch_mask=patch_mask, mask_token=mask_token)
         for i, block in enumerate(v.transformer.resblocks):
             prompt = deep_prompts[i] if deep_prompts is not None and i < len(deep_prompts) else None
-            if i > 0 and prompt is not None:
+            if callable(prompt):
+                x = torch.cat([x[:, :n_tokens], _batched(prompt(x[:, :n_tokens]), x.shape[0]).to(x.dtype)], dim=1)
+            elif i > 0 and prompt is not None:
                 x = _replace_slots(x, prompt, n_tokens)
             x = self._run_block(block, x, None, v.transformer)
         pooled, _ = v._pool(x[:, :n_tokens])
@@ -367,6 +373,8 @@ class ClipBackbone(nn.Module):
         if size is None:
             size = AUTO_IMAGE_CHUNK if self.config.fast_blocks else 0  # measured: one pass
         if not size or images.shape[0] <= size or torch.is_grad_enabled():
+            return 0
+        if any(callable(p) for p in deep_prompts or ()):  # prompts computed from this batch's tokens
             return 0
         batched = [p for p in [prompts, *(deep_prompts or ())] if p is not None and p.dim() == 3]
         return size if all(p.shape[0] == images.shape[0] for p in batched) else 0

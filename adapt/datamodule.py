@@ -32,7 +32,6 @@ from adapt.data.fewshot import write_manifest
 from adapt.data.image_dataset import ImageDataset
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.priors import load_label_prior
-from adapt.data.registry import build_dataset
 from adapt.data.sharding import EpochOrder, train_loader
 from adapt.data.support import SupportSet
 from adapt.data.support_sources import check_support
@@ -78,6 +77,9 @@ class AdaptDataModule(pl.LightningDataModule):
         self.val_items: list[Item] = []
         self.eval_sets: "OrderedDict[str, tuple[list[str], list[Item]]]" = OrderedDict()
         self.eval_templates: dict[str, list[str]] = {}  # templates of sets from other datasets
+        # multi_task: the task of every training class and of every evaluation set (else empty)
+        self.class_tasks: list[str] = []
+        self.eval_tasks: dict[str, str] = {}
         self.skipped_images: dict[str, int] = {}  # split -> unreadable files left out (bad_images=skip)
         self.train_counts: dict[str, int] = {}  # class -> training images (all classes, before base2novel)
         self.short_classes: list[str] = []
@@ -108,7 +110,7 @@ class AdaptDataModule(pl.LightningDataModule):
         if self.dataset is not None:  # idempotent: Lightning calls setup once per stage
             return
         cfg = self.cfg
-        dataset = build_dataset(cfg)
+        dataset = self.setting.dataset(cfg)
         self.setting.check_dataset(cfg, dataset)
         plan = self.setting.plan(cfg, dataset, self.seed)
         # the prior file against the training classes: a bad one is one message, before any image
@@ -129,6 +131,7 @@ class AdaptDataModule(pl.LightningDataModule):
             self.short_classes = warn_short_classes(self.train_counts, cfg.shots)
         self.eval_sets = OrderedDict((k, (names, kept[k])) for k, (names, _) in plan.eval_sets.items())
         self.eval_templates = plan.eval_templates
+        self.class_tasks, self.eval_tasks = list(plan.class_tasks), dict(plan.eval_tasks)
         for name, (classnames, items) in self.eval_sets.items():
             if not items:
                 raise ValueError(f"the {name!r} evaluation set of {dataset.name!r} is empty "
