@@ -140,6 +140,7 @@ class MUST(Method):
     trainable_kind = "image tower + classifier (EMA self-training)"
     changes_backbone = True
     learns_unlabelled = True
+    per_task_loss = False  # its fairness term reads the mean prediction over every class
     takes_class_text = True
     repointable = False  # W has one column per training class
 
