@@ -2,8 +2,9 @@
 from adapt.version import __version__  # noqa: F401
 
 
-def load_adapter(path, classnames=None, device=None):
-    """An exported adapter as an eval-mode model with ``.preprocess`` (see adapt.inference)."""
+def load_adapter(path, classnames=None, device=None, task=None):
+    """An exported adapter as an eval-mode model with ``.preprocess`` (see adapt.inference);
+    ``task``: one task of an adapter trained on several datasets."""
     from adapt.inference import load_adapter as _load
 
-    return _load(path, classnames=classnames, device=device)
+    return _load(path, classnames=classnames, device=device, task=task)

@@ -5,8 +5,11 @@ itself (never a copy of open_clip's model code) so methods can enter at three de
 
 * text input: ``embed_tokens`` gives the token embeddings a method edits (CoOp context vectors);
 * every layer, both towers: ``deep_prompts`` replace prompt slots before each block (IVLP, MaPLe,
-  deep VPT);
-* pixels: a method transforms the normalized image itself before calling ``encode_image`` (VP).
+  deep VPT); in the image tower an entry may be a function of the tokens entering its block (CAVPT);
+* pixels: a method transforms the normalized image itself before calling ``encode_image`` (VP);
+* patch embeddings: ``patch_mask`` [B, HW] with a ``mask_token`` [W] replaces the masked patches'
+  embeddings by the token before the class token and positional embeddings are added (MUST's
+  masked image modelling; ``backbone_ops.mask_patches``).
 
 With no prompts both encoders equal open_clip's ``encode_text`` / ``encode_image`` to fp32
 round-off, which ``tests/test_backbone.py`` pins.
@@ -37,7 +40,7 @@ from torch import nn
 
 from adapt.backbone_loading import BackboneConfig, load_open_clip, text_memory_plan
 from adapt.backbone_ops import batched as _batched, project as _project, replace_slots as _replace_slots
-from adapt.backbone_ops import resample_positions
+from adapt.backbone_ops import mask_patches, resample_positions
 from adapt.fused_blocks import block_pass, fused_block, fused_block_ok
 
 __all__ = ["BackboneConfig", "ClipBackbone", "build_backbone"]
@@ -251,17 +254,27 @@ class ClipBackbone(nn.Module):
         prompts: Optional[torch.Tensor] = None,
         deep_prompts: Optional[Sequence[Optional[torch.Tensor]]] = None,
         normalize: bool = True,
+        patch_mask: Optional[torch.Tensor] = None,
+        mask_token: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Normalized image features; ``prompts`` ([n, W] or [B, n, W]) are appended after the
         patch tokens before ``ln_pre``; ``deep_prompts[i]`` replaces them before block ``i >= 1``.
-        Prompt tokens are dropped before pooling, so any pool type stays exact."""
+        A callable ``deep_prompts[i]`` (block 0 included) is a prompt computed from the tokens
+        themselves (CAVPT): it is called with the image tokens entering block ``i`` ([B, 1 + HW, W],
+        after ``ln_pre``, without prompt slots) and what it returns ([n, W] or [B, n, W], any n)
+        replaces every prompt slot before that block. Prompt tokens are dropped before pooling,
+        so any pool type stays exact. ``patch_mask`` [B, HW] (bool, row-major over the patch grid)
+        replaces those patches' embeddings by ``mask_token`` [W] before the class token and
+        positions are added."""
         images = images.to(self.dtype)
-        hooked = prompts is not None or bool(deep_prompts)
+        hooked = prompts is not None or bool(deep_prompts) or patch_mask is not None
         chunk = self._image_chunk(images, hooked, prompts, deep_prompts)
         if chunk:
             return torch.cat([self.encode_image(x, _slice_batch(prompts, i * chunk, (i + 1) * chunk, len(images)),
                                                 _slice_prompts(deep_prompts, i * chunk, (i + 1) * chunk, len(images)),
-                                                normalize)
+                                                normalize,
+                                                None if patch_mask is None else patch_mask[i * chunk:(i + 1) * chunk],
+                                                mask_token)
                               for i, x in enumerate(images.split(chunk))])
         if not hooked and not self._fast_vit():
             feats = self.model.visual(images)
@@ -275,12 +288,14 @@ class ClipBackbone(nn.Module):
             pooled, _ = v._pool(x)
             feats = pooled @ v.proj if v.proj is not None else pooled
             return F.normalize(feats, dim=-1) if normalize else feats
-        if prompts is None:
+        if prompts is None and deep_prompts and not callable(deep_prompts[0]):
             prompts = deep_prompts[0]
-        x, n_tokens, _ = self._vit_embed(images, prompts)
+        x, n_tokens, _ = self._vit_embed(images, prompts, patch_mask=patch_mask, mask_token=mask_token)
         for i, block in enumerate(v.transformer.resblocks):
             prompt = deep_prompts[i] if deep_prompts is not None and i < len(deep_prompts) else None
-            if i > 0 and prompt is not None:
+            if callable(prompt):
+                x = torch.cat([x[:, :n_tokens], _batched(prompt(x[:, :n_tokens]), x.shape[0]).to(x.dtype)], dim=1)
+            elif i > 0 and prompt is not None:
                 x = _replace_slots(x, prompt, n_tokens)
             x = self._run_block(block, x, None, v.transformer)
         pooled, _ = v._pool(x[:, :n_tokens])
@@ -288,9 +303,11 @@ class ClipBackbone(nn.Module):
         return F.normalize(feats, dim=-1) if normalize else feats
 
     def _vit_embed(self, images: torch.Tensor, prompts: Optional[torch.Tensor] = None,
-                   resample: bool = False) -> tuple[torch.Tensor, int, tuple[int, int]]:
+                   resample: bool = False, patch_mask: Optional[torch.Tensor] = None,
+                   mask_token: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, int, tuple[int, int]]:
         """The tokens entering block 0, [B, 1 + HW (+ n prompts), W] (class token, patches, then
         ``prompts`` before ``ln_pre``), the number of image tokens 1 + HW, and the patch grid.
+        ``patch_mask`` / ``mask_token``: masked patch embeddings replaced by the token first.
 
         ``resample``: an image whose grid is not the model's own gets the positional embedding
         resampled to it (bicubic, ``align_corners=False``, the class position kept), as the
@@ -299,6 +316,8 @@ class ClipBackbone(nn.Module):
         x = v.conv1(images)
         grid = (x.shape[2], x.shape[3])
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        if patch_mask is not None:
+            x = mask_patches(x, patch_mask, mask_token)
         cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1) + self._positions(grid, resample).to(x.dtype)
         n_tokens = x.shape[1]
@@ -322,12 +341,15 @@ class ClipBackbone(nn.Module):
     def encode_image_dense(self, images: torch.Tensor, outputs: Sequence[str] = ("pooled", "tokens"),
                            taps: Sequence[int] = (), prompts: Optional[torch.Tensor] = None,
                            deep_prompts: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                           normalize: bool = True):
+                           normalize: bool = True, patch_mask: Optional[torch.Tensor] = None,
+                           mask_token: Optional[torch.Tensor] = None):
         """What the image tower gives beyond the pooled feature, in one pass: a
         ``DenseImage`` with the requested ``outputs`` ("pooled", "tokens", "value") and the
-        token maps after the blocks in ``taps``, with the patch grid (``adapt/dense.py``)."""
+        token maps after the blocks in ``taps``, with the patch grid (``adapt/dense.py``);
+        ``patch_mask`` / ``mask_token`` as in ``encode_image``."""
         from adapt.dense import encode_image_dense  # it builds on this module's helpers
-        return encode_image_dense(self, images, outputs, taps, prompts, deep_prompts, normalize)
+        return encode_image_dense(self, images, outputs, taps, prompts, deep_prompts, normalize,
+                                  patch_mask, mask_token)
 
     def encode_text_dense(self, x: torch.Tensor, tokens: torch.Tensor,
                           deep_prompts: Optional[Sequence[Optional[torch.Tensor]]] = None,
@@ -351,6 +373,8 @@ class ClipBackbone(nn.Module):
         if size is None:
             size = AUTO_IMAGE_CHUNK if self.config.fast_blocks else 0  # measured: one pass
         if not size or images.shape[0] <= size or torch.is_grad_enabled():
+            return 0
+        if any(callable(p) for p in deep_prompts or ()):  # prompts computed from this batch's tokens
             return 0
         batched = [p for p in [prompts, *(deep_prompts or ())] if p is not None and p.dim() == 3]
         return size if all(p.shape[0] == images.shape[0] for p in batched) else 0

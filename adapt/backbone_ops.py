@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["batched", "project", "replace_slots", "resample_positions"]
+__all__ = ["batched", "mask_patches", "project", "replace_slots", "resample_positions"]
 
 
 def resample_positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -35,3 +35,17 @@ def replace_slots(x: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.Te
     prompt = batched(prompt, x.shape[0]).to(x.dtype)
     end = start + prompt.shape[1]
     return torch.cat([x[:, :start], prompt, x[:, end:]], dim=1)
+
+
+def mask_patches(x: torch.Tensor, mask: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """Patch embeddings ``x`` [B, HW, W] with the rows where ``mask`` [B, HW] is true replaced
+    by ``token`` [W] (MUST's and SimMIM's mask token, entering before the positional embedding);
+    the token's gradient is the sum over the rows it fills."""
+    if token is None:
+        raise ValueError("a patch_mask needs the mask_token [W] that replaces the masked patches")
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"patch_mask has shape {tuple(mask.shape)}, but the images give {x.shape[0]} x "
+                         f"{x.shape[1]} patches: one flag per patch of the grid, row by row")
+    if token.shape[-1] != x.shape[-1] or token.numel() != x.shape[-1]:
+        raise ValueError(f"mask_token has shape {tuple(token.shape)}; the patch embeddings are {x.shape[-1]}-wide")
+    return torch.where(mask.to(torch.bool)[..., None], token.reshape(-1).to(x.dtype), x)

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     names = pred.add_mutually_exclusive_group()
     names.add_argument("--classnames", help="comma-separated class names (default: the adapter's own)")
     names.add_argument("--classnames-file", help="a text file with one class name per line")
+    names.add_argument("--task", help="an adapter trained on several datasets (multi_task): the task to classify")
     pred.add_argument("--top-k", type=int, default=5)
     pred.add_argument("--out", default="predictions.csv")
     pred.add_argument("--maps-dir", default=None,

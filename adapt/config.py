@@ -49,7 +49,8 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr: float = 0.0
     # per parameter group of the method (``Method.param_groups``; a name it lacks is refused with
-    # the list), multipliers of lr and weight_decay: e.g. ``groups: {norms: {lr_scale: 0.1}}`` (LASP's)
+    # the list), multipliers of lr and weight_decay: e.g. ``groups: {norms: {lr_scale: 0.1}}`` (LASP's),
+    # and its own warm-up epochs (``warmup_epochs``, interval=epoch; CAVPT's context warms up for 1)
     groups: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -68,10 +69,10 @@ class OptimConfig:
             raise RecipeError(f"optim.min_lr must be in [0, optim.lr), got {self.min_lr}")
         for name, scales in self.groups.items():
             keys = set(scales or {}) if isinstance(scales, (dict, DictConfig)) else None
-            if keys is None or not keys <= {"lr_scale", "weight_decay_scale"} or any(
+            if keys is None or not keys <= {"lr_scale", "weight_decay_scale", "warmup_epochs"} or any(
                     not isinstance(v, (int, float)) or v < 0 for v in scales.values()):
-                raise RecipeError(f"optim.groups.{name} must map lr_scale / weight_decay_scale to numbers "
-                                  f">= 0 (e.g. optim.groups.{name}.lr_scale=0.1), got {scales!r}")
+                raise RecipeError(f"optim.groups.{name} must map lr_scale / weight_decay_scale / warmup_epochs "
+                                  f"to numbers >= 0 (e.g. optim.groups.{name}.lr_scale=0.1), got {scales!r}")
 
 
 @dataclass
@@ -134,6 +135,9 @@ class Recipe:
     # a run directory that holds a run is refused unless this is true: then the old run is moved
     # aside to <name>.replaced-<time> (never deleted) and the new one starts
     overwrite: bool = False
+    # start training from the mean trained state of these runs (run directories or adapter
+    # folders of the same method): MVLPT's transfer from multi-task source runs (adapt/warm_start.py)
+    warm_start: list[str] = field(default_factory=list)
     # also evaluate the zero-shot model on the same sets and report it beside the method
     baseline: bool = False
     # train and evaluate on cached frozen image features where the method allows it (its image

@@ -32,7 +32,6 @@ from adapt.data.fewshot import write_manifest
 from adapt.data.image_dataset import ImageDataset
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.priors import load_label_prior
-from adapt.data.registry import build_dataset
 from adapt.data.sharding import EpochOrder, train_loader
 from adapt.data.support import SupportSet
 from adapt.data.support_sources import check_support
@@ -78,6 +77,9 @@ class AdaptDataModule(pl.LightningDataModule):
         self.val_items: list[Item] = []
         self.eval_sets: "OrderedDict[str, tuple[list[str], list[Item]]]" = OrderedDict()
         self.eval_templates: dict[str, list[str]] = {}  # templates of sets from other datasets
+        # multi_task: the task of every training class and of every evaluation set (else empty)
+        self.class_tasks: list[str] = []
+        self.eval_tasks: dict[str, str] = {}
         self.skipped_images: dict[str, int] = {}  # split -> unreadable files left out (bad_images=skip)
         self.train_counts: dict[str, int] = {}  # class -> training images (all classes, before base2novel)
         self.short_classes: list[str] = []
@@ -86,6 +88,8 @@ class AdaptDataModule(pl.LightningDataModule):
         # "images", or "features" once ``serve`` chose cached features for a method
         self.inputs = "images"
         self._encoder = None  # (backbone, train views, device, dense outputs) when serving features
+        # the served method's own training transform (``Method.train_transform``), or None
+        self._method_transform: Optional[Callable] = None
         # each split's features, once per run (evaluation and the zero-shot baseline share them)
         self._loaded: dict[tuple[str, bool, tuple], CachedFeatures] = {}  # (split, train, dense outputs)
         # data.captions: the labelled texts, and their token ids once ``serve`` tokenized them
@@ -106,7 +110,7 @@ class AdaptDataModule(pl.LightningDataModule):
         if self.dataset is not None:  # idempotent: Lightning calls setup once per stage
             return
         cfg = self.cfg
-        dataset = build_dataset(cfg)
+        dataset = self.setting.dataset(cfg)
         self.setting.check_dataset(cfg, dataset)
         plan = self.setting.plan(cfg, dataset, self.seed)
         # the prior file against the training classes: a bad one is one message, before any image
@@ -127,6 +131,7 @@ class AdaptDataModule(pl.LightningDataModule):
             self.short_classes = warn_short_classes(self.train_counts, cfg.shots)
         self.eval_sets = OrderedDict((k, (names, kept[k])) for k, (names, _) in plan.eval_sets.items())
         self.eval_templates = plan.eval_templates
+        self.class_tasks, self.eval_tasks = list(plan.class_tasks), dict(plan.eval_tasks)
         for name, (classnames, items) in self.eval_sets.items():
             if not items:
                 raise ValueError(f"the {name!r} evaluation set of {dataset.name!r} is empty "
@@ -234,6 +239,7 @@ class AdaptDataModule(pl.LightningDataModule):
             self._loaded = {}  # features of another backbone or view count are never reused
         self._encoder = encoder
         self.inputs = "features" if use else "images"
+        self._method_transform = method.train_transform
         # a method trained on text reads the caption stream's token ids in training (its
         # evaluation reads images or their features, as above)
         self._captions = None
@@ -256,6 +262,12 @@ class AdaptDataModule(pl.LightningDataModule):
     def train_transform(self):
         return (self.task.train_transform or train_transform)(self.image_size, self.mean, self.std)
 
+    def training_transform(self):
+        """What the training images go through: the served method's own transform (MUST's
+        views) when it has one, else the data's augmentation (``train_transform``)."""
+        own = self._method_transform(self.image_size, self.mean, self.std) if self._method_transform else None
+        return own if own is not None else self.train_transform()
+
     def test_transform(self):
         return (self.task.test_transform or test_transform)(self.image_size, self.mean, self.std)
 
@@ -275,7 +287,7 @@ class AdaptDataModule(pl.LightningDataModule):
         if self._captions is not None:
             return train_loader(self._captions, EpochOrder(len(self._captions), self.seed), bs, rank, world_size)
         if self._encoder is None:
-            return train_loader(ImageDataset(self.train_items, self.dataset.root, self.train_transform(),
+            return train_loader(ImageDataset(self.train_items, self.dataset.root, self.training_transform(),
                                              read=self.read),
                                 EpochOrder(len(self.train_items), self.seed), bs, rank, world_size,
                                 collate_fn=self.task.collate,

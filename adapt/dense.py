@@ -15,7 +15,8 @@ Image tower (``ClipBackbone.encode_image_dense``), a ``DenseImage`` with, on req
 
 Images whose patch grid is not the model's own get the positional embedding resampled
 (bicubic), as the dense-prediction originals do. Visual prompts (``prompts`` / ``deep_prompts``)
-enter exactly as in ``encode_image`` and never appear among the patch tokens.
+enter exactly as in ``encode_image`` and never appear among the patch tokens; so does a
+``patch_mask`` with its ``mask_token`` (MUST's masked patches).
 
 ResNet towers (RN50, ...) have no patch tokens and no prompt hooks; they give ``pooled``,
 ``tokens`` = the attention pool's output with every position as its query (what
@@ -112,11 +113,12 @@ def _check(backbone, outputs: Sequence[str], taps: Sequence[int], depth: int) ->
 def encode_image_dense(backbone, images: torch.Tensor, outputs: Sequence[str] = ("pooled", "tokens"),
                        taps: Sequence[int] = (), prompts: Optional[torch.Tensor] = None,
                        deep_prompts: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                       normalize: bool = True) -> DenseImage:
+                       normalize: bool = True, patch_mask: Optional[torch.Tensor] = None,
+                       mask_token: Optional[torch.Tensor] = None) -> DenseImage:
     images = images.to(backbone.dtype)
     visual = backbone.model.visual
     if not hasattr(visual, "class_embedding"):
-        if prompts is not None or deep_prompts:
+        if prompts is not None or deep_prompts or patch_mask is not None:
             backbone._vit()  # the one "needs a ViT image tower" message
         return _resnet_dense(backbone, images, *_check(backbone, outputs, taps, 4), normalize)
     v = backbone._vit()
@@ -127,7 +129,8 @@ def encode_image_dense(backbone, images: torch.Tensor, outputs: Sequence[str] = 
     outputs, taps = _check(backbone, outputs, taps, len(blocks))
     if prompts is None and deep_prompts:
         prompts = deep_prompts[0]
-    x, n_tokens, grid = backbone._vit_embed(images, prompts, resample=True)
+    x, n_tokens, grid = backbone._vit_embed(images, prompts, resample=True, patch_mask=patch_mask,
+                                            mask_token=mask_token)
     out = DenseImage(grid=grid)
     # the last block runs in full only for the pooled feature or the final tokens
     full_last = bool(outputs & {"pooled", "tokens"}) or (len(blocks) - 1) in taps

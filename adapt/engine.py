@@ -6,6 +6,7 @@ Checkpoints hold the method's trainable state only, never the frozen backbone.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from adapt.data.class_text import ClassText
 from adapt.finite import TrainingDiverged, check_finite_state  # noqa: F401  (re-exported)
 from adapt.methods import Method, build_method
 from adapt.tasks import get_task
+from adapt.tasks.single_label import own_task_logits, task_ids
 
 METHOD_PREFIX = "method."
 
@@ -43,18 +45,24 @@ class AdaptModule(pl.LightningModule):
             run's sliding window).
         class_text: the run's class text in plain form (``ClassText.to_plain``: the sentences
             themselves, so a checkpoint rebuilds its classifier without the files).
+        class_tasks: the task of every class when several datasets train at once (multi_task);
+            per_task: score each training image against its own task's classes only.
     """
 
     def __init__(self, method: str, method_config: Optional[dict], classnames: Sequence[str],
                  templates: Sequence[str], backbone: dict, optim: dict, max_epochs: int,
                  prebuilt_backbone=None, task: str = "single_label", task_options: Optional[dict] = None,
-                 class_text: Optional[dict] = None):
+                 class_text: Optional[dict] = None, class_tasks: Optional[list[str]] = None,
+                 per_task: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=["prebuilt_backbone"])
         self.task = get_task(task, **(task_options or {}))
         bb = prebuilt_backbone if prebuilt_backbone is not None else build_backbone(BackboneConfig(**backbone))
         self.method: Method = build_method(method, method_config, bb, classnames, templates, task=self.task,
-                                           class_text=ClassText.from_plain(class_text))
+                                           class_text=ClassText.from_plain(class_text), class_tasks=class_tasks)
+        # multi_task's per_task classifier: each training image is scored against its own task's
+        # classes only (the task of class c: ``task_ids[c]``)
+        self.task_ids = task_ids(class_tasks) if per_task else None
         self.optim_cfg = OmegaConf.create(dict(optim))
         group_overrides(self.method, self.optim_cfg)  # a group the method lacks: refused before training
         self.max_epochs = max_epochs
@@ -72,10 +80,12 @@ class AdaptModule(pl.LightningModule):
     def from_recipe(cls, recipe: DictConfig, classnames: Sequence[str], templates: Sequence[str],
                     method: Optional[str] = None, backbone=None,
                     max_epochs: Optional[int] = None, task: str = "single_label",
-                    class_text: Optional[ClassText] = None) -> "AdaptModule":
+                    class_text: Optional[ClassText] = None,
+                    class_tasks: Optional[Sequence[str]] = None) -> "AdaptModule":
         """The recipe's method (or ``method`` with its defaults) for ``classnames``;
         ``max_epochs``: the run's epochs when they follow from ``trainer.max_steps``;
-        ``class_text``: the checked class text of ``data.class_text``."""
+        ``class_text``: the checked class text of ``data.class_text``; ``class_tasks``: the task of
+        every class (multi_task), whose classifier the data section names."""
         plain = lambda section: OmegaConf.to_container(section, resolve=True)  # noqa: E731
         if method is None:
             section = plain(recipe.method)
@@ -89,7 +99,9 @@ class AdaptModule(pl.LightningModule):
         return cls(method, section, list(classnames), list(templates), plain(recipe.backbone),
                    optim, int(max_epochs or recipe.trainer.max_epochs),
                    prebuilt_backbone=backbone, task=task, task_options=options or None,
-                   class_text=class_text.to_plain() if class_text is not None else None)
+                   class_text=class_text.to_plain() if class_text is not None else None,
+                   class_tasks=list(class_tasks) if class_tasks else None,
+                   per_task=bool(class_tasks) and recipe.data.multi_task.classifier == "per_task")
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None,
@@ -111,6 +123,8 @@ class AdaptModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         out = self.method.output(x)
+        if self.task_ids is not None:
+            out = dataclasses.replace(out, logits=own_task_logits(out.logits, y, self.task_ids.to(y.device)))
         loss = self.method.loss(out, y)
         self._check_finite(loss)
         self.train_metric(self.task.scores(out.logits.detach()), y)
@@ -154,6 +168,12 @@ class AdaptModule(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         # after accumulation, the DDP all-reduce and fp16 unscaling; before clipping and the step
         self.method.transform_gradients(self._mean_over_processes)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # the steps taken before this one (Lightning counts it once the step is done)
+        step = int(self.trainer.global_step)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self.method.on_optimizer_step(step)
 
     def _mean_over_processes(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.trainer.world_size == 1:
@@ -241,11 +261,13 @@ class AdaptModule(pl.LightningModule):
             factor = step_lr_factor(cfg.scheduler, cfg.warmup_steps, cfg.min_lr / cfg.lr, total)
             epoch_of = steps_to_epochs(total, self.max_epochs)
         else:
-            factor = epoch_lr_factor(cfg.scheduler, cfg.warmup_epochs, cfg.warmup_lr / cfg.lr, self.max_epochs)
             epoch_of = None
-        # one factor per group: the recipe's schedule times the method's own (``Method.lr_factor``)
+        # one factor per group: the recipe's schedule (with the group's own warm-up, if it has
+        # one) times the method's own (``Method.lr_factor``)
+        factors = [factor if cfg.interval == "step" else epoch_lr_factor(
+            cfg.scheduler, group["warmup_epochs"], cfg.warmup_lr / cfg.lr, self.max_epochs) for group in params]
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, [group_lr_factor(factor, self.method, group["name"], epoch_of) for group in params])
+            opt, [group_lr_factor(f, self.method, group["name"], epoch_of) for f, group in zip(factors, params)])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": cfg.interval}}
 
     # ------------------------------------------------------------------ checkpoints ------------
@@ -269,9 +291,11 @@ def optimizer_groups(method: Method, cfg) -> list[dict]:
     out = []
     for name, group in groups.items():
         scales = dict(overrides.get(name) or {})
+        warmup = scales.get("warmup_epochs", group.warmup_epochs)
         out.append({"params": group.params, "name": name,
                     "lr": cfg.lr * scales.get("lr_scale", group.lr_scale),
-                    "weight_decay": cfg.weight_decay * scales.get("weight_decay_scale", group.weight_decay_scale)})
+                    "weight_decay": cfg.weight_decay * scales.get("weight_decay_scale", group.weight_decay_scale),
+                    "warmup_epochs": cfg.get("warmup_epochs", 0) if warmup is None else int(warmup)})
     return out
 
 
@@ -295,6 +319,11 @@ def group_overrides(method: Method, cfg, groups: Optional[dict] = None) -> dict:
     if unknown:
         raise ValueError(f"optim.groups names {', '.join(unknown)}, but {method.name}'s parameter groups "
                          f"are: {', '.join(groups)}; use those names or drop optim.groups")
+    for name, group in groups.items():
+        warmup = dict(overrides.get(name) or {}).get("warmup_epochs", group.warmup_epochs)
+        if warmup is not None and cfg.get("interval", "epoch") == "step":
+            raise ValueError(f"{method.name}'s parameter group {name} warms up for {warmup} epochs of its own, "
+                             "but optim.interval=step schedules per step; use optim.interval=epoch")
     return overrides
 
 

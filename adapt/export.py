@@ -47,6 +47,8 @@ def save_adapter(method: Method, out_dir: str | Path) -> Path:
     }
     if method.class_text is not None:  # the sentences themselves: loading needs no file of the run
         meta["class_text"] = method.class_text.to_plain()
+    if method.class_tasks is not None:  # trained on several datasets: the task of each class
+        meta["class_tasks"] = list(method.class_tasks)
     atomic_write_json(out / META_FILE, meta)
     return out
 

@@ -30,12 +30,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def load_adapter(path: str | Path, classnames: Optional[Sequence[str]] = None,
-                 device: Optional[str | torch.device] = None, backbone=None) -> Method:
+                 device: Optional[str | torch.device] = None, backbone=None, task: Optional[str] = None) -> Method:
     """The adapter at ``path`` (an adapter directory, or a run directory holding ``adapter/``) on
     its backbone, in eval mode, on ``device`` (default: CUDA when available), re-pointed at
     ``classnames`` when given. ``model.preprocess`` maps a PIL image to the tensor it expects;
     ``model.device`` is where inputs go. ``backbone``: an already built one (else it is built
-    from the name and weights the adapter records)."""
+    from the name and weights the adapter records). ``task``: of an adapter trained on several
+    datasets (``data.setting: multi_task``), the one to classify."""
     from adapt.backbone import BackboneConfig, build_backbone
     from adapt.export import AdapterError, load_adapter as load_onto, read_adapter_meta
     from adapt.methods.adapters import adapter_folder
@@ -51,7 +52,7 @@ def load_adapter(path: str | Path, classnames: Optional[Sequence[str]] = None,
         backbone = build_backbone(BackboneConfig(name=meta["backbone"]["name"],
                                                  pretrained=meta["backbone"]["pretrained"]))
     backbone = backbone.to(device)
-    method = load_onto(path, backbone=backbone, classnames=classnames).to(device).eval()
+    method = load_onto(path, backbone=backbone, classnames=classnames, task=task).to(device).eval()
     # the task's evaluation transform where it has one (segmentation: the whole image, no crop)
     make = method.task.test_transform or test_transform
     method.preprocess = make(backbone.image_size, backbone.image_mean, backbone.image_std)

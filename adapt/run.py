@@ -36,6 +36,7 @@ from adapt.tasks import get_task
 from adapt.process import prepare_cpu_process
 from adapt.rundir import prepare_run_dir, resumable_checkpoint, write_status
 from adapt.settings import get_setting
+from adapt.warm_start import source_adapters, warm_start
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class Experiment:
             # descriptions / descriptors of every class met, checked before the backbone loads
             self.class_text = load_class_text(recipe.data.class_text, met)
             check_class_text(recipe.method.name, self.class_text)
+            # the runs a warm start averages, found before the backbone loads
+            self.warm_start = source_adapters(list(recipe.warm_start), recipe.method.name)
         except ValueError as err:
             raise RecipeError(str(err)) from None
         self.max_epochs = epochs_of(recipe, len(self.data.train_items))
@@ -80,7 +83,8 @@ class Experiment:
         self.task = self.data.dataset.task
         self.module = AdaptModule.from_recipe(recipe, self.data.train_classnames, self.data.templates,
                                               backbone=self.backbone, max_epochs=self.max_epochs,
-                                              task=self.task, class_text=self.class_text)
+                                              task=self.task, class_text=self.class_text,
+                                              class_tasks=self.data.class_tasks)
         self.task_metrics: dict[str, dict[str, float]] = {}  # per set, all of the task's metrics
         self.method: Method = self.module.method
         others = [n for n, (c, _) in self.data.eval_sets.items() if list(c) != list(self.data.train_classnames)]
@@ -113,10 +117,12 @@ class Experiment:
 
     def fit(self) -> float:
         """Train (if the method trains); returns wall seconds. Resumes from the last checkpoint
-        when the recipe says ``resume: true``."""
+        when the recipe says ``resume: true``; starts from the ``warm_start`` runs' mean state."""
         self.setup_method()
         if not self.method.is_trainable:
             return 0.0
+        if self.warm_start:  # a resumed run's checkpoint then replaces it, as it should
+            warm_start(self.method, self.warm_start)
         start = time.perf_counter()
         self.fit_trainer = self.trainer()
         world = self.fit_trainer.world_size
@@ -142,14 +148,18 @@ class Experiment:
         """Accuracy (%) on every evaluation set; the method is re-pointed at each set's classes
         (novel prompts are rebuilt from the novel class names) and restored afterwards."""
         trained_on, templates = list(self.method.classnames), list(self.method.templates)
+        trained_tasks = self.method.class_tasks
         trainer = self.trainer(evaluation=True)
         accs = {}
         loaders = self.data.test_dataloader()
         for (name, (classnames, _)), loader in zip(self.data.eval_sets.items(), loaders):
             # a cross-dataset target brings its own hand-written template(s)
             self.method.templates = list(self.data.eval_templates.get(name, templates))
-            # the task may score more names than the classes (a class tree's internal nodes)
-            self.method.set_classnames(self.module.task.evaluation_classes(classnames))
+            # the task may score more names than the classes (a class tree's internal nodes); a
+            # multi-task run's set is one task's classes
+            names = self.module.task.evaluation_classes(classnames)
+            task = self.data.eval_tasks.get(name)
+            self.method.set_classnames(names, [task] * len(names) if task else None)
             if self.method.test_time == "online":  # the whole set, in the seed's order
                 loader = stream_loader(loader, self.recipe.seed)
             else:  # under DDP each process takes an unpadded share (Lightning's sampler is off here)
@@ -160,7 +170,7 @@ class Experiment:
             accs[name] = found[self.module.task.primary]
             self.task_metrics[name] = found
         self.method.templates = templates
-        self.method.set_classnames(trained_on)
+        self.method.set_classnames(trained_on, trained_tasks)
         return accs
 
     def sweep(self, name: str, values, apply, chosen) -> dict:
@@ -263,7 +273,8 @@ def run_test(recipe: DictConfig, run_dir: Optional[Path] = None) -> dict:
 def zero_shot_metrics(exp: Experiment) -> dict[str, float]:
     """The zero-shot model on the same evaluation sets, for a side-by-side comparison."""
     zs = AdaptModule.from_recipe(exp.recipe, exp.data.train_classnames, exp.data.templates,
-                                 method="zeroshot", backbone=exp.backbone, task=exp.task)
+                                 method="zeroshot", backbone=exp.backbone, task=exp.task,
+                                 class_tasks=exp.data.class_tasks)
     saved, saved_module, saved_metrics = exp.method, exp.module, exp.task_metrics
     exp.method, exp.module, exp.task_metrics = zs.method, zs, {}
     try:  # zero-shot's own inputs (pooled features where the method read dense ones), then back

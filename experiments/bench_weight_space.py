@@ -10,7 +10,8 @@ classes, one run in this one process:
 
 * Training step (forward, loss, backward, AdamW step) of LoRA (both towers: the text tower runs
   for every class in every step), LoRA on the image tower alone (``towers: [image]``), DoRA,
-  LayerNorm tuning, BitFit and full fine-tuning of the image tower (``wiseft``), each method with
+  LayerNorm tuning, BitFit, MUST (its EMA teacher's pass on the batch, the masked student, the
+  EMA update after the step) and full fine-tuning of the image tower (``wiseft``), each method with
   its Config defaults otherwise. Each is built fresh on the one backbone (each works on its own
   clone of it) and freed before the next; seconds per step after warm-up, and the peak resident
   memory of the process during the timed steps (reset before them), with the trainable
@@ -22,7 +23,7 @@ classes, one run in this one process:
 
 Targets, like for like: LoRA on the image tower ≤ 0.8× the step of full fine-tuning of the image
 tower (frozen weights need no weight gradients) and below its peak memory; the split attention's
-forward ≤ 1.05× the fused one. Writes bench_weight_space.json and bench_weight_space.md;
+forward ≤ 1.05× the fused one; a MUST step with its teacher ≤ 2.5× the full fine-tuning step. Writes bench_weight_space.json and bench_weight_space.md;
 ``--quick`` runs every code path on a tiny model with one step (a CI smoke test, no timing claims).
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ MODES = {
     "dora": ("DoRA, both towers", "dora", None),
     "lntuning": ("LN tuning, both towers", "lntuning", None),
     "bitfit": ("BitFit, both towers", "bitfit", None),
+    "must": ("MUST: EMA teacher + masked student, image tower", "must", None),
     "wiseft": ("full FT, image tower (wiseft)", "wiseft", None),
 }
 TARGETS = [  # key, label, goal, test
@@ -65,6 +67,8 @@ TARGETS = [  # key, label, goal, test
      lambda v: v < 1.0),
     ("split_vs_fused_forward", "image tower forward: split q/k/v attention / fused", "<= 1.05x",
      lambda v: v <= 1.05),
+    ("must_vs_full_ft_step", "MUST step with its teacher / full FT (image tower) step", "<= 2.5x",
+     lambda v: v <= 2.5),
 ]
 
 
@@ -83,6 +87,7 @@ def train_step(key: str, bb, images, labels, cfg: dict, memory: PeakMemory) -> d
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        method.on_optimizer_step(len(losses))  # what the engine calls after a step (MUST's EMA)
         losses.append(float(loss.detach()))
 
     seconds, peak = timed(step, cfg["steps"], cfg["warmup"], memory)

@@ -1,6 +1,6 @@
 """Trainable parameters of every registered method on ViT-B/16, with its default config.
 
-    python experiments/param_counts.py [--classes 100] [--out experiments/results]
+    python experiments/param_counts.py [--classes 100] [--out experiments/results]   # default: a temp folder
 
 The backbone is open_clip's ViT-B-16 architecture with random weights (``pretrained: null``, no
 download; parameter shapes are the real model's). Each registered method is built with its
@@ -12,14 +12,18 @@ and writes ``param_counts.json``. Methods registered later are picked up automat
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from adapt.backbone import BackboneConfig, build_backbone
-from adapt.methods import build_method, get_method, list_methods
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapt.io import atomic_write_json  # noqa: E402
+from experiments.benchlib import output_dir  # noqa: E402
+from adapt.backbone import BackboneConfig, build_backbone  # noqa: E402
+from adapt.methods import build_method, get_method, list_methods  # noqa: E402
 
 # Published or code-derived reference counts (ViT-B/16 unless noted), where one is known.
 REFERENCE = {
@@ -50,7 +54,7 @@ def count(method) -> int:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", default=None, help="folder for param_counts.json (default: a new temporary folder)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -78,8 +82,9 @@ def main(argv=None) -> dict:
 
     result = {"backbone": "ViT-B-16 (random weights, real shapes)", "classes": args.classes,
               "config": "each method's Config defaults", "methods": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "param_counts.json").write_text(json.dumps(result, indent=2))
+    out = output_dir(args.out, args.classes != 100, "param_counts")
+    atomic_write_json(out / "param_counts.json", result, indent=2)
+    print(f"wrote {out / 'param_counts.json'}")
     print(f"{'method':<12} {'trainable':>12} {'reference':>12}  note")
     for name, row in rows.items():
         if row["trainable_params"] is None:

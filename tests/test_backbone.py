@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from adapt.backbone import BackboneConfig, build_backbone
 from tests.conftest import make_backbone
@@ -53,6 +54,30 @@ def test_chunked_and_checkpointed_text_equal_plain():
     f2.pow(2).sum().backward()
     assert (f1 - f2).abs().max() <= 1e-5
     assert (x1.grad - x2.grad).abs().max() <= 1e-5
+
+
+def test_a_callable_deep_prompt_reads_the_tokens_entering_its_block_and_replaces_every_slot(tiny_backbone):
+    """CAVPT's hook: a callable entry gets the image tokens (no prompt slots) entering block i and
+    its tokens, of any count, take the place of all previous prompts; with the same tokens it is
+    the static path."""
+    bb, w = tiny_backbone, tiny_backbone.vision_width
+    images, p0, p1 = torch.randn(2, 3, 32, 32), torch.randn(3, w), torch.randn(3, w)
+    seen = []
+    with torch.no_grad():
+        static = bb.encode_image(images, prompts=p0, deep_prompts=[p0, p1])
+        hooked = bb.encode_image(images, prompts=p0, deep_prompts=[p0, lambda x: seen.append(x) or p1])
+        one = bb.encode_image(images, prompts=p0, deep_prompts=[p0, lambda x: p1[:1]])
+        x, n, _ = bb._vit_embed(images, p0)
+        x = bb._run_block(bb.model.visual.transformer.resblocks[0], x, None, bb.model.visual.transformer)
+    assert torch.allclose(hooked, static, atol=1e-6)
+    assert torch.allclose(seen[0], x[:, :n], atol=1e-6) and seen[0].shape[1] == n
+    assert not torch.allclose(one, static, atol=1e-4)
+    with torch.no_grad():  # one token from the callable = one static token at the last block
+        x = bb._run_block(bb.model.visual.transformer.resblocks[1], torch.cat([x[:, :n], p1[:1].expand(2, -1, -1)], 1),
+                          None, bb.model.visual.transformer)
+        v = bb.model.visual
+        expected = F.normalize(v.ln_post(x[:, 0]) @ v.proj, dim=-1)
+    assert torch.allclose(one, expected, atol=1e-5)
 
 
 def test_resnet_tower_features_and_clear_prompt_error():

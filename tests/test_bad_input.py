@@ -200,8 +200,8 @@ def test_recipe_errors(tmp_path):
         load_recipe(listy)
     with pytest.raises(RecipeError, match="override 'data.shots' has no '=': overrides are key=value"):
         load_recipe(RECIPES / "coop/fewshot.yaml", ["data.shots"])
-    with pytest.raises(RecipeError, match=r"optim.groups.norms must map lr_scale / weight_decay_scale to "
-                                          r"numbers >= 0 \(e.g. optim.groups.norms.lr_scale=0.1\)"):
+    with pytest.raises(RecipeError, match=r"optim.groups.norms must map lr_scale / weight_decay_scale / "
+                                          r"warmup_epochs to numbers >= 0 \(e.g. optim.groups.norms.lr_scale=0.1\)"):
         load_recipe(RECIPES / "lasp/fewshot.yaml", ["optim.groups.norms.lr=0.1"])
     with pytest.raises(RecipeError, match="optim.groups.norms must map"):
         load_recipe(RECIPES / "lasp/fewshot.yaml", ["optim.groups.norms.lr_scale=-1"])

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"lora", "lora_image", "dora", "lntuning", "bitfit", "wiseft"}
-TARGETS = {"lora_image_vs_full_ft_step", "lora_image_vs_full_ft_peak", "split_vs_fused_forward"}
+MODES = {"lora", "lora_image", "dora", "lntuning", "bitfit", "must", "wiseft"}
+TARGETS = {"lora_image_vs_full_ft_step", "lora_image_vs_full_ft_peak", "split_vs_fused_forward",
+           "must_vs_full_ft_step"}
 
 
 def positive(v) -> bool:
@@ -35,7 +36,9 @@ def test_bench_weight_space_quick_runs_and_reports(tmp_path):
     # the image tower alone trains fewer factors than both towers; DoRA adds magnitudes
     assert steps["lora_image"]["trainable_params"] < steps["lora"]["trainable_params"]
     assert steps["dora"]["trainable_params"] > steps["lora"]["trainable_params"]
-    assert steps["wiseft"]["trainable_params"] > max(r["trainable_params"] for k, r in steps.items() if k != "wiseft")
+    # full fine-tuning trains more than the parameter-efficient modes (MUST fine-tunes the tower too)
+    assert steps["wiseft"]["trainable_params"] > max(r["trainable_params"] for k, r in steps.items()
+                                                     if k not in ("wiseft", "must"))
 
     att = result["attention"]
     assert all(positive(att[m][k]) for m in ("fused", "split") for k in ("seconds_per_batch", "peak_rss_mb"))
@@ -45,7 +48,7 @@ def test_bench_weight_space_quick_runs_and_reports(tmp_path):
     assert set(result["targets"]) == TARGETS
     for t in result["targets"].values():
         assert positive(t["value"]) and isinstance(t["met"], bool) and t["goal"], t
-    assert positive(result["ratios"]["lora_vs_full_ft_step"])
+    assert positive(result["ratios"]["lora_vs_full_ft_step"]) and positive(result["ratios"]["must_vs_full_ft_step"])
 
     table = (tmp_path / "bench_weight_space.md").read_text()
     assert "| mode | s/step | x full FT step | peak MB | trainable params |" in table

@@ -155,3 +155,44 @@ def test_a_method_lr_factor_sets_each_groups_lr_per_epoch(tiny_backbone, staged_
     if interval == "epoch":  # by an epoch's end the schedule has set the next epoch's lr
         assert seen[0][2] == {"scale": 0.0, "bias": pytest.approx(0.05)}
         assert seen[1][2] == {"scale": pytest.approx(0.1), "bias": 0.0}
+
+
+# ------------------------------------------------------------------ after every optimizer step --
+@pytest.fixture
+def stepping_method():
+    @register_method("toy_step_hook")
+    class Stepping(_ScaleBias):
+        def __init__(self, config, backbone, classnames, templates):
+            super().__init__(config, backbone, classnames, templates)
+            self.steps: list[tuple[int, float]] = []
+
+        def on_optimizer_step(self, step):
+            self.steps.append((step, float(self.scale.detach())))  # the value this step produced
+
+    yield Stepping
+    unregister_method("toy_step_hook")
+
+
+def test_the_step_hook_runs_after_every_optimizer_step_with_the_run_count(tiny_backbone, stepping_method, tmp_path):
+    """``on_optimizer_step`` sees each step once, after it (accumulated micro-batches are one step),
+    numbered over the run; a run resumed from a checkpoint continues the count."""
+    g = torch.Generator().manual_seed(3)
+    feats, labels = torch.randn(16, tiny_backbone.embed_dim, generator=g), torch.randint(0, 4, (16,), generator=g)
+    optim = {**dataclasses.asdict(OptimConfig()), "lr": 0.1, "warmup_epochs": 0, "weight_decay": 0.0}
+
+    def fit(epochs, ckpt=None):
+        module = AdaptModule("toy_step_hook", None, NAMES, ["a photo of a {}."], {"name": "adapt-tiny-vit"},
+                             optim, epochs, prebuilt_backbone=tiny_backbone)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, max_epochs=epochs, accumulate_grad_batches=2,
+                             default_root_dir=tmp_path)
+        trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(feats, labels), batch_size=4), ckpt_path=ckpt)
+        return module, trainer
+
+    module, trainer = fit(1)
+    assert [s for s, _ in module.method.steps] == [0, 1]  # 4 micro-batches, 2 steps
+    # after the step: the hook sees the updated value, which differs from the start
+    assert module.method.steps[0][1] != 10.0
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    resumed, _ = fit(2, ckpt=str(tmp_path / "one.ckpt"))
+    assert [s for s, _ in resumed.method.steps] == [2, 3]

@@ -260,7 +260,9 @@ def test_method_scalars_reach_results_json(name, task, image_folder, multilabel_
 TRAINING_SCALARS = {"kgcoop": ("ce", "kg"), "prograd": ("ce", "kl"), "lasp": ("ce", "t2t"), "bpl": ("nll", "kl"),
                     "proda": ("ce", "diversity"), "cpl": ("ce", "cf", "unorm"), "protect": ("dtl", "nce"),
                     "protect_maple": ("dtl", "nce"), "promptsrc": ("ce", "text_l1", "image_l1", "logits_kl"),
-                    "sgva": ("vision", "kd", "cross")}
+                    "sgva": ("vision", "kd", "cross"), "must": ("st", "fair", "mim", "align", "conf_ratio"),
+                    "must_lora": ("st", "fair", "mim", "align", "conf_ratio"),
+                    "cavpt": ("ce", "zs_image_ce", "zs_text_ce", "layer_ce")}
 
 
 @pytest.mark.parametrize("name", list_methods())
@@ -278,3 +280,34 @@ def test_methods_declare_the_tasks_they_do_and_refuse_the_rest(name, tiny_backbo
         else:
             with pytest.raises(ValueError, match=f"method '{name}' does .* but this data is {task}"):
                 build_method(name, None, tiny_backbone, NAMES, TEMPLATES, task=task)
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_a_per_task_classifier_leaves_the_loss_and_its_gradient_finite(name, tiny_backbone, tiny_datamodule):
+    """data.multi_task.classifier=per_task sets every class outside an image's task to -inf
+    before the method's loss (``own_task_logits``): whatever else the loss reads, it and its
+    gradient stay finite."""
+    from adapt.tasks.single_label import own_task_logits, task_ids
+
+    if "single_label" not in get_method(name).tasks:
+        pytest.skip(f"{name} does not do single-label data")
+    if not get_method(name).per_task_loss:  # it says so: the setting refuses it
+        from adapt.data import DataConfig
+        from adapt.settings import get_setting
+
+        cfg = DataConfig(setting="multi_task", tasks=["x"], multi_task={"classifier": "per_task"})
+        with pytest.raises(ValueError, match=f"{name}'s loss .* use classifier=union"):
+            get_setting("multi_task").check_method(cfg, get_method(name))
+        return
+    method = _build(name, tiny_backbone, tiny_datamodule)
+    if not method.is_trainable:
+        pytest.skip(f"{name} has no trainable parameters")
+    method.train()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    out = method.output(images)
+    out.logits = own_task_logits(out.logits, labels, task_ids(["a", "a", "b", "b"]))
+    loss = method.loss(out, labels)
+    assert torch.isfinite(loss).all()
+    loss.backward()
+    grads = [p.grad for p in method.trainable_parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)

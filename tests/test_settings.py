@@ -25,7 +25,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def test_every_setting_is_registered():
-    assert list_settings() == ["all", "base2novel", "cross_dataset", "domain_generalization", "unsupervised"]
+    assert list_settings() == ["all", "base2novel", "cross_dataset", "domain_generalization", "multi_task",
+                               "unsupervised"]
 
 
 def datamodule(cfg: DataConfig, backbone) -> AdaptDataModule:

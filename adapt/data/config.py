@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 from adapt.data.captions import CaptionsConfig
 from adapt.data.class_text import ClassTextConfig
+from adapt.data.multitask import MultiTaskConfig
 from adapt.data.support import SupportConfig
 from adapt.data.priors import UnlabelledConfig
 
@@ -21,11 +22,17 @@ class DataConfig:
     # prompt template(s) overriding the dataset's own; "{}" is replaced by the class name
     templates: Optional[list[str]] = None
     # a registered setting (adapt/settings/): ``all`` (few-shot, or supervised with shots: 0),
-    # ``base2novel``, ``cross_dataset``, ``domain_generalization``, ``unsupervised`` (UPL)
+    # ``base2novel``, ``cross_dataset``, ``domain_generalization``, ``unsupervised`` (UPL),
+    # ``multi_task`` (several datasets at once: data.tasks)
     setting: str = "all"
     # cross_dataset / domain_generalization: the datasets evaluated besides the source, each a
     # dataset name (read from data.root) or {dataset, root, split_file}
     targets: list[Any] = field(default_factory=list)
+    # multi_task: the datasets trained together with data.dataset (the first task), each a
+    # dataset name or {dataset, root, split_file, templates, name} (adapt/data/multitask.py)
+    tasks: list[Any] = field(default_factory=list)
+    # multi_task: the classifier (union / per_task) and a per-task base-to-novel split
+    multi_task: MultiTaskConfig = field(default_factory=MultiTaskConfig)
     # K images per class for training (validation gets min(K, 4)); 0 or negative = all images
     shots: int = 16
     # a class with fewer than K training images is an error unless this is true; then all of its
@@ -102,6 +109,11 @@ class DataConfig:
             if len(window) != 2 or not all(isinstance(v, int) and v > 0 for v in window) or window[1] > window[0]:
                 raise ValueError(f"data.slide_window={window} must be [crop, stride]: two positive integers, "
                                  "stride <= crop (e.g. [224, 149])")
+        if isinstance(self.multi_task, dict):
+            self.multi_task = MultiTaskConfig(**self.multi_task)
+        if self.tasks and self.setting != "multi_task":  # they would be ignored without a word
+            raise ValueError(f"data.tasks lists the datasets trained together in data.setting=multi_task, "
+                             f"not in data.setting={self.setting}; set data.setting=multi_task or drop data.tasks")
         if isinstance(self.unlabelled, dict):  # DataConfig(unlabelled={...}) in code, as a recipe writes it
             self.unlabelled = UnlabelledConfig(**self.unlabelled)
         folder = self.unlabelled.folder if self.unlabelled is not None else None

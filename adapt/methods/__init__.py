@@ -40,3 +40,8 @@ from adapt.methods import descriptions  # noqa: E402,F401
 from adapt.methods import taidpt  # noqa: E402,F401
 from adapt.methods import susx  # noqa: E402,F401
 from adapt.methods import sgva  # noqa: E402,F401
+from adapt.methods import must  # noqa: E402,F401
+from adapt.methods import upt  # noqa: E402,F401
+from adapt.methods import cavpt  # noqa: E402,F401
+from adapt.methods import softcpt  # noqa: E402,F401
+from adapt.methods import mvlpt  # noqa: E402,F401

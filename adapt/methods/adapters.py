@@ -148,11 +148,23 @@ def _class_text(meta: dict, adapter_dir) -> Optional[ClassText]:
     return ClassText.from_plain(plain)
 
 
+def _class_tasks(meta: dict, adapter_dir) -> Optional[list[str]]:
+    """The task of every class of an adapter trained on several datasets (None: one task)."""
+    tasks = meta.get("class_tasks")
+    if tasks is not None and not (isinstance(tasks, list) and len(tasks) == len(meta["classnames"])
+                                  and all(isinstance(t, str) for t in tasks)):
+        raise AdapterError(f"{Path(adapter_dir) / META_FILE}: \"class_tasks\" is not one task name per class; "
+                           "the metadata is damaged or hand-edited: export the adapter again")
+    return tasks
+
+
 def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = None,
-                 classnames: Optional[Sequence[str]] = None) -> Method:
+                 classnames: Optional[Sequence[str]] = None, task: Optional[str] = None) -> Method:
     """Rebuild the exported method (on ``backbone``, or on the one it names) for ``classnames``
-    (default: the classes it was trained on)."""
+    (default: the classes it was trained on). ``task``: of an adapter trained on several datasets
+    (multi_task), the one to classify: its classes, scored as that task's."""
     meta = read_adapter_meta(adapter_dir)
+    class_tasks = _class_tasks(meta, adapter_dir)
     want = meta["backbone"]
     if backbone is None:
         backbone = build_backbone(BackboneConfig(name=want["name"], pretrained=want["pretrained"]))
@@ -168,7 +180,8 @@ def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = Non
         saved["init_from"] = None  # where it ended, so that run need not exist where this one is loaded
     config = method_config(meta["method"], saved)
     method = build_method(meta["method"], config, backbone, meta["classnames"], meta["templates"],
-                          task=meta.get("task", "single_label"), class_text=_class_text(meta, adapter_dir))
+                          task=meta.get("task", "single_label"), class_text=_class_text(meta, adapter_dir),
+                          class_tasks=class_tasks)
     try:
         method.load_trainable_state(state)
     except ValueError as err:  # names the tensor and both shapes
@@ -183,4 +196,12 @@ def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = Non
                 f"classes ({', '.join(meta['classnames'][:5])}, ...) and cannot classify other class "
                 "names; retrain it for your classes")
         method.set_classnames(classnames)
+    if task is not None:
+        trained = list(dict.fromkeys(class_tasks or []))
+        if task not in trained:
+            raise AdapterError(f"{adapter_dir}: task {task!r} is not one this adapter was trained on "
+                               f"({', '.join(trained) if trained else 'it was trained on one dataset'}); "
+                               "name one of those, or omit task")
+        names = [c for c, t in zip(meta["classnames"], class_tasks) if t == task]
+        method.set_classnames(names, [task] * len(names))
     return method.to(next(backbone.parameters()).device)

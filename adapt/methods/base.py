@@ -44,11 +44,14 @@ class MethodOutput:
 class ParamGroup:
     """Trainable parameters the optimizer treats alike: their lr and weight decay are the
     recipe's times these multipliers (LASP: the image tower's LayerNorms at 0.1x the prompt's
-    lr); a recipe may override them (``optim.groups.<name>.lr_scale``)."""
+    lr); a recipe may override them (``optim.groups.<name>.lr_scale``). ``warmup_epochs``: the
+    group's own constant warm-up before the schedule (CAVPT's CoOp context warms up for 1 epoch,
+    its visual prompts for 10); None = the recipe's ``optim.warmup_epochs``."""
 
     params: list[nn.Parameter]
     lr_scale: float = 1.0
     weight_decay_scale: float = 1.0
+    warmup_epochs: Optional[int] = None
 
 
 def as_output(out: Union[MethodOutput, torch.Tensor]) -> MethodOutput:
@@ -77,6 +80,11 @@ class Method(nn.Module):
     # online zero-shot pseudo-labels): only they run on data whose labels are all hidden
     # (``Setting.check_method``: data.setting=unsupervised with shots 0)
     learns_unlabelled: ClassVar[bool] = False
+    # False for methods whose loss compares the logits with another distribution over all the
+    # classes (PromptSRC's KL to the frozen model, CLIPPR's prior): with multi_task's per_task
+    # classifier the classes outside an image's task are -inf and that term is not finite, so
+    # such a method is refused there (the contract test finds the ones that must say False)
+    per_task_loss: ClassVar[bool] = True
     task: Task = SingleLabel()
     # ``forward_features`` receives L2-normalized image features (CLIP's convention); False for
     # methods that read the encoder's raw output (CLIP-Adapter's blend, the linear probe).
@@ -119,6 +127,9 @@ class Method(nn.Module):
         self.classnames = [clean_classname(c) for c in classnames]
         self.templates = list(templates) or ["a photo of a {}."]
         self.class_text: Optional[ClassText] = None  # set by ``use_class_text``
+        # the task (dataset) of every class when several are trained at once (multi_task), set
+        # with the classes by ``set_classnames``; None: one task
+        self.class_tasks: Optional[list[str]] = None
         self._text_cache: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ forward ----------------
@@ -191,6 +202,18 @@ class Method(nn.Module):
         a gradient the method took itself with ``torch.autograd.grad`` is its process's own and
         goes through ``reduce`` before it is compared with ``.grad``."""
 
+    def on_optimizer_step(self, step: int) -> None:
+        """Called right after every optimizer step; ``step`` counts the steps taken before this
+        one over the whole run (0 for the first, the resumed count after a resume), so state that
+        follows the step (MUST's EMA teacher and its decay ramp) is right however the run
+        started. The default does nothing."""
+
+    def train_transform(self, image_size: int, mean, std) -> Optional[Callable]:
+        """The method's own training transform of a PIL image, replacing the data's augmentation
+        (MUST's weak and strong views of each image, stacked [2, 3, H, W]), or None: the data's.
+        Evaluation always reads the data's test transform."""
+        return None
+
     def setup(self, datamodule) -> None:
         """Called once before fitting/evaluating with the data (Tip-Adapter's cache, UPL labels)."""
 
@@ -217,9 +240,12 @@ class Method(nn.Module):
         (WiSE-FT's mixing coefficient α), or None."""
         return None
 
-    def set_classnames(self, classnames: Sequence[str]) -> None:
-        """Re-point the classifier at new class names (novel classes, exported adapters)."""
+    def set_classnames(self, classnames: Sequence[str], tasks: Optional[Sequence[str]] = None) -> None:
+        """Re-point the classifier at new class names (novel classes, exported adapters);
+        ``tasks``: the task of each (multi_task; None: one task)."""
         names = [clean_classname(c) for c in classnames]
+        if tasks is not None and len(tasks) != len(names):
+            raise ValueError(f"{len(tasks)} task names for {len(names)} classes")
         if not self.repointable and names != self.classnames:
             fix = f" (with {self.repoint_fix} it can)" if self.repoint_fix else ""
             raise ValueError(
@@ -227,6 +253,7 @@ class Method(nn.Module):
                 f"{len(self.classnames)} training classes ({', '.join(self.classnames[:4])}, ...) and "
                 f"cannot classify other class names ({len(names)} given){fix}")
         self.classnames = names
+        self.class_tasks = list(tasks) if tasks is not None else None
         self._text_cache = None
         self.rebuild_classes()
 

@@ -102,6 +102,7 @@ class CLIPPR(Method):
     supports_feature_cache = True
     repointable = False  # one output row per training class
     learns_unlabelled = True
+    per_task_loss = False  # the prior's KL reads every class's mean probability
     requires_data = {"unlabelled.prior": 'the label prior: "uniform" or a JSON file {class: share}'}
 
     def __init__(self, config: CLIPPRConfig, backbone, classnames, templates):

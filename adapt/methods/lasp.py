@@ -112,9 +112,9 @@ class LASP(CoOp):
             self.extra_classnames = [c for c in map(clean_classname, datamodule.dataset.classnames) if c not in own]
             self.rebuild_classes()
 
-    def set_classnames(self, classnames: Sequence[str]) -> None:
+    def set_classnames(self, classnames: Sequence[str], tasks: Optional[Sequence[str]] = None) -> None:
         self.extra_classnames = []  # re-pointed (novel classes, an adapter): L_tt is for training only
-        super().set_classnames(classnames)
+        super().set_classnames(classnames, tasks)
 
     def rebuild_classes(self) -> None:
         self.prompts.build(self.classnames + self.extra_classnames)

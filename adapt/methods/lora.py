@@ -80,25 +80,11 @@ class LoRA(BackboneTuning):
     Config = LoRAConfig
     trainable_kind = "low-rank attention updates"
 
-    def peft_config(self):
-        from peft import LoraConfig
-
-        cfg = self.config
-        names = [f"{name}.attn.{TARGETS[t]}" for tower in cfg.towers
-                 for name, _ in pick_layers(self.backbone.blocks(tower), cfg.layers) for t in cfg.targets]
-        return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
-                          use_dora=cfg.dora, target_modules=names, bias="none")
-
     def change_backbone(self) -> list[str]:
-        from peft import inject_adapter_in_model
-
-        for tower in self.config.towers:
-            split_attention(b for _, b in pick_layers(self.backbone.blocks(tower), self.config.layers))
-        self.peft = self.peft_config()
-        inject_adapter_in_model(self.peft, self.backbone.model)
+        self.peft, names = add_lora(self.backbone, self.config)
         for dropouts in self.mode_modules():  # same distribution, a third of the CPU mask cost
             use_mask_dropout(dropouts)
-        return [n for n, p in self.backbone.named_parameters() if _is_lora(n)]
+        return names
 
     def mode_modules(self) -> list[nn.Module]:
         return [m.lora_dropout for m in self.backbone.modules() if hasattr(m, "lora_dropout")]
@@ -114,6 +100,23 @@ class LoRA(BackboneTuning):
         state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.backbone.model).items()}
         return {f"{PEFT_DIR}/adapter_config.json": json.dumps(config, indent=2, sort_keys=True).encode(),
                 f"{PEFT_DIR}/adapter_model.safetensors": save(state)}
+
+
+def add_lora(backbone, cfg):
+    """Inject peft's LoRA layers into ``backbone`` (a method's own clone) where ``cfg`` says
+    (``towers``, ``layers``, ``targets``, ``r``, ``alpha``, ``dropout``, ``rslora``, ``dora``): the
+    attention is split first so peft can target q, k, v one by one. Returns the peft config and
+    the names of the new trainable tensors under the backbone (MUST's LoRA variant uses it too)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    for tower in cfg.towers:
+        split_attention(b for _, b in pick_layers(backbone.blocks(tower), cfg.layers))
+    names = [f"{name}.attn.{TARGETS[t]}" for tower in cfg.towers
+             for name, _ in pick_layers(backbone.blocks(tower), cfg.layers) for t in cfg.targets]
+    peft = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, use_rslora=cfg.rslora,
+                      use_dora=cfg.dora, target_modules=names, bias="none")
+    inject_adapter_in_model(peft, backbone.model)
+    return peft, [n for n, p in backbone.named_parameters() if _is_lora(n)]
 
 
 def _is_lora(name: str) -> bool:

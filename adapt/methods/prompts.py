@@ -43,9 +43,11 @@ def n_ctx_of(config) -> int:
 class ContextPrompts(nn.Module):
     def __init__(self, backbone: ClipBackbone, n_ctx: int, ctx_init: str = "", csc: bool = False,
                  position: str = "end", n_classes: int = 0, init_std: float = 0.02,
-                 pad_to: Optional[int] = None):
+                 pad_to: Optional[int] = None, learned: bool = True):
         """``pad_to``: with ``ctx_init``, that many context vectors, the text's embeddings last and
-        zero vectors before them (ProGrad's ``CTX_INIT`` padding); without it the text sets M."""
+        zero vectors before them (ProGrad's ``CTX_INIT`` padding); without it the text sets M.
+        ``learned=False``: the context is always given to ``text_features`` (generated: SoftCPT),
+        so the module holds none of its own."""
         super().__init__()
         if position not in POSITIONS:
             raise ValueError(f"class_token_position={position!r}; expected one of {POSITIONS}")
@@ -74,7 +76,10 @@ class ContextPrompts(nn.Module):
             init = torch.empty(shape, dtype=backbone.dtype).normal_(std=init_std)
             self.prefix_text = " ".join(["X"] * n_ctx)
         self.n_ctx = n_ctx
-        self.ctx = nn.Parameter(init.to(backbone.dtype))
+        if learned:
+            self.ctx = nn.Parameter(init.to(backbone.dtype))
+        else:  # a placeholder of the right shape, never trained nor saved
+            self.register_buffer("ctx", torch.zeros_like(init, dtype=backbone.dtype), persistent=False)
 
     def build(self, classnames: Sequence[str]) -> None:
         """Tokenize ``"<prefix> <name>."`` per class and keep the frozen embedding pieces."""

@@ -86,6 +86,7 @@ def gpa_weights(max_epochs: int, mean: float, std: float) -> list[float]:
 class PromptSRC(IVLP):
     Config = PromptSRCConfig
     trainable_kind = "deep text + vision prompts"
+    per_task_loss = False  # its KL to the frozen model's logits reads every class
 
     def __init__(self, config: PromptSRCConfig, backbone, classnames, templates):
         super().__init__(config, backbone, classnames, templates)

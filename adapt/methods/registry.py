@@ -104,11 +104,12 @@ def check_task(name: str, task: str, data=None) -> None:
 
 
 def build_method(name: str, config, backbone, classnames: Sequence[str], templates: Sequence[str],
-                 task="single_label", class_text=None):
+                 task="single_label", class_text=None, class_tasks=None):
     """``config``: the method's Config, or a mapping of its fields (None = the defaults);
     ``task``: the data's task kind (``adapt/tasks/``), which the method must declare: its name,
     or the task object built with the data's options (a class tree); ``class_text``: the run's
-    checked ``ClassText`` (``data.class_text``), for methods that take it."""
+    checked ``ClassText`` (``data.class_text``), for methods that take it; ``class_tasks``: the task
+    of every class (multi_task)."""
     from adapt.tasks import Task, get_task
 
     kind = task if isinstance(task, Task) else get_task(task)
@@ -118,6 +119,8 @@ def build_method(name: str, config, backbone, classnames: Sequence[str], templat
     method.task = kind
     if class_text is not None:
         method.use_class_text(class_text)
+    if class_tasks is not None:
+        method.set_classnames(method.classnames, class_tasks)
     return method
 
 

@@ -3,7 +3,7 @@ how the results are named. One file per setting; ``data.setting`` names one."""
 from adapt.settings.base import Plan, Setting
 from adapt.settings.registry import get_setting, list_settings, register_setting
 
-from adapt.settings import all, base2novel, cross_dataset, domain_generalization, unsupervised  # noqa: E402,F401,A004  (register)
+from adapt.settings import all, base2novel, cross_dataset, domain_generalization, multi_task, unsupervised  # noqa: E402,F401,A004  (register)
 
 
 def check_data(cfg) -> None:

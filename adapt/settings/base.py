@@ -10,6 +10,7 @@ from adapt.data.config import DataConfig
 from adapt.data.fewshot import few_shot_splits
 from adapt.data.items import DatasetSplits, Item
 from adapt.data.multilabel import partial_labels
+from adapt.data.registry import build_dataset
 from adapt.tasks import get_task
 
 EvalSets = "OrderedDict[str, tuple[list[str], list[Item]]]"
@@ -29,6 +30,10 @@ class Plan:
     extra: dict = field(default_factory=dict)  # recorded in the manifest
     # prompt templates of an evaluation set whose dataset is not the source (cross-dataset targets)
     eval_templates: dict = field(default_factory=dict)
+    # several datasets at once (multi_task): the task of every training class, and of every
+    # evaluation set; empty: one task, the dataset
+    class_tasks: list[str] = field(default_factory=list)
+    eval_tasks: dict = field(default_factory=dict)
 
 
 class Setting:
@@ -42,6 +47,10 @@ class Setting:
     def check_method(self, cfg: DataConfig, method: type) -> None:
         """The method (its class) can learn from what this data section gives it; run with the
         recipe's checks, before the backbone loads (unlabelled data: ``Unsupervised``)."""
+
+    def dataset(self, cfg: DataConfig) -> DatasetSplits:
+        """The dataset the setting splits: the recipe's (multi_task: its tasks joined)."""
+        return build_dataset(cfg)
 
     def check_dataset(self, cfg: DataConfig, dataset: DatasetSplits) -> None:
         """The loaded dataset suits this setting and the recipe's data section (before any image

@@ -70,3 +70,19 @@ class SingleLabel(Task):
         # -1 marks an unlabelled training image (data.setting=unsupervised, shots 0): the running
         # accuracy counts the labelled ones only (none: it stays 0)
         return MulticlassAccuracy(num_classes=num_classes, average="micro", ignore_index=-1)
+
+
+def task_ids(class_tasks) -> torch.Tensor:
+    """The task index of every class, from the task name of every class."""
+    order = {name: i for i, name in enumerate(dict.fromkeys(class_tasks))}
+    return torch.tensor([order[name] for name in class_tasks], dtype=torch.long)
+
+
+def own_task_logits(logits: torch.Tensor, labels: torch.Tensor, class_task: torch.Tensor) -> torch.Tensor:
+    """[B, K] logits with every class outside the labelled class's task at -inf: a softmax (a
+    cross-entropy) over them is the one over the task's own classes, as SoftCPT's multi-task
+    loss slices them. Unlabelled images (-1) keep every class."""
+    own = class_task[labels.clamp(min=0)]
+    outside = class_task[None, :] != own[:, None]
+    outside &= (labels >= 0)[:, None]
+    return logits.masked_fill(outside, float("-inf"))
