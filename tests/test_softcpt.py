@@ -26,10 +26,24 @@ def test_the_context_is_the_task_feature_through_the_generator(tiny_backbone):
     assert g.shape[0] == 2 and not torch.allclose(g.norm(dim=-1), torch.ones(2))  # not normalised
     ctx = method.contexts()
     torch.testing.assert_close(ctx[1], (g[1] @ method.generator).view(16, -1))
-    # the classes' features: their own prompts around their task's context
-    expected = method.class_prompts.text_features(ctx[method.class_task])
-    torch.testing.assert_close(method.text_features(), expected)
+    # the classes' features: their own prompts around their task's context, every class's full
+    # prompt through the text tower (the method runs each task's shared prefix once)
+    from adapt.methods.prompts import ContextPrompts
+
+    full = ContextPrompts(tiny_backbone, 16, learned=False)
+    full.build(NAMES)
+    expected = full.text_features(ctx[method.class_task])
+    torch.testing.assert_close(method.text_features(), expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(ctx[0], ctx[1])  # the task names differ, so do their contexts
+
+
+def test_interleaved_tasks_keep_every_class_in_its_place(tiny_backbone):
+    mixed = ["colour", "fill", "colour", "fill", "colour"]
+    method = _softcpt(tiny_backbone, tasks=mixed).eval()
+    x = torch.randn(2, 3, 32, 32)
+    for name, task in zip(NAMES, mixed):  # each column is the class pointed at alone
+        alone = _softcpt(tiny_backbone, names=[name], tasks=[task]).eval()
+        torch.testing.assert_close(method(x)[:, NAMES.index(name)], alone(x)[:, 0], rtol=1e-5, atol=1e-5)
 
 
 def test_a_class_scores_the_same_in_the_union_and_pointed_at_its_task_alone(tiny_backbone):

@@ -74,8 +74,9 @@ class SoftCPT(Method):
         super().__init__(config, backbone, classnames, templates)
         self.task_prompts = ContextPrompts(self.backbone, config.task_n_ctx, config.task_ctx_init,
                                            init_std=config.init_std)
-        # the classes' prompts take the generated context: their own is never learned
-        self.class_prompts = ContextPrompts(self.backbone, config.n_ctx, learned=False)
+        # the classes' prompts, one set per task (rebuild_classes), take the generated context:
+        # their own is never learned
+        self.class_prompts = nn.ModuleList()
         width = self.backbone.text_width
         self.generator = nn.Parameter(torch.empty(self.backbone.embed_dim, config.n_ctx * width,
                                                   dtype=self.backbone.dtype).normal_(std=config.init_std))
@@ -87,12 +88,21 @@ class SoftCPT(Method):
         return list(dict.fromkeys(self.class_tasks or [""]))
 
     def rebuild_classes(self) -> None:
-        self.class_prompts.build(self.classnames)
         self.task_prompts.build([t.replace("_", " ") for t in self.task_names])
         tasks = self.class_tasks or [""] * len(self.classnames)
         order = {t: i for i, t in enumerate(self.task_names)}
         self.register_buffer("class_task", torch.tensor([order[t] for t in tasks], dtype=torch.long),
                              persistent=False)
+        # a task's classes share one context, so each task's prompts run their common prefix
+        # [SOS] ctx_τ through the text tower once (ContextPrompts' shared-prefix path)
+        self.class_prompts = nn.ModuleList()
+        self.task_classes = []
+        for t in range(len(self.task_names)):
+            members = [c for c, task in enumerate(self.class_task.tolist()) if task == t]
+            prompts = ContextPrompts(self.backbone, self.config.n_ctx, learned=False)
+            prompts.build([self.classnames[c] for c in members])
+            self.class_prompts.append(prompts)
+            self.task_classes.append(members)
 
     def task_features(self) -> torch.Tensor:
         """g_τ [T, d]: each task prompt's projected EOT feature, not normalised."""
@@ -105,8 +115,10 @@ class SoftCPT(Method):
 
     def text_features(self) -> torch.Tensor:
         def compute() -> torch.Tensor:
-            ctx = self.contexts()[self.class_task.to(self.generator.device)]  # [C, n_ctx, D]
-            return self.class_prompts.text_features(ctx)
+            ctx = self.contexts()  # [T, n_ctx, D]
+            parts = [prompts.text_features(ctx[t]) for t, prompts in enumerate(self.class_prompts)]
+            order = torch.tensor([c for members in self.task_classes for c in members], device=ctx.device)
+            return torch.cat(parts)[torch.argsort(order)]  # back to the class order
         return self.cached_text_features(compute)
 
     def forward_features(self, image_features: torch.Tensor) -> torch.Tensor:
