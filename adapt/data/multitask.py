@@ -43,6 +43,17 @@ class MultiTaskConfig:
                              f"{', '.join(CLASSIFIERS)}")
 
 
+def dataset_entry(entry: Any, keys: tuple[str, ...], where: str) -> dict[str, Any]:
+    """A recipe's dataset entry (a cross-dataset target, a task): a dataset name or a mapping of
+    ``keys``, ``dataset`` required."""
+    spec: dict[str, Any] = {"dataset": entry} if isinstance(entry, str) else dict(entry)
+    bad = sorted(set(spec) - set(keys))
+    if "dataset" not in spec or bad:
+        raise ValueError(f"{where} = {entry!r}: give a dataset name or a mapping with keys "
+                         f"{', '.join(keys)} (dataset required)")
+    return spec
+
+
 @dataclass
 class TaskSpec:
     """One task of a multi-task recipe: its name (results are reported under it) and the data
@@ -57,11 +68,7 @@ def task_specs(cfg) -> list[TaskSpec]:
     data section's other keys carried over). Names must differ: they name the results."""
     specs = [TaskSpec(cfg.dataset, dataclasses.replace(cfg, tasks=[], setting="all", manifest=None))]
     for i, entry in enumerate(cfg.tasks or []):
-        spec: dict[str, Any] = {"dataset": entry} if isinstance(entry, str) else dict(entry)
-        bad = sorted(set(spec) - set(TASK_KEYS))
-        if "dataset" not in spec or bad:
-            raise ValueError(f"data.tasks[{i}] = {entry!r}: give a dataset name or a mapping with keys "
-                             f"{', '.join(TASK_KEYS)} (dataset required)")
+        spec = dataset_entry(entry, TASK_KEYS, f"data.tasks[{i}]")
         data = dataclasses.replace(cfg, dataset=spec["dataset"], root=spec.get("root", cfg.root),
                                    split_file=spec.get("split_file"), templates=spec.get("templates"),
                                    tasks=[], setting="all", manifest=None)

@@ -8,12 +8,11 @@ loaded (and their images checked) before any model is built.
 from __future__ import annotations
 
 import dataclasses
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 from adapt.data.config import DataConfig
 from adapt.data.items import DatasetSplits, Item
+from adapt.data.multitask import dataset_entry
 from adapt.data.registry import build_dataset
 from adapt.settings.base import Plan, Setting
 from adapt.settings.registry import register_setting
@@ -25,11 +24,7 @@ def target_configs(cfg: DataConfig) -> list[DataConfig]:
     """One DataConfig per ``data.targets`` entry (the source's other keys carried over)."""
     out = []
     for i, target in enumerate(cfg.targets or []):
-        spec: dict[str, Any] = {"dataset": target} if isinstance(target, str) else dict(target)
-        bad = sorted(set(spec) - set(TARGET_KEYS))
-        if "dataset" not in spec or bad:
-            raise ValueError(f"data.targets[{i}] = {target!r}: give a dataset name or a mapping with keys "
-                             f"{', '.join(TARGET_KEYS)} (dataset required)")
+        spec = dataset_entry(target, TARGET_KEYS, f"data.targets[{i}]")
         out.append(dataclasses.replace(cfg, dataset=spec["dataset"], root=spec.get("root", cfg.root),
                                        split_file=spec.get("split_file"), templates=None, targets=[],
                                        manifest=None, setting="all"))
