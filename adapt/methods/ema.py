@@ -12,6 +12,9 @@ The averages are persistent buffers of this module, so they reach ``trainable_st
 checkpoints and the adapter with the method's own tensors, and a resumed run continues from
 them. The teacher runs the method's own forward with the averages in place of the live tensors
 (``torch.func.functional_call``): no second copy of any module.
+
+Departures from the original's ``ModelEma``: it averages only the trainable tensors (the frozen
+ones are equal in teacher and student anyway) and never keeps a copy on another device.
 """
 from __future__ import annotations
 
