@@ -36,7 +36,10 @@ class OptimConfig:
     weight_decay: float = 5e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    scheduler: str = "cosine"  # cosine | constant (after warm-up)
+    scheduler: str = "cosine"  # cosine | constant (after warm-up) | poly (interval=step only)
+    # scheduler=poly: mmcv's ``policy='poly'`` (mmseg's iteration schedules), the factor
+    # ``(1 - s / total) ** poly_power`` from the full lr down to min_lr over all the run's steps
+    poly_power: float = 0.9
     # epoch: the lr changes once per epoch (CoOp's trainer); step: once per optimizer step over
     # the run's total steps (CLIP-LoRA's and WiSE-FT's iteration schedules)
     interval: str = "epoch"
@@ -55,7 +58,12 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check_choice("optim.name", self.name, ("sgd", "adam", "adamw"))
-        check_choice("optim.scheduler", self.scheduler, ("cosine", "constant"))
+        check_choice("optim.scheduler", self.scheduler, ("cosine", "constant", "poly"))
+        if self.scheduler == "poly" and self.interval != "step":
+            raise RecipeError("optim.scheduler=poly is an iteration schedule (mmseg's): set optim.interval=step "
+                              "(with optim.warmup_epochs=0 and optim.warmup_steps for a warm-up)")
+        if self.poly_power <= 0:
+            raise RecipeError(f"optim.poly_power must be > 0, got {self.poly_power}")
         check_choice("optim.interval", self.interval, ("epoch", "step"))
         if self.lr <= 0:
             raise RecipeError(f"optim.lr must be > 0, got {self.lr}")

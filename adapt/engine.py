@@ -258,7 +258,8 @@ class AdaptModule(pl.LightningModule):
                                     weight_decay=cfg.weight_decay)
         if cfg.interval == "step":
             total = int(self.trainer.estimated_stepping_batches)
-            factor = step_lr_factor(cfg.scheduler, cfg.warmup_steps, cfg.min_lr / cfg.lr, total)
+            factor = step_lr_factor(cfg.scheduler, cfg.warmup_steps, cfg.min_lr / cfg.lr, total,
+                                    cfg.get("poly_power", 0.9))
             epoch_of = steps_to_epochs(total, self.max_epochs)
         else:
             epoch_of = None
@@ -352,12 +353,22 @@ def epoch_lr_factor(scheduler: str, warmup_epochs: int, warmup_factor: float, ma
     return factor
 
 
-def step_lr_factor(scheduler: str, warmup_steps: int, min_factor: float, total_steps: int):
+def step_lr_factor(scheduler: str, warmup_steps: int, min_factor: float, total_steps: int,
+                   poly_power: float = 0.9):
     """lr multiplier per optimizer step: a linear warm-up ``(s + 1) / warmup_steps`` (WiSE-FT's),
     then cosine from the full lr down to ``min_factor`` over the remaining steps (CLIP-LoRA's
-    ``CosineAnnealingLR(total_iters, eta_min)`` when there is no warm-up)."""
+    ``CosineAnnealingLR(total_iters, eta_min)`` when there is no warm-up).
+
+    ``poly``: mmcv's poly policy, ``min + (1 - min) (1 - s / total) ** poly_power`` counted from
+    step 0 over all ``total_steps`` (not from the warm-up's end), the warm-up multiplying it as
+    mmcv's linear warm-up does (mmseg's iteration schedules: DenseCLIP's 80k, power 0.9)."""
+
+    def poly(step: int) -> float:
+        return min_factor + (1.0 - min_factor) * (1.0 - min(step, total_steps) / max(1, total_steps)) ** poly_power
 
     def factor(step: int) -> float:
+        if scheduler == "poly":
+            return poly(step) * ((step + 1) / warmup_steps if step < warmup_steps else 1.0)
         if step < warmup_steps:
             return (step + 1) / warmup_steps
         if scheduler == "constant":

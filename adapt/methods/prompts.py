@@ -43,8 +43,9 @@ def n_ctx_of(config) -> int:
 class ContextPrompts(nn.Module):
     def __init__(self, backbone: ClipBackbone, n_ctx: int, ctx_init: str = "", csc: bool = False,
                  position: str = "end", n_classes: int = 0, init_std: float = 0.02,
-                 pad_to: Optional[int] = None, learned: bool = True):
-        """``pad_to``: with ``ctx_init``, that many context vectors, the text's embeddings last and
+                 pad_to: Optional[int] = None, learned: bool = True, name_suffix: str = "."):
+        """``name_suffix``: what follows the class name before [EOS] (CoOp's "."; DenseCLIP has
+        nothing there). ``pad_to``: with ``ctx_init``, that many context vectors, the text's embeddings last and
         zero vectors before them (ProGrad's ``CTX_INIT`` padding); without it the text sets M.
         ``learned=False``: the context is always given to ``text_features`` (generated: SoftCPT),
         so the module holds none of its own."""
@@ -54,6 +55,7 @@ class ContextPrompts(nn.Module):
         self.backbone = [backbone]  # a list: not a submodule, the method owns the backbone
         self.position = position
         self.csc = csc
+        self.name_suffix = name_suffix
         width = backbone.text_width
         if ctx_init:
             # initialise from the embeddings of a hand-written prompt; its words set M
@@ -82,12 +84,12 @@ class ContextPrompts(nn.Module):
             self.register_buffer("ctx", torch.zeros_like(init, dtype=backbone.dtype), persistent=False)
 
     def build(self, classnames: Sequence[str]) -> None:
-        """Tokenize ``"<prefix> <name>."`` per class and keep the frozen embedding pieces."""
+        """Tokenize ``"<prefix> <name><name_suffix>"`` per class and keep the frozen embedding pieces."""
         backbone = self.backbone[0]
         if self.csc and self.ctx.shape[0] != len(classnames):
             raise ValueError(f"class-specific context was learned for {self.ctx.shape[0]} classes, "
                              f"not {len(classnames)}")
-        tokens = backbone.tokenize([f"{self.prefix_text} {name}." for name in classnames])
+        tokens = backbone.tokenize([f"{self.prefix_text} {name}{self.name_suffix}" for name in classnames])
         with torch.no_grad():
             emb = backbone.embed_tokens(tokens)
         self.register_buffer("tokens", tokens, persistent=False)
