@@ -140,20 +140,20 @@ def test_a_few_steps_on_the_world_label_maps_reduce_the_loss():
     d = build_dataset(DataConfig(dataset="world_seg_colour", root=None))
     task = get_task("segmentation")
     tf = task.test_transform(32, bb.image_mean, bb.image_std)
-    pairs = [task.read(Image.open(d.root / it.path).convert("RGB"), it.label, d.root, tf) for it in d.train[:16]]
+    pairs = [task.read(Image.open(d.root / it.path).convert("RGB"), it.label, d.root, tf) for it in d.train[:8]]
     images, labels = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     torch.manual_seed(0)
     method = build_method("denseclip", {"neck_channels": 32, "head_channels": 32}, bb, d.classnames,
                           d.templates, task="segmentation").train()
     opt = torch.optim.AdamW(method.trainable_parameters(), lr=1e-3, weight_decay=1e-4)
     losses = []
-    for _ in range(25):
+    for _ in range(15):
         opt.zero_grad()
         loss = method.loss(method.output(images), labels)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
-    assert losses[-1] < 0.6 * losses[0], losses
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.75 * losses[0], losses
 
 
 def test_taps_rule_and_bad_input(backbone):
