@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from adapt.config import load_recipe  # noqa: E402
 from adapt.run import run_fit  # noqa: E402
 from experiments.benchlib import output_dir, write_result  # noqa: E402
+from experiments.world_numbers import mean_std  # noqa: E402
 
 STEM = "segmentation_world"
 QUIET = ["trainer.progress_bar=false", "logger.csv=false", "data.num_workers=0"]
@@ -32,14 +33,6 @@ ROWS = {"maskclip (value path)": [], "maskclip (last-block tokens)": ["method.fe
 TRAINED = {"denseclip (image tower frozen)": ("denseclip", []),
            "denseclip_ft (image tower fine-tuned at 0.1x)": ("denseclip", ["method.name=denseclip_ft"])}
 CLASSES = 12
-
-
-def mean_std(values: list[float]) -> str:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return f"{mean:.2f}"
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.2f} ± {std:.2f}"
 
 
 def main(argv=None) -> None:
