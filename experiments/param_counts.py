@@ -1,6 +1,6 @@
 """Trainable parameters of every registered method on ViT-B/16, with its default config.
 
-    python experiments/param_counts.py [--classes 100] [--out experiments/results]   # default: a temp folder
+    python experiments/param_counts.py [--classes 100] [--methods NAME ...] [--out experiments/results]   # default: a temp folder
 
 The backbone is open_clip's ViT-B-16 architecture with random weights (``pretrained: null``, no
 download; parameter shapes are the real model's). Each registered method is built with its
@@ -55,13 +55,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--out", default=None, help="folder for param_counts.json (default: a new temporary folder)")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these registered methods (default: all)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     backbone = build_backbone(BackboneConfig(name="ViT-B-16", pretrained=None))
     names = [f"class {i}" for i in range(args.classes)]
     rows = {}
-    for name in list_methods():
+    for name in args.methods or list_methods():
         start = time.perf_counter()
         tasks = get_method(name).tasks  # built for single-label data where it does it, else its own kind
         task = "single_label" if "single_label" in tasks else tasks[0]
@@ -82,7 +83,7 @@ def main(argv=None) -> dict:
 
     result = {"backbone": "ViT-B-16 (random weights, real shapes)", "classes": args.classes,
               "config": "each method's Config defaults", "methods": rows}
-    out = output_dir(args.out, args.classes != 100, "param_counts")
+    out = output_dir(args.out, args.classes != 100 or bool(args.methods), "param_counts")
     atomic_write_json(out / "param_counts.json", result, indent=2)
     print(f"wrote {out / 'param_counts.json'}")
     print(f"{'method':<12} {'trainable':>12} {'reference':>12}  note")

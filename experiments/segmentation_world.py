@@ -42,7 +42,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", nargs="+", default=["maskclip", "denseclip"], choices=["maskclip", "denseclip"],
                     help="which methods' rows to run")
     args = ap.parse_args(argv)
-    out = output_dir(args.out, False, STEM)
+    out = output_dir(args.out, set(args.rows) != {"maskclip", "denseclip"} or args.seeds != [1, 2, 3], STEM)
     start = time.perf_counter()
     runs, trained = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
