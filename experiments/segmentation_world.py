@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     # with equal shares 1/K that is 1 / (2K - 1); pixel accuracy 1/K
     chance_iou, chance_acc = 100.0 / (2 * CLASSES - 1), 100.0 / CLASSES
     lines = ["world_seg_colour (12 colours, 1-3 objects per image, background ignored), shipped tiny-vit-p4 "
-             "(`world`), training-free; % on the test split.", "",
+             "(`world`); MaskCLIP training-free, DenseCLIP trained on the 1200 training label maps; % on the test split.", "",
              "| features | mIoU | aAcc | mAcc |", "|---|---:|---:|---:|",
              f"| chance (uniform guess) | {chance_iou:.1f} | {chance_acc:.1f} | {chance_acc:.1f} |"]
     for label, r in runs.items():
