@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", default="predictions.csv")
     pred.add_argument("--maps-dir", default=None,
                       help="segmentation adapters: the folder of label-map PNGs (default: <out>_label_maps)")
+    pred.add_argument("--slide-window", type=int, nargs=2, metavar=("CROP", "STRIDE"), default=None,
+                      help="segmentation adapters: slide a CROP window every STRIDE pixels (default: "
+                           "the run's data.slide_window, recorded in the adapter; else whole images)")
     pred.add_argument("--batch-size", type=int, default=64)
     pred.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     config = sub.add_parser("config", help="print the resolved recipe (defaults + file + overrides)")
