@@ -131,10 +131,10 @@ class VTCLIP(HandWrittenClassifier):
     def guided_text(self, text: torch.Tensor, keys_values: list) -> torch.Tensor:
         """The visual-guided class features [B, K, d] (unnormalised) of ``text`` [K, d], given
         each layer's keys and values of the images' tokens (``keys_values``)."""
-        t = text
+        t = text  # [K, d] for the first layer, [B, K, d] after it
         for layer, (k, v) in zip(self.attention, keys_values):
             t = t + self.config.ratio * layer.attend(t, k, v)
-        return t.expand(keys_values[0][0].shape[0], *text.shape) if t.dim() == 2 else t
+        return t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dense = self.dense_features_of(x)
