@@ -6,7 +6,8 @@
 - ``folder``: a folder of images (searched recursively, any layout) that replaces the dataset's
   training split as the unlabelled pool of ``data.setting=unsupervised``. Without it the pool
   is the training split with its labels dropped (the world's train split, CIFAR-10's 50,000).
-  ``unlabelled_folder_paths`` lists them (SVL-Adapter pretrains its SimCLR encoder on them).
+  ``adapt.data.folder.unlabelled_folder_paths`` lists them (SVL-Adapter pretrains its SimCLR
+  encoder on them).
 - ``prior``: ``uniform``, or a JSON file ``{class: weight}`` giving the share of each class in
   the unlabelled data. Keys are matched to the classes by normalised name
   (``adapt.data.class_text.normalised``: lower case, ``_`` as a space), never by order.
@@ -89,18 +90,3 @@ def load_label_prior(spec: Optional[str], classnames: Sequence[str]) -> Optional
         raise _fail(path, f"the weights sum to {total:.9g}, not 1 (within {SUM_TOLERANCE:g}); divide each by "
                           "their sum (they are not renormalised for you)")
     return [shares[normalised(c)] for c in classnames]
-
-
-def unlabelled_folder_paths(folder: str) -> list[str]:
-    """Every image under ``folder`` (recursive, sorted), as absolute paths (an item path that is
-    absolute is read as it is, whatever the dataset's root)."""
-    from adapt.data.folder import IMAGE_EXTENSIONS  # folder imports the config, which imports this
-
-    root = Path(folder).expanduser().resolve()
-    if not root.is_dir():
-        raise ValueError(f"data.unlabelled.folder={folder}: no such folder; give a folder of unlabelled images")
-    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise ValueError(f"data.unlabelled.folder={folder}: no image files "
-                         f"({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under it")
-    return files

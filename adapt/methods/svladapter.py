@@ -55,7 +55,7 @@ from torch import nn
 
 from adapt.data.feature_cache import default_cache_dir
 from adapt.data.items import Item
-from adapt.data.priors import unlabelled_folder_paths
+from adapt.data.folder import unlabelled_folder_paths
 from adapt.data.transforms import test_transform
 from adapt.methods.base import HandWrittenClassifier, MethodOutput, items_of_classes
 from adapt.methods.registry import register_method

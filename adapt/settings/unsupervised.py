@@ -25,7 +25,7 @@ from collections import OrderedDict
 import torch
 
 from adapt.data.items import Item
-from adapt.data.priors import unlabelled_folder_paths
+from adapt.data.folder import unlabelled_folder_paths
 from adapt.settings.base import Plan, Setting
 from adapt.settings.registry import register_setting
 
