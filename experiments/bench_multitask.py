@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (PeakMemory, bench_cli, classnames, interleaved, load_average, machine,  # noqa: E402
-                                  start_heap, target_lines, targets_met, write_result)
+from experiments.benchlib import (BenchStart, bench_cli, classnames, interleaved, load_average, machine,  # noqa: E402
+                                  target_lines, targets_met, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, batch=32, rounds=6, image_rounds=3)
 QUICK = dict(model="adapt-tiny-vit", classes=10, batch=4, rounds=1, image_rounds=1)
@@ -61,16 +61,13 @@ def step(method, inputs, labels, task_ids=None):
 
 def main(argv=None) -> int:
     args, cfg, out = bench_cli(__doc__, argv, "bench_multitask", QUICK, FULL)
-    from adapt.backbone import BackboneConfig, build_backbone
     from adapt.methods import build_method, list_methods
     from adapt.tasks.single_label import task_ids
 
-    start, load_before = time.perf_counter(), load_average()
-    allocator = start_heap()
-    memory = PeakMemory()
-    torch.manual_seed(0)
-    bb = build_backbone(BackboneConfig(name=cfg["model"], pretrained=None))
-    g = torch.Generator().manual_seed(0)
+    bench = BenchStart(cfg)
+    start, load_before, allocator, memory = bench.start, bench.load_before, bench.allocator, bench.memory
+    bb = bench.backbone
+    g = bench.generator
     k, b = cfg["classes"], cfg["batch"]
     half = k // 2
     names = classnames(k)

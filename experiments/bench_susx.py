@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (PeakMemory, bench_cli, classnames, interleaved, load_average, machine,  # noqa: E402
-                                  start_heap, target_lines, targets_met, write_result)
+from experiments.benchlib import (BenchStart, bench_cli, classnames, interleaved, load_average, machine,  # noqa: E402
+                                  target_lines, targets_met, write_result)
 
 FULL = dict(model="ViT-B-16", classes=1000, shots=16, batch=32, rounds=4, head_rounds=20)
 QUICK = dict(model="adapt-tiny-vit", classes=10, shots=2, batch=4, rounds=1, head_rounds=2)
@@ -40,15 +40,12 @@ TARGETS = [("tipx_vs_tip_per_image", "TIP-X / Tip-Adapter inference per image (i
 
 def main(argv=None) -> int:
     args, cfg, out = bench_cli(__doc__, argv, "bench_susx", QUICK, FULL)
-    from adapt.backbone import BackboneConfig, build_backbone
     from adapt.methods import build_method
 
-    start, load_before = time.perf_counter(), load_average()
-    allocator = start_heap()
-    memory = PeakMemory()
-    torch.manual_seed(0)
-    bb = build_backbone(BackboneConfig(name=cfg["model"], pretrained=None))
-    g = torch.Generator().manual_seed(0)
+    bench = BenchStart(cfg)
+    start, load_before, allocator, memory = bench.start, bench.load_before, bench.allocator, bench.memory
+    bb = bench.backbone
+    g = bench.generator
     k, b = cfg["classes"], cfg["batch"]
     names = classnames(k)
     keys = torch.nn.functional.normalize(torch.randn(k * cfg["shots"], bb.embed_dim, generator=g), dim=-1)
