@@ -282,6 +282,17 @@ def test_maskclip_segments_the_world_above_chance(tmp_path):
     assert value["metrics"]["test_miou"] > 8.0 and saved["task_metrics"]["test"]["aacc"] > 15.0
     assert value["metrics"]["test_miou"] > tokens["metrics"]["test_miou"] + 3.0
     assert not math.isnan(saved["task_metrics"]["test"]["macc"])
+    # training-free, so its settings are the adapter: written, exported, and loaded as it ran
+    from adapt.export import export_run
+    from adapt.inference import load_adapter
+
+    metas = [json.loads((Path(r["adapter_dir"]) / "adapter.json").read_text()) for r in (value, tokens)]
+    assert [m["method_config"]["features"] for m in metas] == ["value", "tokens"]
+    assert all(m["method"] == "maskclip" and m["task"] == "segmentation" and len(m["classnames"]) == 12
+               for m in metas)
+    exported = export_run(tmp_path / "t", tmp_path / "exported")
+    model = load_adapter(exported, device="cpu")
+    assert model.config.features == "tokens" and model.classnames == metas[1]["classnames"]
 
 
 def test_contract_data_runs_maskclip_through_the_runner(image_folder, segmentation_folder, tmp_path):
