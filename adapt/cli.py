@@ -12,8 +12,10 @@ import logging
 import sys
 from pathlib import Path
 
-from adapt.checkpointing import RunInterrupted
-from adapt.config import RecipeError, load_recipe
+from adapt.structured import RecipeError
+
+# the recipe machinery (torch, open_clip, Lightning: seconds to import) is imported in main, after
+# `adapt compare --executor ray` has started its cluster, so the two overlap
 
 OVERRIDES_HELP = "key=value, e.g. data.shots=4 method.n_ctx=8 (see `adapt fit --help`)"
 
@@ -70,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", default="predictions.csv")
     pred.add_argument("--maps-dir", default=None,
                       help="segmentation adapters: the folder of label-map PNGs (default: <out>_label_maps)")
+    pred.add_argument("--slide-window", type=int, nargs=2, metavar=("CROP", "STRIDE"), default=None,
+                      help="segmentation adapters: slide a CROP window every STRIDE pixels (default: "
+                           "the run's data.slide_window, recorded in the adapter; else whole images)")
     pred.add_argument("--batch-size", type=int, default=64)
     pred.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     config = sub.add_parser("config", help="print the resolved recipe (defaults + file + overrides)")
@@ -94,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("pytorch_lightning", "pytorch_lightning.utilities.rank_zero", "lightning_fabric",
                  "lightning_fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    if args.command == "compare" and not args.dry_run:
+        _prestart_cluster(args)
+    from adapt.checkpointing import RunInterrupted
+
     try:
         return _dispatch(args)
     except RunInterrupted as err:
@@ -106,8 +115,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _prestart_cluster(args) -> None:
+    """Under ``--executor ray`` (or a list file's launcher section saying so): the local Ray
+    cluster and its workers' imports start now, while this process imports and plans."""
+    from adapt.compare.launcher import load_launcher, split_overrides
+    from adapt.compare.ray_cluster import prestart
+
+    try:
+        launcher = load_launcher(args.recipes, split_overrides(args.overrides)[1], executor=args.executor,
+                                 jobs=args.jobs)
+    except Exception:  # noqa: BLE001  the comparison reads it again and reports what is wrong
+        return
+    prestart(launcher)
+
+
 def _dispatch(args) -> int:
     from adapt import cli_commands as commands
+    from adapt.config import load_recipe
 
     if args.command == "fit":
         from adapt import run
@@ -118,8 +142,13 @@ def _dispatch(args) -> int:
     elif args.command == "export":
         commands.export(args.run_dir, args.out_dir, overwrite=args.overwrite, plain=args.plain)
     elif args.command == "compare":
-        commands.compare(args.recipes, args.seeds, args.out, args.overrides, executor=args.executor,
-                         jobs=args.jobs, dry_run=args.dry_run)
+        from adapt.compare import ray_cluster
+
+        try:
+            commands.compare(args.recipes, args.seeds, args.out, args.overrides, executor=args.executor,
+                             jobs=args.jobs, dry_run=args.dry_run)
+        finally:
+            ray_cluster.stop()  # a prestarted cluster the comparison never reached (all reused, an error)
     elif args.command == "report":
         commands.report(args.targets, args.out)
     elif args.command == "predict":

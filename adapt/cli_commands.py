@@ -91,7 +91,9 @@ def predict(args) -> None:
     maps_dir = Path(args.maps_dir) if args.maps_dir else Path(args.out).with_suffix("").with_name(
         Path(args.out).stem + "_label_maps")
     classnames = _classnames(args.classnames, args.classnames_file)
-    model = load_adapter(args.adapter, classnames=classnames, device=args.device, task=args.task)
+    window = {"slide_window": list(args.slide_window)} if args.slide_window else None
+    model = load_adapter(args.adapter, classnames=classnames, device=args.device, task=args.task,
+                         task_options=window)
     if model.task.logit_grid:  # it writes label maps: their folder too, before any image is read
         check_maps_dir(maps_dir)
     rows = predict_files(model, args.images, top_k=args.top_k, batch_size=args.batch_size,

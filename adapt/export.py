@@ -49,6 +49,8 @@ def save_adapter(method: Method, out_dir: str | Path) -> Path:
         meta["class_text"] = method.class_text.to_plain()
     if method.class_tasks is not None:  # trained on several datasets: the task of each class
         meta["class_tasks"] = list(method.class_tasks)
+    if method.task.options():  # what changes its predictions (segmentation's sliding window)
+        meta["task_options"] = method.task.options()
     atomic_write_json(out / META_FILE, meta)
     return out
 

@@ -30,13 +30,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def load_adapter(path: str | Path, classnames: Optional[Sequence[str]] = None,
-                 device: Optional[str | torch.device] = None, backbone=None, task: Optional[str] = None) -> Method:
+                 device: Optional[str | torch.device] = None, backbone=None, task: Optional[str] = None,
+                 task_options: Optional[dict] = None) -> Method:
     """The adapter at ``path`` (an adapter directory, or a run directory holding ``adapter/``) on
     its backbone, in eval mode, on ``device`` (default: CUDA when available), re-pointed at
     ``classnames`` when given. ``model.preprocess`` maps a PIL image to the tensor it expects;
     ``model.device`` is where inputs go. ``backbone``: an already built one (else it is built
     from the name and weights the adapter records). ``task``: of an adapter trained on several
-    datasets (``data.setting: multi_task``), the one to classify."""
+    datasets (``data.setting: multi_task``), the one to classify. ``task_options``: replace the
+    task options the run recorded (a segmentation adapter's ``{"slide_window": [crop, stride]}``,
+    the run's ``data.slide_window``, which ``predict_files`` slides as the run evaluated)."""
     from adapt.backbone import BackboneConfig, build_backbone
     from adapt.export import AdapterError, load_adapter as load_onto, read_adapter_meta
     from adapt.methods.adapters import adapter_folder
@@ -52,7 +55,8 @@ def load_adapter(path: str | Path, classnames: Optional[Sequence[str]] = None,
         backbone = build_backbone(BackboneConfig(name=meta["backbone"]["name"],
                                                  pretrained=meta["backbone"]["pretrained"]))
     backbone = backbone.to(device)
-    method = load_onto(path, backbone=backbone, classnames=classnames, task=task).to(device).eval()
+    method = load_onto(path, backbone=backbone, classnames=classnames, task=task,
+                       task_options=task_options).to(device).eval()
     # the task's evaluation transform where it has one (segmentation: the whole image, no crop)
     make = method.task.test_transform or test_transform
     method.preprocess = make(backbone.image_size, backbone.image_mean, backbone.image_std)
@@ -101,9 +105,10 @@ def predict_files(model: Method, inputs: Sequence[str | Path], top_k: int = 5, b
         batches = [torch.stack(xs)] if len({x.shape for x in xs}) == 1 else [x[None] for x in xs]
         logits = []
         for x in batches:
-            # test-time methods (TPT) take gradient steps inside predict; the rest need none
+            # test-time methods (TPT) take gradient steps inside predict; the rest need none;
+            # the task infers as the run evaluated (segmentation: its sliding window, if any)
             with torch.set_grad_enabled(model.grad_at_test), torch.inference_mode(not model.grad_at_test):
-                logits.append(model.predict(x.to(device)))
+                logits.append(task.infer(model.predict, x.to(device)))
         chunk_rows, maps = [], []
         for out, sub in zip(logits, _split(images, [len(x) for x in batches])):
             r, m = task.predictions(out, model.classnames, top_k, [(im.height, im.width) for im in sub])

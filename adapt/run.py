@@ -235,7 +235,10 @@ def run_fit(recipe: DictConfig) -> dict:
     sweep = exp.method.evaluation_sweep()
     if sweep is not None:
         results["sweep"] = exp.sweep(*sweep)
-    if exp.method.trainable_state():
+    # a training-free method (zero-shot, MaskCLIP, CALIP, CuPL, ...) gets a config-only adapter:
+    # its class names, templates, class text and settings, so `adapt predict` and load_adapter
+    # serve it like any other; test-time methods adapt while they evaluate and have none
+    if exp.method.trainable_state() or not exp.method.test_time:
         adapter_dir = exp.run_dir / "adapter"
         if rank_zero_only.rank == 0:
             save_adapter(exp.method, adapter_dir)

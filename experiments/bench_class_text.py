@@ -23,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (classnames, machine, PeakMemory, bench_cli, load_average,  # noqa: E402
-                                  start_heap, target_lines, targets_met, write_result)
+from experiments.benchlib import (BenchStart, classnames, machine, bench_cli, load_average,  # noqa: E402
+                                  target_lines, targets_met, write_result)
 
 FULL = dict(model="ViT-B-16", classes=1000, sentences=50)
 QUICK = dict(model="adapt-tiny-vit", classes=20, sentences=5)
@@ -45,16 +45,13 @@ def sentences(name: str, n: int) -> list[str]:
 
 def main(argv=None) -> int:
     args, cfg, out = bench_cli(__doc__, argv, "bench_class_text", QUICK, FULL)
-    from adapt.backbone import BackboneConfig, build_backbone
     from adapt.data.class_text import ClassText, normalised
     from adapt.methods import build_method
     from adapt.methods.class_text import PROMPT_CHUNK
 
-    start, load_before = time.perf_counter(), load_average()
-    allocator = start_heap()
-    memory = PeakMemory()
-    torch.manual_seed(0)
-    backbone = build_backbone(BackboneConfig(name=cfg["model"], pretrained=None))
+    bench = BenchStart(cfg)
+    start, load_before, allocator, memory = bench.start, bench.load_before, bench.allocator, bench.memory
+    backbone = bench.backbone
     names = classnames(cfg["classes"])
     text = ClassText({normalised(c): tuple(sentences(c, cfg["sentences"])) for c in names})
     tokens = backbone.tokenize([s for c in names[:50] for s in text.sentences_of(c)])

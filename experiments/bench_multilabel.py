@@ -25,8 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.benchlib import (classnames, machine, PeakMemory, bench_cli, interleaved, load_average,  # noqa: E402
-                                  start_heap, target_lines, targets_met, write_result)
+from experiments.benchlib import (BenchStart, classnames, machine, bench_cli, interleaved, load_average,  # noqa: E402
+                                  target_lines, targets_met, write_result)
 
 FULL = dict(model="ViT-B-16", classes=100, many=1000, batch=16, rounds=3)
 QUICK = dict(model="adapt-tiny-vit", classes=10, many=50, batch=4, rounds=1)
@@ -51,15 +51,12 @@ def step(method, images, targets):
 
 def main(argv=None) -> int:
     args, cfg, out = bench_cli(__doc__, argv, "bench_multilabel", QUICK, FULL)
-    from adapt.backbone import BackboneConfig, build_backbone
     from adapt.methods import build_method
 
-    start, load_before = time.perf_counter(), load_average()
-    allocator = start_heap()
-    memory = PeakMemory()
-    torch.manual_seed(0)
-    bb = build_backbone(BackboneConfig(name=cfg["model"], pretrained=None))
-    g = torch.Generator().manual_seed(0)
+    bench = BenchStart(cfg)
+    start, load_before, allocator, memory = bench.start, bench.load_before, bench.allocator, bench.memory
+    bb = bench.backbone
+    g = bench.generator
     images = torch.randn(cfg["batch"], 3, bb.image_size, bb.image_size, generator=g)
     k = cfg["classes"]
     labels = torch.randint(0, k, (cfg["batch"],), generator=g)

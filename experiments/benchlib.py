@@ -215,6 +215,28 @@ def start_heap() -> str:
     return "not managed (MALLOC_MMAP_THRESHOLD_ set, or not glibc)"
 
 
+class BenchStart:
+    """What a benchmark on a random-weight backbone starts with: the clock and load average, the
+    heap policy, a peak-memory meter, the backbone (``cfg["model"]``, seeded) and a seeded
+    generator for its inputs."""
+
+    def __init__(self, cfg: dict, build: bool = True):
+        import time
+
+        import torch
+
+        self.start, self.load_before = time.perf_counter(), load_average()
+        self.allocator = start_heap()
+        self.memory = PeakMemory()
+        torch.manual_seed(0)
+        self.backbone = None
+        if build:
+            from adapt.backbone import BackboneConfig, build_backbone
+
+            self.backbone = build_backbone(BackboneConfig(name=cfg["model"], pretrained=None))
+        self.generator = torch.Generator().manual_seed(0)
+
+
 # ------------------------------------------------------------------------------ results -------
 COMMITTED = Path(__file__).resolve().parent / "results"
 

@@ -1,7 +1,12 @@
 """CLIPPR on the world without labels: world_colour's 2,400 training images, labels dropped, the
 shipped tiny CLIP (tiny-vit-p4, tag ``world``) as the zero-shot teacher; CLIPPR with a uniform
 prior and with the world's true class frequencies, beside zero-shot and UPL
-(recipes/upl/coop_world.yaml: CoOp on the 16 most confident pseudo-labels per class).
+(recipes/upl/coop_world.yaml: CoOp on the 16 most confident pseudo-labels per class), and
+SVL-Adapter* (recipes/svladapter/world_zeroshot.yaml: its adapter on a SimCLR encoder's features,
+trained on those pseudo-labels, fused with the transductive confidence λ). ``--svl-fewshot`` adds
+SVL-Adapter's own main setting, 16 labelled shots with λ on validation (recipes/svladapter/world.yaml):
+that row uses labels. SimCLR pretrains once (its 10 epochs, the first SVL run's time) and is cached
+for every later run (same images, same config).
 
 Shortened for a CPU run (an epoch costs 2-3 s on the shared 2-core machine, mostly engine overhead): CLIPPR trains
 ``--epochs`` 20 (its 10 stage-1 epochs at 1e-3, then 10 of its stage 3 at 1e-4; the recipe has
@@ -65,11 +70,16 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--epochs", type=int, default=20, help="CLIPPR epochs (the recipe: 70)")
     ap.add_argument("--upl-epochs", type=int, default=20, help="UPL epochs (the recipe: 50)")
+    ap.add_argument("--svl-epochs", type=int, default=50, help="SVL-Adapter's adapter epochs (the recipe: 50)")
+    ap.add_argument("--svl-fewshot", action="store_true", help="add SVL-Adapter 16-shot (labelled) rows")
     ap.add_argument("--out", default=None, help="folder for the figures (default: a new temporary folder)")
     args = ap.parse_args(argv)
     out = output_dir(args.out, args.seeds != [1, 2, 3], STEM)
     start = time.perf_counter()
-    runs: dict[str, list[dict]] = {"upl": [], "clippr uniform": [], "clippr true frequencies": []}
+    runs: dict[str, list[dict]] = {"upl": [], "clippr uniform": [], "clippr true frequencies": [],
+                                   "svladapter* (confidence λ, transductive)": []}
+    if args.svl_fewshot:
+        runs["svladapter 16-shot, labelled (validation λ)"] = []
     with tempfile.TemporaryDirectory() as tmp:
         prior_file = Path(tmp) / "world_colour_prior.json"
         shares = true_frequencies(prior_file)
@@ -87,6 +97,12 @@ def main(argv=None) -> None:
             runs["upl"].append(fit("upl/coop_world.yaml", [f"seed={seed}", "baseline=false",
                                                            f"trainer.max_epochs={args.upl_epochs}"],
                                    Path(tmp), f"upl-{seed}"))
+            svl = [f"seed={seed}", "baseline=false", f"trainer.max_epochs={args.svl_epochs}"]
+            runs["svladapter* (confidence λ, transductive)"].append(
+                fit("svladapter/world_zeroshot.yaml", svl, Path(tmp), f"svl-zs-{seed}"))
+            if args.svl_fewshot:
+                runs["svladapter 16-shot, labelled (validation λ)"].append(
+                    fit("svladapter/world.yaml", svl, Path(tmp), f"svl-fs-{seed}"))
             print(seed, {k: v[-1]["test_acc"] for k, v in runs.items()}, flush=True)
     if is_uniform:  # the check that justifies reusing: seed 1 on the file = seed 1 uniform
         assert abs(runs["clippr true frequencies"][0]["test_acc"] - runs["clippr uniform"][0]["test_acc"]) < 1e-9
@@ -94,8 +110,10 @@ def main(argv=None) -> None:
     upl = runs["upl"][0]["report"]
     lines = [f"world_colour without labels (2,400 training images, labels dropped), shipped tiny-vit-p4 (`world`); "
              f"seeds {args.seeds}; test accuracy in % (mean ± sd over seeds). CLIPPR {args.epochs} epochs (recipe 70), "
-             f"UPL {args.upl_epochs} (recipe 50). The true class frequencies are uniform on world_colour (200 "
-             "training images per class), so that row is the uniform run (checked equal on the first seed).", "",
+             f"UPL {args.upl_epochs} (recipe 50), SVL-Adapter {args.svl_epochs} (recipe 50; its SimCLR encoder "
+             "10 epochs, trained in the first SVL run and cached for the rest). The true class frequencies are "
+             "uniform on world_colour (200 training images per class), so that row is the uniform run (checked "
+             "equal on the first seed).", "",
              "| method | epochs | batch | trainable params | test acc | s/run |", "|---|---:|---:|---:|---:|---:|",
              f"| zero-shot (`{'a photo of a {} shape.'}`) | | | 0 | {zeroshot:.1f} | |"]
     for row, rs in runs.items():
@@ -106,9 +124,15 @@ def main(argv=None) -> None:
               f"{upl.get('accuracy', float('nan')):.1f}% (the whole pool's zero-shot accuracy "
               f"{upl.get('zero_shot_pool_accuracy', float('nan')):.1f}%). CLIPPR's last-epoch agreement with the "
               "online pseudo-labels: " + mean_std([100 * r["scalars"]["agreement"] for r in runs["clippr uniform"]])
-              + "%.", "", "Recipes: `recipes/clippr/world.yaml`, `recipes/upl/coop_world.yaml`.",
+              + "%.", "", "SVL-Adapter's λ (weight of the SimCLR adapter; 0 = zero-shot) per seed: "
+              + "; ".join(f"{row}: " + ", ".join(f"{r['scalars'].get('alpha', float('nan')):.3f}" for r in rs)
+                          for row, rs in runs.items() if row.startswith("svladapter")) + ".", "",
+              "Recipes: `recipes/clippr/world.yaml`, `recipes/upl/coop_world.yaml`, "
+              "`recipes/svladapter/world_zeroshot.yaml`" + (", `recipes/svladapter/world.yaml`" if args.svl_fewshot
+                                                          else "") + ".",
               f"Command: `python experiments/{STEM}.py`"]
-    result = {"seeds": args.seeds, "epochs": args.epochs, "upl_epochs": args.upl_epochs, "prior": shares,
+    result = {"seeds": args.seeds, "epochs": args.epochs, "upl_epochs": args.upl_epochs,
+              "svl_epochs": args.svl_epochs, "prior": shares,
               "zeroshot_test_acc": zeroshot, "runs": runs, "wall_seconds": round(time.perf_counter() - start, 1)}
     write_result(out, STEM, json.loads(json.dumps(result)), "\n".join(lines) + "\n")
 

@@ -279,3 +279,41 @@ def test_a_missing_submitit_is_named_with_its_extra(tmp_path, monkeypatch, capsy
     assert main(["compare", *map(str, _world_recipes(tmp_path)[:1]), "--out", str(tmp_path / "c"),
                  "--executor", "slurm", "--dry-run"]) == 2
     assert 'needs the submitit package: pip install "adapt-clip[slurm]"' in capsys.readouterr().err
+
+
+def test_the_cli_imports_no_torch_before_a_ray_cluster_can_start():
+    """`adapt compare --executor ray` starts its cluster before the recipe machinery is imported
+    (ray_cluster.prestart): that overlap needs adapt.cli and the launcher section to stay light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, adapt.cli, adapt.compare.launcher, adapt.compare.ray_cluster; "
+            "print(sorted(m for m in ('torch', 'open_clip', 'pytorch_lightning') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_prestart_warms_a_local_cluster_and_stop_leaves_a_callers_cluster_running():
+    import ray
+
+    from adapt.compare import ray_cluster
+    from adapt.compare.launcher import LauncherConfig
+
+    ray_cluster.prestart(LauncherConfig())  # the local executor: no cluster
+    assert not ray.is_initialized()
+    ray_cluster.prestart(LauncherConfig(executor="ray", jobs=2, threads=1))
+    try:
+        assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 2
+        warm = ray_cluster._owned["warm"]
+        assert len(warm) == 2 and all(pid > 0 for pid in ray.get(warm, timeout=120))  # adapt.run imported
+        assert ray_cluster.start(LauncherConfig(executor="ray")) is ray  # the same cluster, not a second
+    finally:
+        ray_cluster.stop()
+    assert not ray.is_initialized()
+    ray.init(num_cpus=1, log_to_driver=False, configure_logging=False)  # the caller's own cluster
+    try:
+        ray_cluster.start(LauncherConfig(executor="ray"))
+        ray_cluster.stop()
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()

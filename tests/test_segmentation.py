@@ -282,6 +282,17 @@ def test_maskclip_segments_the_world_above_chance(tmp_path):
     assert value["metrics"]["test_miou"] > 8.0 and saved["task_metrics"]["test"]["aacc"] > 15.0
     assert value["metrics"]["test_miou"] > tokens["metrics"]["test_miou"] + 3.0
     assert not math.isnan(saved["task_metrics"]["test"]["macc"])
+    # training-free, so its settings are the adapter: written, exported, and loaded as it ran
+    from adapt.export import export_run
+    from adapt.inference import load_adapter
+
+    metas = [json.loads((Path(r["adapter_dir"]) / "adapter.json").read_text()) for r in (value, tokens)]
+    assert [m["method_config"]["features"] for m in metas] == ["value", "tokens"]
+    assert all(m["method"] == "maskclip" and m["task"] == "segmentation" and len(m["classnames"]) == 12
+               for m in metas)
+    exported = export_run(tmp_path / "t", tmp_path / "exported")
+    model = load_adapter(exported, device="cpu")
+    assert model.config.features == "tokens" and model.classnames == metas[1]["classnames"]
 
 
 def test_contract_data_runs_maskclip_through_the_runner(image_folder, segmentation_folder, tmp_path):
@@ -343,6 +354,52 @@ def test_predict_writes_each_images_label_map_at_its_own_size(tmp_path, capsys):
                  "--device", "cpu"]) != 0
     assert "mine exists and is not a folder of label maps written by adapt predict" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_predict_slides_the_window_the_run_evaluated_with(tmp_path):
+    """An adapter whose run evaluated with ``data.slide_window`` records it, and ``adapt predict``
+    slides it (not one whole-image pass); ``--slide-window CROP STRIDE`` overrides it, and is
+    refused for an adapter whose task has no window."""
+    import adapt
+    from adapt.backbone import BackboneConfig, build_backbone
+    from adapt.cli import main
+    from adapt.data.world.vocab import COLOURS
+    from adapt.export import save_adapter
+    from adapt.tasks.segmentation import read_label_map, slide_inference, upsample
+
+    bb = build_backbone(BackboneConfig(name="tiny-vit-p4", pretrained="world"))
+    names = list(COLOURS)[:5]
+    method = build_method("maskclip", None, bb, names, ["a photo of a {} object."],
+                          task=get_task("segmentation", slide_window=[16, 8]))
+    adapter = save_adapter(method, tmp_path / "adapter")
+    assert json.loads((adapter / "adapter.json").read_text())["task_options"] == {"slide_window": [16, 8]}
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(images / "a.png")
+    model = adapt.load_adapter(adapter, device="cpu")
+    assert model.task.slide_window == (16, 8)
+    with Image.open(images / "a.png") as im:
+        x = model.preprocess(im.convert("RGB"))[None]
+    with torch.no_grad():
+        by = {w: upsample(slide_inference(model.predict, x, *w), (40, 56)).argmax(1)[0].numpy()
+              for w in ((16, 8), (24, 12))}
+        whole = upsample(model.predict(x), (40, 56)).argmax(1)[0].numpy()
+    assert not np.array_equal(by[(16, 8)], whole) and not np.array_equal(by[(16, 8)], by[(24, 12)])
+    for extra, window in (([], (16, 8)), (["--slide-window", "24", "12"], (24, 12))):
+        out = tmp_path / f"pred{window[0]}.csv"
+        assert main(["predict", str(adapter), str(images), "--out", str(out), "--device", "cpu"] + extra) == 0
+        row = next(__import__("csv").DictReader(open(out)))
+        assert np.array_equal(read_label_map(Path(row["label_map"])), by[window])
+    with pytest.raises(ValueError, match=r"slide_window=\[8, 16\] must be \[crop, stride\]"):
+        adapt.load_adapter(adapter, device="cpu", task_options={"slide_window": [8, 16]})
+    meta = json.loads((adapter / "adapter.json").read_text())
+    (adapter / "adapter.json").write_text(json.dumps({**meta, "task_options": {"window": [16, 8]}}))
+    with pytest.raises(ValueError, match=r"\"task_options\" is not an object of segmentation options \(slide_window\)"):
+        adapt.load_adapter(adapter, device="cpu")
+    single = save_adapter(build_method("zeroshot", None, bb, names, ["a {}"]), tmp_path / "single")
+    with pytest.raises(ValueError, match="slide_window configures segmentation adapters; this one is single_label"):
+        adapt.load_adapter(single, device="cpu", task_options={"slide_window": [16, 8]})
 
 
 def test_task_predictions_read_logits_as_the_task_does():

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from adapt.compare.launcher import LauncherConfig, load_launcher, split_overrides
-from adapt.compare.runs import Missing, RunRecord, collect, expand_recipes, finished, plan_runs, run_all
-from adapt.compare.table import aggregate, markdown, run_row, to_csv, to_json
-from adapt.io import atomic_save, atomic_write_text
+
+# runs / table (and through them the recipe machinery, torch, open_clip) are imported where they
+# are used: `adapt compare --executor ray` starts its Ray cluster before this process pays those
+# imports (ray_executor.prestart), so both happen at once
 
 FILES = ("comparison.md", "comparison.csv", "comparison.json", "comparison.png")
 
@@ -26,6 +27,8 @@ def compare(recipes: Sequence[str | Path], seeds: Sequence[int] = (1, 2, 3), out
     ``launcher.*`` overrides configure the executor; ``fit`` replaces ``run_fit`` (tests).
     Returns {"files": [...], "trained": N, "missing": [...], "records": [...]}; with ``dry_run``
     {"pending": [...], "sbatch": script or None} and nothing runs."""
+    from adapt.compare.runs import expand_recipes, plan_runs, run_all
+
     overrides, launcher_overrides = split_overrides(overrides)
     if launcher is None:
         launcher = load_launcher(recipes, launcher_overrides)
@@ -43,6 +46,7 @@ def compare(recipes: Sequence[str | Path], seeds: Sequence[int] = (1, 2, 3), out
 def dry_run_plan(plan, launcher: LauncherConfig, out: Path) -> dict:
     """The runs that would run (finished ones are skipped), and under SLURM the array's script."""
     from adapt.compare.execute import Job
+    from adapt.compare.runs import finished
 
     pending = [Job(i, label, seed, recipe, run_dir) for i, (label, seed, recipe, run_dir) in enumerate(plan.items)
                if finished(run_dir, recipe) is None]
@@ -55,13 +59,17 @@ def dry_run_plan(plan, launcher: LauncherConfig, out: Path) -> dict:
 
 
 def report(targets: Sequence[str], out: str | Path = ".") -> dict:
+    from adapt.compare.runs import collect
+
     records = collect(targets)
     return {"files": write_comparison(records, Path(out)), "records": records}
 
 
-def write_comparison(records: Sequence[RunRecord], out: Path, missing: Sequence[Missing] = (),
+def write_comparison(records: Sequence, out: Path, missing: Sequence = (),
                      expected_seeds: Sequence[int] = ()) -> list[Path]:
     from adapt.compare.plot import plot
+    from adapt.compare.table import aggregate, markdown, run_row, to_csv, to_json
+    from adapt.io import atomic_save, atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     groups = aggregate(records, expected_seeds)

@@ -8,14 +8,12 @@ YAML, so a worker needs nothing but adapt.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -164,22 +162,3 @@ def _run_each(jobs, fit, launcher, progress, out) -> None:
             log.error("%s seed %s failed: %s", job.label, job.seed, err)
             out[job.index] = Outcome(error=f"failed: {error_text(err)}")
         progress.set(job, "failed" if out[job.index].error else "done")
-
-
-@contextlib.contextmanager
-def worker_env() -> Iterator[None]:
-    """While workers are started (a Ray cluster, submitit's processes, sbatch, which exports the
-    environment): they import the adapt this process runs (its folder first on PYTHONPATH)."""
-    import adapt
-
-    root = str(Path(adapt.__file__).resolve().parents[1])
-    old = os.environ.get("PYTHONPATH")
-    parts = [p for p in (old or "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in parts if p != root])
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old

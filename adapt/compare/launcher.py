@@ -17,9 +17,12 @@ The executors themselves are optional extras (``pip install "adapt-clip[ray]"`` 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -81,8 +84,6 @@ class LauncherConfig:
 
 def launcher_sections(paths: Sequence) -> list[Any]:
     """The ``launcher:`` sections of the list files among ``paths``, in order."""
-    from pathlib import Path
-
     out = []
     for raw in paths:
         path = Path(raw)
@@ -120,3 +121,22 @@ def require(module: str, executor: str):
     except ImportError:
         raise RecipeError(f"--executor {executor} needs the {module} package: pip install "
                           f"\"adapt-clip[{EXTRAS[module]}]\" (or pip install {module})") from None
+
+
+@contextlib.contextmanager
+def worker_env() -> Iterator[None]:
+    """While workers are started (a Ray cluster, submitit's processes, sbatch, which exports the
+    environment): they import the adapt this process runs (its folder first on PYTHONPATH)."""
+    import adapt
+
+    root = str(Path(adapt.__file__).resolve().parents[1])
+    old = os.environ.get("PYTHONPATH")
+    parts = [p for p in (old or "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in parts if p != root])
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old

@@ -17,8 +17,9 @@ from typing import Callable, Sequence
 
 from omegaconf import DictConfig
 
-from adapt.compare.execute import Job, Outcome, Progress, error_text, recipe_text, run_one, worker_env
-from adapt.compare.launcher import LauncherConfig, require
+from adapt.compare import ray_cluster
+from adapt.compare.execute import Job, Outcome, Progress, error_text, recipe_text, run_one
+from adapt.compare.launcher import LauncherConfig
 
 
 def gpus_of(recipe: DictConfig, launcher: LauncherConfig, cluster_has_gpus: bool) -> int:
@@ -43,20 +44,11 @@ def _task(recipe_yaml: str, run_dir: str, fit, threads: int) -> dict:
 
 
 def run_ray(jobs: Sequence[Job], fit: Callable, launcher: LauncherConfig, progress: Progress) -> dict[int, Outcome]:
-    ray = require("ray", "ray")
-    started = not ray.is_initialized()
-    if started:
-        with worker_env():  # the cluster's workers import this adapt
-            if launcher.address is None:
-                cpus = launcher.num_cpus or (launcher.jobs * (launcher.threads or 1) if launcher.jobs else None)
-                ray.init(num_cpus=cpus, log_to_driver=False, configure_logging=False)
-            else:
-                ray.init(address=launcher.address, log_to_driver=False, configure_logging=False)
+    ray = ray_cluster.start(launcher)  # or the one ``prestart`` brought up while the comparison planned
     try:
         return _drive(ray, jobs, fit, launcher, progress)
     finally:
-        if started:
-            ray.shutdown()
+        ray_cluster.stop()  # only a cluster this process started
 
 
 def _drive(ray, jobs, fit, launcher, progress) -> dict[int, Outcome]:

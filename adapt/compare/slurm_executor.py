@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
-from adapt.compare.execute import Job, Outcome, Progress, error_text, recipe_text, run_one, worker_env
-from adapt.compare.launcher import LauncherConfig, require
+from adapt.compare.execute import Job, Outcome, Progress, error_text, recipe_text, run_one
+from adapt.compare.launcher import LauncherConfig, require, worker_env
 from adapt.compare.ray_executor import gpus_of
 from adapt.io import atomic_write_json
 from adapt.structured import RecipeError

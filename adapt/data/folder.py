@@ -257,3 +257,16 @@ def load_zhou(cfg: DataConfig) -> DatasetSplits:
                          classnames=[clean_classname(names[i]) for i in range(len(names))],
                          templates=dataset_templates(cfg, templates_by_name(name) or [DEFAULT_TEMPLATE]),
                          **splits)
+
+
+def unlabelled_folder_paths(folder: str) -> list[str]:
+    """Every image under ``folder`` (recursive, sorted), as absolute paths (an item path that is
+    absolute is read as it is, whatever the dataset's root)."""
+    root = Path(folder).expanduser().resolve()
+    if not root.is_dir():
+        raise ValueError(f"data.unlabelled.folder={folder}: no such folder; give a folder of unlabelled images")
+    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"data.unlabelled.folder={folder}: no image files "
+                         f"({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under it")
+    return files

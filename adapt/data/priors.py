@@ -6,6 +6,8 @@
 - ``folder``: a folder of images (searched recursively, any layout) that replaces the dataset's
   training split as the unlabelled pool of ``data.setting=unsupervised``. Without it the pool
   is the training split with its labels dropped (the world's train split, CIFAR-10's 50,000).
+  ``adapt.data.folder.unlabelled_folder_paths`` lists them (SVL-Adapter pretrains its SimCLR
+  encoder on them).
 - ``prior``: ``uniform``, or a JSON file ``{class: weight}`` giving the share of each class in
   the unlabelled data. Keys are matched to the classes by normalised name
   (``adapt.data.class_text.normalised``: lower case, ``_`` as a space), never by order.

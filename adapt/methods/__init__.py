@@ -46,3 +46,5 @@ from adapt.methods import cavpt  # noqa: E402,F401
 from adapt.methods import softcpt  # noqa: E402,F401
 from adapt.methods import mvlpt  # noqa: E402,F401
 from adapt.methods import denseclip  # noqa: E402,F401
+from adapt.methods import vtclip  # noqa: E402,F401
+from adapt.methods import svladapter  # noqa: E402,F401

@@ -158,13 +158,40 @@ def _class_tasks(meta: dict, adapter_dir) -> Optional[list[str]]:
     return tasks
 
 
+def _task_kind(meta: dict, adapter_dir, override: Optional[dict]):
+    """The adapter's task built with the options its run recorded (``Task.recorded_options``:
+    segmentation's sliding window), ``override`` replacing them; an option the task does not
+    record is refused."""
+    from adapt.tasks import get_task, list_tasks
+
+    name = meta.get("task", "single_label")
+    cls = type(get_task(name))
+    recorded = meta.get("task_options", {})
+    if not (isinstance(recorded, dict) and set(recorded) <= set(cls.recorded_options)):
+        raise AdapterError(f"{Path(adapter_dir) / META_FILE}: \"task_options\" is not an object of "
+                           f"{name} options ({', '.join(cls.recorded_options) or 'it has none'}); the "
+                           "metadata is damaged or hand-edited: export the adapter again")
+    for key in override or {}:
+        if key not in cls.recorded_options:
+            owners = [t for t in list_tasks() if key in type(get_task(t)).recorded_options]
+            raise ValueError(f"{key} configures {' / '.join(owners) or 'no'} adapters; this one is {name}")
+    try:
+        return get_task(name, **{**recorded, **(override or {})})
+    except (TypeError, ValueError) as err:
+        where = "the given options" if override else f"{Path(adapter_dir) / META_FILE}'s task_options"
+        raise AdapterError(f"{where}: {err}") from None
+
+
 def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = None,
-                 classnames: Optional[Sequence[str]] = None, task: Optional[str] = None) -> Method:
+                 classnames: Optional[Sequence[str]] = None, task: Optional[str] = None,
+                 task_options: Optional[dict] = None) -> Method:
     """Rebuild the exported method (on ``backbone``, or on the one it names) for ``classnames``
     (default: the classes it was trained on). ``task``: of an adapter trained on several datasets
-    (multi_task), the one to classify: its classes, scored as that task's."""
+    (multi_task), the one to classify: its classes, scored as that task's. ``task_options``:
+    replace the task options its run recorded (``{"slide_window": [crop, stride]}``)."""
     meta = read_adapter_meta(adapter_dir)
     class_tasks = _class_tasks(meta, adapter_dir)
+    kind = _task_kind(meta, adapter_dir, task_options)
     want = meta["backbone"]
     if backbone is None:
         backbone = build_backbone(BackboneConfig(name=want["name"], pretrained=want["pretrained"]))
@@ -180,7 +207,7 @@ def load_adapter(adapter_dir: str | Path, backbone: Optional[ClipBackbone] = Non
         saved["init_from"] = None  # where it ended, so that run need not exist where this one is loaded
     config = method_config(meta["method"], saved)
     method = build_method(meta["method"], config, backbone, meta["classnames"], meta["templates"],
-                          task=meta.get("task", "single_label"), class_text=_class_text(meta, adapter_dir),
+                          task=kind, class_text=_class_text(meta, adapter_dir),
                           class_tasks=class_tasks)
     try:
         method.load_trainable_state(state)

@@ -22,9 +22,10 @@ from torch import nn
 
 from adapt.backbone import ClipBackbone
 from adapt.dense import DenseImage, pack_dense, unpack_dense
-from adapt.methods.class_text import class_text_features
+from adapt.methods.class_text import class_text_features, text_feature_mean, zero_shot_text_features  # noqa: F401
+from adapt.methods.class_items import items_of_classes, items_of_every_class  # noqa: F401
 from adapt.data.class_text import ClassText
-from adapt.data.items import Item, clean_classname
+from adapt.data.items import clean_classname
 from adapt.tasks import Task
 from adapt.tasks.single_label import SingleLabel
 
@@ -408,27 +409,6 @@ class HandWrittenAnchor(Method):
         return self.handcrafted_features
 
 
-def items_of_classes(items: Sequence[Item], names: Sequence[str], classnames: Sequence[str]) -> list[Item]:
-    """The items (labelled by index into ``names``) whose class is one of ``classnames``,
-    relabelled to that order, matched by cleaned name: what a method builds from the data
-    module's splits when its own class list is another one (Tip-Adapter's cache, the probe)."""
-    index = {c: i for i, c in enumerate(classnames)}
-    relabel = {old: index[clean_classname(n)] for old, n in enumerate(names) if clean_classname(n) in index}
-    return [Item(it.path, relabel[it.label]) for it in items if it.label in relabel]
-
-
-def items_of_every_class(items: Sequence[Item], names: Sequence[str], classnames: Sequence[str],
-                         need: str) -> list[Item]:
-    """``items_of_classes``, refusing a class left without any item; ``need`` says what the
-    method needs them for (the message's first half)."""
-    out = items_of_classes(items, names, classnames)
-    missing = sorted(set(range(len(classnames))) - {it.label for it in out})
-    if missing:
-        shown = ", ".join(classnames[i] for i in missing[:5])
-        raise ValueError(f"{need}; the data has none of {len(missing)} class(es): {shown}")
-    return out
-
-
 def is_features(x: torch.Tensor) -> bool:
     """A batch of image features [B, d] (or packed dense ones [B, T, d]) rather than images
     [B, 3, H, W]."""
@@ -445,31 +425,3 @@ def check_crop_scale(scale: Sequence[float]) -> None:
     """A random-resized-crop area range ``[lo, hi]`` with ``0 < lo <= hi <= 1``."""
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(scale)}")
-
-
-def text_feature_mean(backbone: ClipBackbone, classnames: Sequence[str], templates: Sequence[str],
-                      normalize_each: bool = True, normalize_mean: bool = True,
-                      track_grad: bool = False) -> torch.Tensor:
-    """Per class, the mean over ``templates`` of its prompts' text features [C, d]; each
-    template's features normalized first or not, the mean normalized or not (TaskRes keeps the
-    raw mean of raw features, PromptSRC normalizes the mean of raw ones). ``track_grad``: keep
-    the graph (and the trainer's precision), for methods that train the text tower's weights."""
-    frozen = contextlib.ExitStack()
-    if not track_grad:
-        frozen.enter_context(torch.no_grad())
-        frozen.enter_context(torch.autocast(backbone.logit_scale.device.type, enabled=False))
-    with frozen:
-        per_template = []
-        for template in templates:
-            tokens = backbone.tokenize([template.format(c) for c in classnames])
-            per_template.append(backbone.encode_text_embeddings(backbone.embed_tokens(tokens), tokens,
-                                                                normalize=normalize_each))
-        mean = torch.stack(per_template).mean(dim=0)
-        return F.normalize(mean, dim=-1) if normalize_mean else mean
-
-
-def zero_shot_text_features(backbone: ClipBackbone, classnames: Sequence[str],
-                            templates: Sequence[str]) -> torch.Tensor:
-    """The zero-shot classifier: per class, the renormalized mean of its normalized template
-    embeddings (a single template gives that template's embedding)."""
-    return text_feature_mean(backbone, classnames, templates)

@@ -119,3 +119,31 @@ def class_text_features(backbone, classnames: Sequence[str], templates: Sequence
     feats, owner = encode_class_prompts(backbone, per_class, normalize_each, track_grad)
     mean = class_means(feats, owner, len(classnames))
     return F.normalize(mean, dim=-1) if normalize_mean else mean
+
+
+def text_feature_mean(backbone, classnames: Sequence[str], templates: Sequence[str],
+                      normalize_each: bool = True, normalize_mean: bool = True,
+                      track_grad: bool = False) -> torch.Tensor:
+    """Per class, the mean over ``templates`` of its prompts' text features [C, d]; each
+    template's features normalized first or not, the mean normalized or not (TaskRes keeps the
+    raw mean of raw features, PromptSRC normalizes the mean of raw ones). ``track_grad``: keep
+    the graph (and the trainer's precision), for methods that train the text tower's weights."""
+    frozen = contextlib.ExitStack()
+    if not track_grad:
+        frozen.enter_context(torch.no_grad())
+        frozen.enter_context(torch.autocast(backbone.logit_scale.device.type, enabled=False))
+    with frozen:
+        per_template = []
+        for template in templates:
+            tokens = backbone.tokenize([template.format(c) for c in classnames])
+            per_template.append(backbone.encode_text_embeddings(backbone.embed_tokens(tokens), tokens,
+                                                                normalize=normalize_each))
+        mean = torch.stack(per_template).mean(dim=0)
+        return F.normalize(mean, dim=-1) if normalize_mean else mean
+
+
+def zero_shot_text_features(backbone, classnames: Sequence[str],
+                            templates: Sequence[str]) -> torch.Tensor:
+    """The zero-shot classifier: per class, the renormalized mean of its normalized template
+    embeddings (a single template gives that template's embedding)."""
+    return text_feature_mean(backbone, classnames, templates)

@@ -21,12 +21,11 @@ with it before anything loads (``check_method``).
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 
 from adapt.data.items import Item
-from adapt.data.folder import IMAGE_EXTENSIONS
+from adapt.data.folder import unlabelled_folder_paths
 from adapt.settings.base import Plan, Setting
 from adapt.settings.registry import register_setting
 
@@ -110,15 +109,3 @@ class Unsupervised(Setting):
             report["zero_shot_pool_accuracy"] = 100.0 * float((probs.argmax(1) == pool_truth).float().mean())
         return {"pseudo_labels": report}
 
-
-def unlabelled_folder_paths(folder: str) -> list[str]:
-    """Every image under ``folder`` (recursive, sorted), as absolute paths (an item path that is
-    absolute is read as it is, whatever the dataset's root)."""
-    root = Path(folder).expanduser().resolve()
-    if not root.is_dir():
-        raise ValueError(f"data.unlabelled.folder={folder}: no such folder; give a folder of unlabelled images")
-    files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise ValueError(f"data.unlabelled.folder={folder}: no image files "
-                         f"({'/'.join(sorted(e[1:] for e in IMAGE_EXTENSIONS))}) under it")
-    return files

@@ -40,6 +40,10 @@ class Task:
     # the ``data`` fields that configure this task kind (``options_from``); set for data of
     # another kind, they are refused rather than ignored
     data_options: ClassVar[tuple[str, ...]] = ()
+    # those of them that change what is predicted, not only how it is scored (segmentation's
+    # sliding window): an exported adapter records them (``options``), so ``adapt predict``
+    # infers as the run evaluated
+    recorded_options: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def options_from(cls, data) -> dict:
@@ -52,6 +56,12 @@ class Task:
                                      f"are {cls.name}; remove data.{field}")
         return {field: _plain(getattr(data, field)) for field in cls.data_options
                 if getattr(data, field, None) is not None}
+
+    def options(self) -> dict:
+        """The ``recorded_options`` this task was built with (those set), as plain values."""
+        values = {name: _plain(getattr(self, name)) for name in self.recorded_options
+                  if getattr(self, name, None) is not None}
+        return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}
 
     def check_classes(self, classnames) -> None:
         """Refuse, before anything loads, task options that do not fit the dataset's classes

@@ -153,8 +153,15 @@ class Segmentation(Task):
     # label maps are not stored beside cached features: segmentation runs read images
     cacheable = False
     data_options = ("slide_window",)
+    recorded_options = ("slide_window",)
 
     def __init__(self, slide_window=None):
+        if slide_window is not None:
+            window = [slide_window] if isinstance(slide_window, (int, str)) else list(slide_window)
+            if len(window) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                           for v in window) or window[1] > window[0]:
+                raise ValueError(f"slide_window={window} must be [crop, stride]: two positive integers, "
+                                 "stride <= crop (e.g. [224, 149])")
         self.slide_window = tuple(int(v) for v in slide_window) if slide_window else None
 
     def infer(self, predict, x):
