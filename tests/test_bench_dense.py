@@ -44,8 +44,10 @@ def test_bench_text_prompts_quick_runs_and_reports(tmp_path):
                           timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "bench_text_prompts.json").read_text())
-    assert [r["workload"] for r in result["rows"]] == ["coop step", "prograd step", "subpt step", "coop step, M=4",
-                                                       "bpl step", "coop step, images", "lasp step, images"]
+    assert [r["workload"] for r in result["rows"]] == [
+        "coop step", "coop step + a second text backward", "prograd step", "subpt step", "coop step, M=4",
+        "bpl step", "coop step, images", "coop step, images with a graph", "lasp step, images"]
+    assert all(math.isfinite(v) and v > 0 for v in result["floors"].values()) and len(result["floors"]) == 4
     assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in result["rows"])
     assert set(result["targets"]) == {"prograd_vs_coop_step", "subpt_vs_coop_step",
                                       "bpl_per_sample_vs_coop_step", "lasp_vs_coop_step"}
