@@ -1,6 +1,6 @@
 """A data module's items relabelled to a method's own class list, matched by cleaned class name:
 what a method builds from the splits when its classes are another list than the data's
-(Tip-Adapter's cache, the linear probe, a support set)."""
+(Tip-Adapter's cache, the linear probe, a support set). Not a method, so no departures: none."""
 from __future__ import annotations
 
 from typing import Sequence

@@ -12,6 +12,8 @@
   ``max(1, log2(stride_i / stride_0))`` 3x3 conv-BN-ReLU blocks, each followed by a 2x bilinear
   upsampling unless the level is the finest, summed at the finest level, Dropout2d then a 1x1
   classifier initialised normal std 0.01), written from their documented behaviour.
+Departures here: BatchNorm for the original's SyncBatchNorm (statistics per process under DDP);
+none otherwise (the method's own are in ``denseclip.py``'s docstring).
 """
 from __future__ import annotations
 

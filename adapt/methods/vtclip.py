@@ -34,6 +34,8 @@ trained with cross-entropy on few-shot labels, CLIP frozen. Choices, and where e
 * Memory: the per-image class features are [B, K, d]; without gradients (evaluation) they are
   computed ``class_chunk`` classes at a time and reduced to logits at once, so 1000 classes never
   hold [B, 1000, HW] attention maps at eval batch sizes.
+Departures: with no code and no readable paper text there is no known setting to depart from;
+every item above marked "chosen" is a choice, to be replaced by the paper's value when known.
 """
 from __future__ import annotations
 
