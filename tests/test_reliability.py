@@ -148,10 +148,17 @@ def test_no_adapter_with_nan_is_saved_or_loaded(tiny_backbone, tmp_path):
 
 
 # ------------------------------------------------------------------ interruption (items 6-8)
+def _default_sigint() -> None:
+    # a shell starts a background job (`pytest ... &`) with SIGINT ignored, its children inherit
+    # that, and Python then never raises KeyboardInterrupt: the CLI starts as a terminal would
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args, tmp_path, **popen):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "adapt.cli", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint, **popen)
 
 
 def _run(args, tmp_path) -> subprocess.CompletedProcess:
