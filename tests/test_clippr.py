@@ -139,6 +139,19 @@ def test_clippr_refuses_stage_two_and_clippr_ft_needs_it(tiny_backbone):
         _clippr(tiny_backbone, "clippr_ft", stage2_epochs=0)
 
 
+@pytest.mark.parametrize("recipe", ["cifar10.yaml", "world.yaml"])
+def test_method_name_clippr_ft_on_a_clippr_recipe_gets_the_originals_stage_two(tiny_backbone, recipe):
+    """The recipes leave stage2_epochs unset, so ``method.name=clippr_ft`` builds (its 10 epochs)
+    instead of failing on a pinned 0, as their comments promise."""
+    from adapt.config import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes" / "clippr"
+    for name, stage2 in (("clippr", 0), ("clippr_ft", 10)):
+        method = dict(load_recipe(root / recipe, [f"method.name={name}"]).method)
+        assert method.pop("name") == name
+        assert _clippr(tiny_backbone, name, **method).config.stage2_epochs == stage2
+
+
 # ------------------------------------------------------------------ the prior file -------------
 @pytest.mark.parametrize("content,message", [
     ('{"red": 0.5, "green": 0.3, "blue": 0.1, "mauve": 0.1}', "name no class of this data: 'mauve'"),
