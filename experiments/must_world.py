@@ -7,8 +7,9 @@ weak and strong training views (world_colour's classes are colours, which RandAu
 operations can change).
 
 MUST runs the recipe's 60 epochs and UPL its 50 unless ``--epochs`` / ``--upl-epochs`` shorten
-them (a shortened run is partial and never writes over the committed figures). On the shared
-2-core machine a MUST epoch took about 80 s (teacher + student passes of 2,400 images).
+them (a shortened run is partial and never writes over the committed figures). On the 2-core
+machine, otherwise idle, a MUST epoch (teacher and student passes over 2,400 images) takes about
+15 s; it took 80 s while other jobs shared the cores.
 
     python experiments/must_world.py [--seeds 1 2 3] [--epochs N] [--upl-epochs N] [--out experiments/results]
 
