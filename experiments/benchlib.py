@@ -167,9 +167,11 @@ def reference_mode(backbone):
 
 
 def linear_estimate(points: list[tuple[float, float]], x: float) -> float:
-    """Extrapolate y(x) along the line through two measured (x, y) points."""
+    """Extrapolate y(x) along the line through two measured (x, y) points. What is extrapolated
+    (time, memory against the class count) grows with x, so a falling line is the machine's noise
+    between the two measurements: its slope is floored at 0, never extrapolated below zero."""
     (x0, y0), (x1, y1) = points
-    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return y0 + max(0.0, (y1 - y0) / (x1 - x0)) * (x - x0)
 
 
 def rates_beside_matmul(modes: dict, flops: dict, rounds: int, memory: PeakMemory, n: int = 2048) -> dict:

@@ -56,3 +56,13 @@ def test_benchmarks_never_write_committed_figures_by_default(tmp_path, monkeypat
     assert benchlib.output_dir(str(tmp_path / "x"), True, "bench_speed") == (tmp_path / "x").resolve()
     with pytest.raises(SystemExit, match="--quick"):
         benchlib.output_dir(str(benchlib.COMMITTED), True, "bench_speed")
+
+
+def test_the_class_count_extrapolation_follows_the_line_and_never_falls():
+    """A quick run on a loaded machine can time 20 classes faster than 10; the extrapolated
+    reference must then stay at the measured cost, not go negative (it did: -0.59 s)."""
+    sys.path.insert(0, str(ROOT))
+    from experiments.benchlib import linear_estimate
+
+    assert linear_estimate([(10, 1.0), (20, 2.0)], 100) == pytest.approx(10.0)
+    assert linear_estimate([(10, 1.0), (20, 0.9)], 1000) == pytest.approx(1.0)
