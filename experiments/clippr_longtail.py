@@ -14,9 +14,9 @@ zero-shot teacher, labels are dropped (``data.setting: unsupervised``), seeds 1-
 Rows: zero-shot; UPL (recipes/upl/coop_world.yaml: CoOp on the 16 most confident pseudo-labels
 per class, which assumes a balanced pool); CLIPPR (recipes/clippr/world.yaml) at α 0 (the head
 distilled from the zero-shot pseudo-labels, no prior term: what the prior is measured against),
-and at α 1 (the original's weight with a custom prior, its Adience / Stanford Cars scripts), 10 and
-100 (its CIFAR-10 script with the uniform prior, the recipe's), each with the uniform and with the
-true prior; ``clippr_ft`` at the recipe's α 100, uniform prior (its stage 2 fine-tunes the image
+and at α 1 (the weight of the original's custom-prior scripts, Adience / Stanford Cars, its
+regression ones), 10 and 100 (its CIFAR-10 script with the uniform prior, the recipe's), each with
+the uniform and with the true prior; ``clippr_ft`` at the recipe's α 100, uniform prior (its stage 2 fine-tunes the image
 tower at 1e-6 for 10 epochs between the two head stages). A diagnostic: how often the zero-shot
 model predicts each class on the pool, beside the class's true count (labels read for this only).
 Shortened as clippr_world.py: CLIPPR 20 epochs (10 of stage 1, 10 of stage 3; recipe 70),
