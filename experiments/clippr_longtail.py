@@ -61,10 +61,9 @@ def class_counts(n_max: int, classes: int, ratio: float) -> list[int]:
     return [max(1, round(n_max * ratio ** (-rank / (classes - 1)))) for rank in range(classes)]
 
 
-def write_longtail(dest: Path, ratio: float) -> tuple[dict, dict]:
+def write_longtail(world, dest: Path, ratio: float) -> tuple[dict, dict]:
     """The long-tailed copy of world_colour under ``dest`` (images + data.csv); returns the
     per-split class counts and the training split's shares {class: share}."""
-    world = build_dataset(DataConfig(dataset="world_colour"))
     names, rows, counts = world.classnames, [], {}
     for split in ("train", "val", "test"):
         items = getattr(world, split)
@@ -84,7 +83,7 @@ def write_longtail(dest: Path, ratio: float) -> tuple[dict, dict]:
     return counts, {c: n / total for c, n in counts["train"].items()}
 
 
-def zero_shot_predictions(data: Path, lt: list[str], tmp: Path) -> dict[str, int]:
+def zero_shot_predictions(data: Path, lt: list[str], tmp: Path, names: list[str]) -> dict[str, int]:
     """How often the zero-shot model (the recipe's template, the pseudo-labeller) predicts each
     class on the copy's training images: a ``zeroshot`` run's adapter through ``predict_files``."""
     from adapt.config import load_recipe
@@ -100,7 +99,6 @@ def zero_shot_predictions(data: Path, lt: list[str], tmp: Path) -> dict[str, int
     model = load_adapter(tmp / "zeroshot", device="cpu")
     rows = predict_files(model, [data / p for p in train], top_k=1, progress=False)
     found = Counter(r["label_1"] for r in rows)
-    names = build_dataset(DataConfig(dataset="world_colour")).classnames
     return {c: found.get(c, 0) for c in names}
 
 
@@ -127,10 +125,10 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data, prior = Path(tmp) / "world_colour_longtail", Path(tmp) / "prior.json"
         data.mkdir()
-        counts, shares = write_longtail(data, args.ratio)
+        world = build_dataset(DataConfig(dataset="world_colour"))
+        counts, shares = write_longtail(world, data, args.ratio)
         atomic_write_json(prior, shares, indent=1)
         priors = {"<uniform>": "data.unlabelled.prior=uniform", "<true>": f"data.unlabelled.prior={prior}"}
-        world = build_dataset(DataConfig(dataset="world_colour"))
         lt = ["data.dataset=csv", f"data.root={data}", f"data.templates={json.dumps(world.templates)}"]
         for seed in args.seeds:
             for k, (row, (recipe, epochs, extra)) in enumerate(specs.items()):
@@ -139,7 +137,7 @@ def main(argv=None) -> None:
                               f"trainer.max_epochs={epochs}"] + [priors.get(e, e) for e in extra])
                 runs[row].append(fit(recipe, over, Path(tmp), f"run{k}-{seed}"))
             print(seed, {k: round(v[-1]["test_acc"], 1) for k, v in runs.items()}, flush=True)
-        predicted = zero_shot_predictions(data, lt, Path(tmp))
+        predicted = zero_shot_predictions(data, lt, Path(tmp), world.classnames)
     zeroshot = runs[list(runs)[1]][0]["zeroshot"]["test_acc"]
     upl = runs["upl"][0]["report"] or {}
     tr, te = counts["train"], counts["test"]
