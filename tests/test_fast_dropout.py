@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapt.fast_dropout import MaskDropout, use_mask_dropout
+from adapt.fast_dropout import MaskDropout, keep_mask, use_mask_dropout
 
 
 @pytest.mark.parametrize("p", [0.25, 0.1, 0.5])
@@ -63,3 +63,17 @@ def test_use_mask_dropout_replaces_plain_dropouts_only_and_keeps_their_mode():
     assert type(modules["default"]) is MaskDropout and modules["default"].p == 0.25
     assert not modules["default"].training and type(modules["other"]) is nn.Identity
     assert use_mask_dropout(modules) == 0
+
+
+@pytest.mark.parametrize("keep", [0.75, 0.5, 0.125, 0.9])  # 0.9: not a multiple of 2^-16, floats
+def test_keep_mask_is_unbiased_in_every_lane_of_the_64_bit_draws(keep):
+    # four elements share one 64-bit draw: a generator whose top bit is fixed (63-bit draws)
+    # would keep every fourth element with probability 1 (or 1/2 - ...): each lane must match
+    torch.manual_seed(0)
+    mask = keep_mask(torch.Size([2000, 1000]), keep)
+    lanes = mask.view(-1, 4).float().mean(0)
+    sigma = (keep * (1 - keep) / (mask.numel() / 4)) ** 0.5
+    assert torch.all((lanes - keep).abs() < 5 * sigma), lanes
+    # neighbours in a draw are independent: both kept with probability keep^2
+    both = (mask.view(-1, 4)[:, 2] & mask.view(-1, 4)[:, 3]).float().mean()
+    assert abs(float(both) - keep ** 2) < 5 * sigma
