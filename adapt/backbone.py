@@ -40,8 +40,8 @@ from torch import nn
 
 from adapt.backbone_loading import BackboneConfig, load_open_clip, text_memory_plan
 from adapt.backbone_ops import batched as _batched, project as _project, replace_slots as _replace_slots
-from adapt.backbone_ops import mask_patches, resample_positions
-from adapt.fused_blocks import block_pass, fused_block, fused_block_ok
+from adapt.backbone_ops import mask_patches, resample_positions, slice_batch
+from adapt.fused_blocks import block_pass, fused_block, fused_block_head, fused_block_ok
 
 __all__ = ["BackboneConfig", "ClipBackbone", "build_backbone"]
 
@@ -178,7 +178,7 @@ class ClipBackbone(nn.Module):
         prompts = [p[order] if p is not None and p.dim() == 3 and p.shape[0] == n else p
                    for p in deep_prompts] if deep_prompts is not None else None
         feats = torch.cat([
-            self._encode_text(xc, tc, _slice_prompts(prompts, i * chunk, (i + 1) * chunk, n),
+            self._encode_text(xc, tc, slice_batch(prompts, i * chunk, (i + 1) * chunk, n),
                               prompt_start, normalize, ckpt)
             for i, (xc, tc) in enumerate(zip(xs.split(chunk), ts.split(chunk)))])
         return feats[torch.argsort(order)]
@@ -270,8 +270,8 @@ class ClipBackbone(nn.Module):
         hooked = prompts is not None or bool(deep_prompts) or patch_mask is not None
         chunk = self._image_chunk(images, hooked, prompts, deep_prompts)
         if chunk:
-            return torch.cat([self.encode_image(x, _slice_batch(prompts, i * chunk, (i + 1) * chunk, len(images)),
-                                                _slice_prompts(deep_prompts, i * chunk, (i + 1) * chunk, len(images)),
+            return torch.cat([self.encode_image(x, slice_batch(prompts, i * chunk, (i + 1) * chunk, len(images)),
+                                                slice_batch(deep_prompts, i * chunk, (i + 1) * chunk, len(images)),
                                                 normalize,
                                                 None if patch_mask is None else patch_mask[i * chunk:(i + 1) * chunk],
                                                 mask_token)
@@ -282,22 +282,18 @@ class ClipBackbone(nn.Module):
             return F.normalize(feats, dim=-1) if normalize else feats
         v = self._vit()
         if not hooked:  # the fast path without prompts: open_clip's own embedding, our block loop
-            x = v._embeds(images)
-            for block in v.transformer.resblocks:
-                x = self._run_block(block, x, None, v.transformer)
-            pooled, _ = v._pool(x)
-            feats = pooled @ v.proj if v.proj is not None else pooled
-            return F.normalize(feats, dim=-1) if normalize else feats
-        if prompts is None and deep_prompts and not callable(deep_prompts[0]):
-            prompts = deep_prompts[0]
-        x, n_tokens, _ = self._vit_embed(images, prompts, patch_mask=patch_mask, mask_token=mask_token)
+            x, n_tokens = v._embeds(images), None
+        else:
+            if prompts is None and deep_prompts and not callable(deep_prompts[0]):
+                prompts = deep_prompts[0]
+            x, n_tokens, _ = self._vit_embed(images, prompts, patch_mask=patch_mask, mask_token=mask_token)
         for i, block in enumerate(v.transformer.resblocks):
             prompt = deep_prompts[i] if deep_prompts is not None and i < len(deep_prompts) else None
             if callable(prompt):
                 x = torch.cat([x[:, :n_tokens], _batched(prompt(x[:, :n_tokens]), x.shape[0]).to(x.dtype)], dim=1)
             elif i > 0 and prompt is not None:
                 x = _replace_slots(x, prompt, n_tokens)
-            x = self._run_block(block, x, None, v.transformer)
+            x = self._run_block(block, x, None, v.transformer, head=self._head(i))
         pooled, _ = v._pool(x[:, :n_tokens])
         feats = pooled @ v.proj if v.proj is not None else pooled
         return F.normalize(feats, dim=-1) if normalize else feats
@@ -367,6 +363,13 @@ class ClipBackbone(nn.Module):
                 and hasattr(v, "conv1") and not getattr(v, "output_tokens", False)
                 and all(fused_block_ok(b) for b in v.transformer.resblocks))
 
+    def _head(self, i: int) -> int:
+        """Tokens block ``i`` of the image tower must output (0 = all): the last block of a tower
+        pooled by its class token gives only that token (``fused_block_head``)."""
+        v = self.model.visual
+        last = i == len(v.transformer.resblocks) - 1
+        return int(last and v.attn_pool is None and getattr(v, "pool_type", None) == "tok")
+
     def _image_chunk(self, images, hooked, prompts, deep_prompts) -> int:
         """Images per pass without gradients (0 = one pass): the fast path's cache-sized chunks."""
         size = self.config.image_chunk_size
@@ -381,13 +384,16 @@ class ClipBackbone(nn.Module):
 
     # ---------------------------------------------------------------- shared -----------------
     def _run_block(self, block: nn.Module, x: torch.Tensor, mask, transformer,
-                   ckpt: Optional[bool] = None, causal: bool = False) -> torch.Tensor:
-        """One block on batch-first ``x``; ``causal``: ``mask`` is the standard causal mask."""
+                   ckpt: Optional[bool] = None, causal: bool = False, head: int = 0) -> torch.Tensor:
+        """One block on batch-first ``x``; ``causal``: ``mask`` is the standard causal mask;
+        ``head``: only the first ``head`` tokens' outputs are needed (the fast blocks give those)."""
         fast = self.config.fast_blocks and fused_block_ok(block, mask)
         batch_first = getattr(transformer, "batch_first", True)
         if not (batch_first or fast):
             x = x.transpose(0, 1)
-        if fast:
+        if fast and head and mask is None:
+            fn, args = fused_block_head, (block, x, head)
+        elif fast:
             fn, args = fused_block, (block, x, mask, causal)
         else:
             fn, args = block, (x, None, None, mask)
@@ -458,13 +464,3 @@ def _text_tower(model: nn.Module) -> _TextTower:
 
 def _first(value):
     return value[0] if isinstance(value, (tuple, list)) else value
-
-
-def _slice_batch(p: Optional[torch.Tensor], lo: int, hi: int, n: int) -> Optional[torch.Tensor]:
-    return p[lo:hi] if p is not None and p.dim() == 3 and p.shape[0] == n else p
-
-
-def _slice_prompts(deep_prompts, lo: int, hi: int, n: int):
-    if deep_prompts is None:
-        return None
-    return [p[lo:hi] if p is not None and p.dim() == 3 and p.shape[0] == n else p for p in deep_prompts]

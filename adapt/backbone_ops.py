@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["batched", "mask_patches", "project", "replace_slots", "resample_positions"]
+__all__ = ["batched", "mask_patches", "project", "replace_slots", "resample_positions", "slice_batch"]
 
 
 def resample_positions(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -29,6 +29,14 @@ def project(x: torch.Tensor, proj) -> torch.Tensor:
 
 def batched(prompt: torch.Tensor, batch: int) -> torch.Tensor:
     return prompt.unsqueeze(0).expand(batch, -1, -1) if prompt.dim() == 2 else prompt
+
+
+def slice_batch(p, lo: int, hi: int, n: int):
+    """Images ``lo:hi`` of a prompt given per image ([n, m, W] for a batch of n), or the prompt
+    itself when it is shared ([m, W]) or absent; a list of them (deep prompts) element-wise."""
+    if isinstance(p, (list, tuple)):
+        return [slice_batch(q, lo, hi, n) for q in p]
+    return p[lo:hi] if p is not None and p.dim() == 3 and p.shape[0] == n else p
 
 
 def replace_slots(x: torch.Tensor, prompt: torch.Tensor, start: int) -> torch.Tensor:

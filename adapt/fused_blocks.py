@@ -20,7 +20,7 @@ from open_clip.transformer import ResidualAttentionBlock
 
 from adapt.process import bound_heap, reuse_heap
 
-__all__ = ["block_pass", "fused_block", "fused_block_ok", "fused_qkv", "fused_residual"]
+__all__ = ["block_pass", "fused_block", "fused_block_head", "fused_block_ok", "fused_qkv", "fused_residual"]
 
 
 def fused_block_ok(block: nn.Module, mask: Optional[torch.Tensor] = None) -> bool:
@@ -64,6 +64,23 @@ def fused_block(block: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor] 
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.to(x.dtype))
     return fused_residual(block, x, out)
+
+
+def fused_block_head(block: nn.Module, x: torch.Tensor, n: int = 1) -> torch.Tensor:
+    """``fused_block``'s output for the first ``n`` tokens of ``x`` [B, L, D] only, [B, n, D]:
+    every token's keys and values, queries and the rest of the block for those ``n``. A tower
+    pooled by its class token reads nothing else of its last block, whose other rows (their
+    queries, attention, output projection and MLP) are 7 % of a ViT-B/16 forward. Same weights
+    and operations as ``fused_block``, split into a query and a key/value product."""
+    attn = block.attn
+    b, length, d = x.shape
+    heads = attn.num_heads
+    h = block.ln_1(x)
+    w, bias = attn.in_proj_weight, attn.in_proj_bias
+    q = F.linear(h[:, :n], w[:d], bias[:d]).view(b, n, heads, d // heads).transpose(1, 2)
+    kv = F.linear(h, w[d:], bias[d:]).view(b, length, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+    k, v = kv.unbind(0)
+    return fused_residual(block, x[:, :n], F.scaled_dot_product_attention(q, k, v))
 
 
 def block_pass(fn: Callable, args: tuple, graph: bool, ckpt: bool):

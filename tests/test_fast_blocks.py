@@ -18,15 +18,16 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def _count_fused(monkeypatch) -> list:
+def _count_fused(monkeypatch, names=("fused_block", "fused_block_head")) -> list:
     calls = []
-    real = backbone_module.fused_block
+    for name in names:
+        real = getattr(backbone_module, name)
 
-    def spy(*args, **kw):
-        calls.append(1)
-        return real(*args, **kw)
+        def spy(*args, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*args, **kw)
 
-    monkeypatch.setattr(backbone_module, "fused_block", spy)
+        monkeypatch.setattr(backbone_module, name, spy)
     return calls
 
 
@@ -41,7 +42,33 @@ def test_fast_path_equals_open_clip_on_tiny_models(name, monkeypatch):
         ref_img = bb.model.encode_image(images, normalize=True)
         ref_txt = bb.model.encode_text(tokens, normalize=True)
     assert len(calls) == 3 * bb.vision_depth + bb.text_depth  # every block went the fast way
+    # each chunk's last image block gives only the class token, where that is what is pooled
+    assert calls.count("fused_block_head") == (3 if bb.model.visual.pool_type == "tok" else 0)
     assert _rel(img, ref_img) <= 1e-4 and _rel(txt, ref_txt) <= 1e-4
+
+
+def test_last_block_head_is_the_full_blocks_class_row():
+    bb = make_backbone("test-vit-wide")
+    block = bb.model.visual.transformer.resblocks[-1]
+    torch.manual_seed(0)
+    x = torch.randn(3, 17, bb.vision_width)
+    with torch.no_grad():
+        full = backbone_module.fused_block(block, x)
+        head = backbone_module.fused_block_head(block, x, 2)
+    assert head.shape == (3, 2, bb.vision_width)
+    assert (head - full[:, :2]).abs().max() <= 1e-5 and (full[:, :2] - x[:, :2]).abs().max() > 0.1
+
+
+def test_average_pooled_tower_keeps_every_token_of_its_last_block(monkeypatch):
+    bb = make_backbone("adapt-tiny-vit")
+    assert bb.model.visual.pool_type == "tok"
+    bb.model.visual.pool_type = "avg"  # its pooled feature now reads every patch token
+    calls = _count_fused(monkeypatch)
+    images = torch.randn(2, 3, bb.image_size, bb.image_size)
+    with torch.no_grad():
+        fast = bb.encode_image(images)
+        ref = bb.model.encode_image(images, normalize=True)
+    assert "fused_block_head" not in calls and _rel(fast, ref) <= 1e-4
 
 
 def test_fast_path_equals_open_clip_on_vit_b16_architecture():
@@ -80,10 +107,11 @@ def test_hooked_blocks_run_open_clips_forward(tiny_backbone, monkeypatch):
     assert seen == [1] and calls == []  # a hooked tower never skips its hooks
 
 
+@pytest.mark.parametrize("model", ["test-vit-wide", "adapt-tiny-vit"])  # average / class-token pooled
 @pytest.mark.parametrize("name,cfg", [
     ("vpt", None), ("ivlp", None), ("maple", None), ("promptsrc", None), ("vp", None), ("cocoop", None)])
-def test_prompt_hooks_give_the_same_logits_fast_and_eager(name, cfg):
-    bb = make_backbone("test-vit-wide", image_chunk_size=2)
+def test_prompt_hooks_give_the_same_logits_fast_and_eager(name, cfg, model):
+    bb = make_backbone(model, image_chunk_size=2)
     torch.manual_seed(0)
     method = build_method(name, cfg, bb, CLASSES, TEMPLATE).eval()
     with torch.no_grad():  # prompts away from their init, so every slot matters
@@ -112,8 +140,9 @@ def test_text_gradients_unchanged_on_the_fast_path():
     assert _rel(grads[0], grads[1]) <= 1e-5
 
 
-def test_deep_prompt_training_gradients_unchanged_on_the_fast_path():
-    bb = make_backbone("test-vit-wide")
+@pytest.mark.parametrize("model", ["test-vit-wide", "adapt-tiny-vit"])
+def test_deep_prompt_training_gradients_unchanged_on_the_fast_path(model):
+    bb = make_backbone(model)
     torch.manual_seed(0)
     maple = build_method("maple", None, bb, CLASSES, TEMPLATE).train()
     images = torch.randn(2, 3, bb.image_size, bb.image_size)
