@@ -77,7 +77,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapt import process  # noqa: E402
-from experiments.benchlib import (classnames, PeakMemory, in_reference_mode, interleaved,  # noqa: E402
+from experiments.benchlib import (classnames, flop_counter, PeakMemory, in_reference_mode, interleaved,  # noqa: E402
                                   linear_estimate, load_average, matmul_gflops, output_dir,
                                   rates_beside_matmul, reference_mode, start_heap, targets_met, timed,
                                   write_result)
@@ -210,6 +210,9 @@ class Bench:
                 self.checks["coop_original_vs_adapt_logits_max_abs"] = float(
                     (trainer.model(images) - method(images)).abs().max())
             modes["original"] = (lambda: trainer.forward_backward({"img": images, "label": y}), c["ref_steps"])
+            rates = []  # the matmul rate between the interleaved rounds, for the bound below
+            operands = torch.randn(c["matmul_n"], c["matmul_n"]), torch.randn(c["matmul_n"], c["matmul_n"])
+            modes["matmul"] = (lambda: rates.append(matmul_gflops(c["matmul_n"], 3, operands)), c["ref_steps"] + 1)
         got = interleaved(modes, self.memory, c["warmup"])
         (t_def, m_def), (t_ref, m_ref) = got["default"], got["reference"]
         t_img, m_img = got["default (images)"]
@@ -230,6 +233,9 @@ class Bench:
             t_orig, m_orig = got["original"]
             self.original_row(name, t_orig, "step", b, m_orig, "trainers/coop.py")
             r["speedup_vs_original"], r_img["speedup_vs_original"] = t_orig / t_def, t_orig / t_img
+            self.info["coop_images_bound"] = images_step_bound(
+                step(images, True), lambda: trainer.forward_backward({"img": images, "label": y}),
+                lambda: bb.encode_image(images), t_img, t_orig, max(rates))
             del trainer
 
         # many classes, reference: at a second class count; time and memory grow linearly
@@ -262,8 +268,6 @@ class Bench:
     def text_tower(self) -> None:
         """The text tower inside the default CoOp step (forward + input-gradient backward of the
         class prompts): fast blocks against open_clip's, beside the matmul; same gradients."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         from adapt.methods import build_method
 
         c, bb = self.cfg, self.bb
@@ -273,7 +277,7 @@ class Bench:
         def text_pass():
             method.prompts.text_features().backward(grad)
 
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             text_pass()
         flops = counter.get_total_flops()
         grads = {}
@@ -298,16 +302,27 @@ class Bench:
         """Feature extraction (no gradients) at the benchmark's batch: open_clip's own forward,
         the fast blocks at the automatic chunk size, and the other chunking choice."""
         from torch.profiler import ProfilerActivity, profile
-        from torch.utils.flop_counter import FlopCounterMode
 
         from adapt.backbone import AUTO_IMAGE_CHUNK
 
         c, bb = self.cfg, self.bb
         b = c["batch"]
         images = self.images(b)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            bb.encode_image(images[:1])
-        flops = counter.get_total_flops() * b
+
+        def batch_flops() -> int:  # one image's, times the batch
+            with torch.no_grad(), flop_counter() as counter:
+                bb.encode_image(images[:1])
+            return counter.get_total_flops() * b
+
+        flops = batch_flops()
+        # open_clip's forward also runs its last block's patch-token rows; counted on the fast
+        # blocks made to run them (the counter cannot see into nn.MultiheadAttention's fused
+        # inference kernel, which open_clip's blocks take without gradients)
+        bb._head = lambda i: 0
+        try:
+            reference_flops = batch_flops()
+        finally:
+            del bb._head
         other = 0 if AUTO_IMAGE_CHUNK else 8
 
         def encode(chunk=None):
@@ -322,7 +337,8 @@ class Bench:
 
         alt = f"fast, {'one pass' if not other else f'chunks of {other}'}"
         modes = {"reference": in_reference_mode(bb, encode()), "default": encode(), alt: encode(other)}
-        got = rates_beside_matmul(modes, dict.fromkeys(modes, flops), c["rounds"], self.memory, c["matmul_n"])
+        got = rates_beside_matmul(modes, {**dict.fromkeys(modes, flops), "reference": reference_flops},
+                                  c["rounds"], self.memory, c["matmul_n"])
         ref, fast = modes["reference"](), modes["default"]()
         self.checks["image_fast_vs_open_clip_rel"] = float((fast - ref).norm() / ref.norm())
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -339,15 +355,14 @@ class Bench:
             r = self.row(name, mode, g["seconds"], "batch", b, g["peak_rss_mb"],
                          note=f"{notes[mode]}; {g['gflops']:.0f} GFLOP/s = {100 * g['fraction']:.0f} % of matmul")
             r["speedup"] = got["reference"]["seconds"] / g["seconds"] if mode != "reference" else None
-        self.info["image_tower"] = {"flops_per_batch": flops, "matmul_gflops": got["matmul_gflops"],
+        self.info["image_tower"] = {"flops_per_batch": flops, "reference_flops_per_batch": reference_flops,
+                                    "matmul_gflops": got["matmul_gflops"],
                                     **{m: got[m] for m in modes}}
 
     # ------------------------------------------------------------------ deep prompts -----------
     def prompt_steps(self) -> None:
         """Training through the image tower (VPT / MaPLe / IVLP at their recipes' batch 4): fast
         blocks against open_clip's blocks, each beside the matmul."""
-        from torch.utils.flop_counter import FlopCounterMode
-
         from adapt.methods import build_method
 
         c, bb = self.cfg, self.bb
@@ -364,7 +379,7 @@ class Bench:
                 loss.backward()
                 opt.step()
 
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 step()
             flops = counter.get_total_flops()
             modes = {"default": step, "eager blocks": eager_blocks_fn(bb, step)}
@@ -639,6 +654,38 @@ class Bench:
 
 
 # ---------------------------------------------------------------------------- GPU ---------------
+def images_step_bound(adapt_step, original_step, encode, t_adapt: float, t_orig: float, matmul: float) -> dict:
+    """How far the images-in-the-loop CoOp step can go against the original on this machine:
+    the FLOPs of each step (matrix products, convolutions, attention: ``flop_counter``) and of
+    the image tower inside adapt's, and the ratio adapt would reach if all of its step ran at
+    the matmul rate timed between the rounds (``ceiling``): no code that computes the same
+    products gets past it on this machine."""
+    def flops(fn, grad=True):
+        with torch.set_grad_enabled(grad), flop_counter() as counter:
+            fn()
+        return counter.get_total_flops()
+
+    f_adapt, f_orig, f_image = flops(adapt_step), flops(original_step), flops(encode, grad=False)
+    floor = f_adapt / matmul / 1e9
+    return {"adapt_step_gflop": f_adapt / 1e9, "original_step_gflop": f_orig / 1e9,
+            "image_tower_gflop": f_image / 1e9, "matmul_gflops": matmul,
+            "adapt_fraction_of_matmul": f_adapt / t_adapt / 1e9 / matmul,
+            "original_fraction_of_matmul": f_orig / t_orig / 1e9 / matmul,
+            "adapt_seconds_at_matmul_rate": floor, "ceiling_vs_original": t_orig / floor,
+            "image_tower_seconds_at_matmul_rate": f_image / matmul / 1e9}
+
+
+def bound_line(bound) -> list[str]:
+    if not bound:
+        return []
+    return [f"Images-in-the-loop CoOp step against the original: adapt's step is {bound['adapt_step_gflop']:.0f} GFLOP "
+            f"({bound['image_tower_gflop']:.0f} of them its image tower's forward, which no exact method skips), "
+            f"the original's {bound['original_step_gflop']:.0f}; at the {bound['matmul_gflops']:.0f} GFLOP/s matmul rate "
+            f"timed between the rounds adapt's step would take {bound['adapt_seconds_at_matmul_rate']:.2f} s, a ceiling of "
+            f"{bound['ceiling_vs_original']:.2f}x the original (measured steps: adapt {100 * bound['adapt_fraction_of_matmul']:.0f} %, "
+            f"the original {100 * bound['original_fraction_of_matmul']:.0f} % of the matmul rate)."]
+
+
 def gpu_figures(cfg: dict) -> dict:
     """Absolute figures on a CUDA device in bf16-mixed precision, attention through
     scaled_dot_product_attention (the fast blocks): images/s of feature extraction, s/step of
@@ -761,6 +808,7 @@ def summarize(bench: Bench, matmul: float) -> dict:
         "cocoop_images_speedup": lambda: rows[("CoCoOp step", "default (images)")]["speedup"],
         "coop_vs_original": lambda: rows[("CoOp step", "default")]["speedup_vs_original"],
         "coop_images_vs_original": lambda: rows[("CoOp step", "default (images)")]["speedup_vs_original"],
+        "coop_images_ceiling_vs_original": lambda: info["coop_images_bound"]["ceiling_vs_original"],
         "cocoop_vs_original": lambda: rows[("CoCoOp step", "default")]["speedup_vs_original"],
         "cocoop_images_vs_original": lambda: rows[("CoCoOp step", "default (images)")]["speedup_vs_original"],
         "text_fraction_of_matmul": lambda: info["coop_text"]["fraction"],
@@ -817,6 +865,7 @@ def markdown(result: dict) -> str:
                   f"{k} {v}" for k, v in result["info"].get("heap_policy_at_end", {}).items()) + ".",
               gpu_line(result.get("gpu") or {}),
               original_line(result["info"].get("original")),
+              *bound_line(result["info"].get("coop_images_bound")),
               "Exactness checks of this run: " + ", ".join(f"{k} = {v:.3g}" for k, v in result["checks"].items()) + "."]
     return "\n".join(lines) + "\n"
 

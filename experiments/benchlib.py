@@ -137,6 +137,29 @@ def in_reference_mode(backbone, fn: Callable[[], object]) -> Callable[[], object
     return run
 
 
+def flop_counter():
+    """torch's FlopCounterMode, also counting the CPU's fused attention kernel: torch counts
+    the CUDA kernels of ``scaled_dot_product_attention`` but not the one the CPU runs
+    (``_scaled_dot_product_flash_attention_for_cpu``, forward and backward), so without this the
+    fast blocks' attention products count as zero FLOPs while open_clip's bmm-based ones count.
+    Counted as the same products written out would be."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return fc.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        # the four products of the gradient, as attention written out needs them; torch's CUDA
+        # formula adds the scores the flash kernel recomputes, which the work itself does not need
+        return 2 * fc.sdpa_flop_count(query, key, value)
+
+    return fc.FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+
+
 def matmul_gflops(n: int = 2048, repeats: int = 5, operands=None) -> float:
     """The best of ``repeats`` timings of an fp32 n×n×n matrix product, in GFLOP/s."""
     a, b = operands if operands is not None else (torch.randn(n, n), torch.randn(n, n))

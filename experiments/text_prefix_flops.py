@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,6 +29,7 @@ import adapt.text_prefix as text_prefix  # noqa: E402
 from adapt.backbone import BackboneConfig, build_backbone  # noqa: E402
 from adapt.methods import build_method  # noqa: E402
 from adapt.io import atomic_write_text  # noqa: E402
+from experiments.benchlib import flop_counter  # noqa: E402
 
 REAL_OK = text_prefix.shared_prefix_ok
 
@@ -39,7 +39,7 @@ def set_shared(on: bool) -> None:
 
 
 def step_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         fn()
     return int(counter.get_total_flops())
 

@@ -66,3 +66,27 @@ def test_the_class_count_extrapolation_follows_the_line_and_never_falls():
 
     assert linear_estimate([(10, 1.0), (20, 2.0)], 100) == pytest.approx(10.0)
     assert linear_estimate([(10, 1.0), (20, 0.9)], 1000) == pytest.approx(1.0)
+
+
+def test_flop_counter_counts_the_cpu_attention_kernel_as_its_products():
+    """The fast blocks' fused attention must count what the same products written out count,
+    forward and backward, or their FLOP rates (and the CoOp images-step bound) come out low."""
+    import torch
+    import torch.nn.functional as F
+
+    from experiments.benchlib import flop_counter
+
+    q, k, v = (torch.randn(2, 3, 7, 8, requires_grad=True) for _ in range(3))
+
+    def written_out():
+        return (q @ k.transpose(-1, -2) / 8 ** 0.5).softmax(-1) @ v
+
+    counts = []
+    for attention in (lambda: F.scaled_dot_product_attention(q, k, v), written_out):
+        with flop_counter() as forward:
+            out = attention()
+        with flop_counter() as backward:
+            out.sum().backward()
+        counts.append((forward.get_total_flops(), backward.get_total_flops()))
+    assert counts[0][0] == counts[1][0] == 2 * 2 * 2 * 3 * 7 * 7 * 8
+    assert counts[0][1] == counts[1][1] == 2 * counts[1][0]
