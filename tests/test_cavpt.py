@@ -93,7 +93,7 @@ def test_loss_follows_the_guidance_schedule_and_counts_only_slots_holding_the_la
 def test_the_context_trains_at_its_own_rate_and_warm_up():
     from omegaconf import OmegaConf
 
-    from adapt.engine import epoch_lr_factor, optimizer_groups
+    from adapt.engine_optim import epoch_lr_factor, optimizer_groups
 
     method = _method(make_backbone())
     cfg = OmegaConf.create({"lr": 0.01, "weight_decay": 5e-4, "warmup_epochs": 10, "interval": "epoch"})

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from adapt.engine import epoch_lr_factor
+from adapt.engine_optim import epoch_lr_factor
 from adapt.export import AdapterError, load_adapter, save_adapter
 from adapt.methods import build_method
 from tests.conftest import CLASSES

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from adapt.config import OptimConfig
-from adapt.engine import optimizer_groups, step_lr_factor
+from adapt.engine_optim import optimizer_groups, step_lr_factor
 from adapt.methods import build_method
 from adapt.methods.denseclip import default_taps
 from adapt.structured import RecipeError

@@ -134,7 +134,7 @@ def test_parameter_groups_partition_what_trains_and_at_multiplier_one_equal_one_
     those groups with every multiplier set to 1 steps exactly as one group at the recipe's lr."""
     from omegaconf import OmegaConf
 
-    from adapt.engine import optimizer_groups
+    from adapt.engine_optim import optimizer_groups
 
     method = _build(name, tiny_backbone, tiny_datamodule)
     if not method.is_trainable:
