@@ -213,7 +213,8 @@ class Bench:
             rates = []  # the matmul rate between the interleaved rounds, for the bound below
             operands = torch.randn(c["matmul_n"], c["matmul_n"]), torch.randn(c["matmul_n"], c["matmul_n"])
             modes["matmul"] = (lambda: rates.append(matmul_gflops(c["matmul_n"], 3, operands)), c["ref_steps"] + 1)
-        got = interleaved(modes, self.memory, c["warmup"])
+        calls = {}
+        got = interleaved(modes, self.memory, c["warmup"], calls)
         (t_def, m_def), (t_ref, m_ref) = got["default"], got["reference"]
         t_img, m_img = got["default (images)"]
         with reference_mode(bb):
@@ -236,6 +237,10 @@ class Bench:
             self.info["coop_images_bound"] = images_step_bound(
                 step(images, True), lambda: trainer.forward_backward({"img": images, "label": y}),
                 lambda: bb.encode_image(images), t_img, t_orig, max(rates))
+            # round by round: the original's memory-bound step and adapt's compute-bound one
+            # move differently with the machine's load
+            self.info["coop_images_bound"]["round_ratios"] = [
+                o / a for o, a in zip(calls["original"], calls["default (images)"])]
             del trainer
 
         # many classes, reference: at a second class count; time and memory grow linearly
@@ -683,7 +688,8 @@ def bound_line(bound) -> list[str]:
             f"the original's {bound['original_step_gflop']:.0f}; at the {bound['matmul_gflops']:.0f} GFLOP/s matmul rate "
             f"timed between the rounds adapt's step would take {bound['adapt_seconds_at_matmul_rate']:.2f} s, a ceiling of "
             f"{bound['ceiling_vs_original']:.2f}x the original (measured steps: adapt {100 * bound['adapt_fraction_of_matmul']:.0f} %, "
-            f"the original {100 * bound['original_fraction_of_matmul']:.0f} % of the matmul rate)."]
+            f"the original {100 * bound['original_fraction_of_matmul']:.0f} % of the matmul rate); "
+            "original / adapt round by round: " + ", ".join(f"{r:.2f}x" for r in bound.get("round_ratios", [])) + "."]
 
 
 def gpu_figures(cfg: dict) -> dict:
@@ -904,6 +910,8 @@ def main(argv=None) -> int:
                     help=f"comma-separated workloads of {','.join(WORKLOADS)} (default: all; "
                          "a partial run never writes the committed figures)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of the rate rows")
+    ap.add_argument("--ref-steps", type=int, default=None,
+                    help="interleaved rounds of the reference / original steps (default 1)")
     ap.add_argument("--reference-repo", default=None, metavar="DIR",
                     help="a checkout of https://github.com/KaiyangZhou/CoOp: time its trainers' own "
                          "forward_backward beside adapt's (CoOp, CoCoOp)")
@@ -919,6 +927,8 @@ def main(argv=None) -> int:
     cfg = dict(QUICK if args.quick else FULL)
     if args.rounds:
         cfg["rounds"] = args.rounds
+    if args.ref_steps:
+        cfg["ref_steps"] = args.ref_steps
     if args.reference_repo:
         cfg["model"] = OPENAI_MODEL["quick" if args.quick else "full"]
         if args.quick:

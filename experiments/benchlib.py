@@ -108,11 +108,13 @@ def timed(fn: Callable[[], object], steps: int, warmup: int, memory: PeakMemory)
     return seconds, memory.peak()
 
 
-def interleaved(modes: dict, memory: PeakMemory, warmup: int = 0) -> dict[str, tuple[float, float]]:
+def interleaved(modes: dict, memory: PeakMemory, warmup: int = 0,
+                calls_out: Optional[dict] = None) -> dict[str, tuple[float, float]]:
     """Time several modes of one workload in alternating rounds (A B A B ...), so that a change
     in the machine's load during the run (other processes on a shared machine) hits every mode
     alike. ``modes``: name -> (fn, calls). Returns name -> (mean seconds per call, peak RSS MB of
-    its calls), each call's peak measured on its own."""
+    its calls), each call's peak measured on its own; ``calls_out`` (a dict) receives name ->
+    every call's seconds, in round order."""
     for fn, _ in modes.values():
         for _ in range(warmup):
             fn()
@@ -127,6 +129,8 @@ def interleaved(modes: dict, memory: PeakMemory, warmup: int = 0) -> dict[str, t
             fn()
             times[name].append(time.perf_counter() - start)
             peaks[name] = max(peaks[name], memory.peak())
+    if calls_out is not None:
+        calls_out.update(times)
     return {name: (sum(t) / len(t), peaks[name]) for name, t in times.items()}
 
 
