@@ -5,7 +5,7 @@
 ViT-B/16 architecture, random weights, fp32, CPU; 100 ImageNet class names, n_ctx 16, class
 token at the end. "full": every class's whole prompt through the tower (the shared path turned
 off); "shared": [SOS] ctx once per step (CoOp) or per image (CoCoOp), each class its suffix.
-FLOPs are counted by torch.utils.flop_counter (forward + backward of the context's gradient);
+FLOPs are counted by benchlib.flop_counter (forward + backward of the context's gradient);
 seconds are the best of interleaved rounds of one CoOp step on cached features (a shared,
 noisy 2-core machine: read them as a ratio). Writes text_prefix_flops.json to a temporary
 folder unless --out names one.
