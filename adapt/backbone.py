@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapt.backbone_loading import BackboneConfig, load_open_clip, text_memory_plan
+from adapt.backbone_loading import BackboneConfig, load_open_clip, text_memory_plan, text_tower
 from adapt.backbone_ops import batched as _batched, project as _project, replace_slots as _replace_slots
 from adapt.backbone_ops import mask_patches, resample_positions, slice_batch
 from adapt.fused_blocks import block_pass, fused_block, fused_block_head, fused_block_ok
@@ -58,7 +58,7 @@ class ClipBackbone(nn.Module):
         self.image_size = int(_first(preprocess_cfg.get("size", 224)))
         self.image_mean = tuple(preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073)))
         self.image_std = tuple(preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711)))
-        self.text = _text_tower(model)
+        self.text = text_tower(model)
         self.preprocess_cfg = dict(preprocess_cfg)
         self.model.requires_grad_(False)
         self.model.eval()
@@ -431,35 +431,6 @@ def build_backbone(config: BackboneConfig, device: Optional[torch.device | str] 
 # of the matmul rate, chunks of 16 71 %, chunks of 8 66 %, open_clip's forward 62 %. Rerun:
 # experiments/bench_speed.py --only image_tower.
 AUTO_IMAGE_CHUNK = 0
-
-
-class _TextTower:
-    """A view of the text-tower attributes, wherever the model keeps them (CLIP vs CustomTextCLIP)."""
-
-    def __init__(self, owner: nn.Module):
-        self.owner = owner
-
-    def __getattr__(self, name):
-        # only called for names not found normally; ``copy``/``pickle`` call it on an instance
-        # built without __init__, before ``owner`` exists
-        owner = self.__dict__.get("owner")
-        if owner is None or name.startswith("__"):
-            raise AttributeError(name)
-        aliases = {"pool_type": "text_pool_type", "eos_id": "text_eos_id"}
-        if hasattr(owner, name):
-            return getattr(owner, name)
-        return getattr(owner, aliases.get(name, name), None)
-
-
-def _text_tower(model: nn.Module) -> _TextTower:
-    owner = model.text if hasattr(model, "text") else model
-    if not hasattr(owner, "token_embedding") or not hasattr(owner, "transformer"):
-        raise TypeError(
-            f"text tower {type(owner).__name__} does not expose token embeddings and a transformer "
-            "block list; prompt methods need open_clip's own text transformer")
-    if getattr(owner, "cls_emb", None) is not None:
-        raise TypeError("text towers with a CLS embedding (CoCa-style) are not supported")
-    return _TextTower(owner)
 
 
 def _first(value):

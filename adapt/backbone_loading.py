@@ -11,6 +11,8 @@ Accepted forms of ``name`` / ``pretrained``:
   weights need; a state dict that fits another config is an error naming the configs it fits;
 * ``hf-hub:org/repo`` or ``local-dir:/path`` (``pretrained`` is ignored, open_clip reads the config);
 * ``pretrained: null`` — random initialisation, and only then.
+
+``text_tower`` finds the built model's text tower, wherever its class keeps it.
 """
 from __future__ import annotations
 
@@ -298,3 +300,32 @@ def _unknown_model_message(name: str) -> str:
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     return (f"unknown open_clip model {name!r}.{hint} See open_clip.list_models(), or use "
             "hf-hub:org/repo or local-dir:/path.")
+
+
+class TextTower:
+    """A view of the text-tower attributes, wherever the model keeps them (CLIP vs CustomTextCLIP)."""
+
+    def __init__(self, owner: torch.nn.Module):
+        self.owner = owner
+
+    def __getattr__(self, name):
+        # only called for names not found normally; ``copy``/``pickle`` call it on an instance
+        # built without __init__, before ``owner`` exists
+        owner = self.__dict__.get("owner")
+        if owner is None or name.startswith("__"):
+            raise AttributeError(name)
+        aliases = {"pool_type": "text_pool_type", "eos_id": "text_eos_id"}
+        if hasattr(owner, name):
+            return getattr(owner, name)
+        return getattr(owner, aliases.get(name, name), None)
+
+
+def text_tower(model: torch.nn.Module) -> TextTower:
+    owner = model.text if hasattr(model, "text") else model
+    if not hasattr(owner, "token_embedding") or not hasattr(owner, "transformer"):
+        raise TypeError(
+            f"text tower {type(owner).__name__} does not expose token embeddings and a transformer "
+            "block list; prompt methods need open_clip's own text transformer")
+    if getattr(owner, "cls_emb", None) is not None:
+        raise TypeError("text towers with a CLS embedding (CoCa-style) are not supported")
+    return TextTower(owner)
