@@ -658,7 +658,6 @@ class Bench:
         r["speedup"] = t_ref / t_warm
 
 
-# ---------------------------------------------------------------------------- GPU ---------------
 def images_step_bound(adapt_step, original_step, encode, t_adapt: float, t_orig: float, matmul: float) -> dict:
     """How far the images-in-the-loop CoOp step can go against the original on this machine:
     the FLOPs of each step (matrix products, convolutions, attention: ``flop_counter``) and of
@@ -692,6 +691,7 @@ def bound_line(bound) -> list[str]:
             "original / adapt round by round: " + ", ".join(f"{r:.2f}x" for r in bound.get("round_ratios", [])) + "."]
 
 
+# ---------------------------------------------------------------------------- GPU ---------------
 def gpu_figures(cfg: dict) -> dict:
     """Absolute figures on a CUDA device in bf16-mixed precision, attention through
     scaled_dot_product_attention (the fast blocks): images/s of feature extraction, s/step of
